@@ -1,0 +1,57 @@
+//! The request context and failure vocabulary shared by every atscale layer.
+//!
+//! - [`Context`]: one request's optional [`Deadline`] (with its [`Origin`])
+//!   and cancellation signal, cheap to clone. It travels in the request
+//!   ([`Carrier`], implemented for `http::Request`) and in a task-local scope
+//!   ([`Context::current`]) while an atscale layer's inner service runs, so
+//!   outgoing calls made in a handler inherit it without plumbing;
+//!   [`spawn`] carries it into new tasks, and [`Context::run`] makes work
+//!   preemptable.
+//! - The failure vocabulary ([`error`]): one error type per way a request can
+//!   fail in atscale, classified by [`Kind::of`] from anywhere in a `source()`
+//!   chain, each kind with one HTTP status and one gRPC code.
+//!
+//! # Example
+//!
+//! A handler that spawns work which must stop when the request's deadline passes:
+//!
+//! ```
+//! use std::time::Duration;
+//! use atscale_core::{Context, Kind, Origin};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() {
+//! let request_cx = Context::new().with_budget(Duration::from_millis(50), Origin::Header);
+//!
+//! let outcome = request_cx
+//!     .clone()
+//!     .scope(async {
+//!         // Deep inside the handler: no context parameter needed.
+//!         let cx = Context::current().expect("set by the layer");
+//!         let lookup = atscale_core::spawn_preemptable(async {
+//!             tokio::time::sleep(Duration::from_secs(10)).await; // a slow dependency
+//!         });
+//!         let answer = cx.run(lookup).await;
+//!         answer.map_err(|interrupted| Kind::of(&interrupted))
+//!     })
+//!     .await;
+//!
+//! assert_eq!(outcome.unwrap_err(), Kind::DeadlineExceeded);
+//! # }
+//! ```
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod carrier;
+mod context;
+mod deadline;
+pub mod error;
+mod preempt;
+
+pub use carrier::Carrier;
+pub use context::{Context, Scoped, spawn, spawn_preemptable};
+pub use deadline::{Deadline, Origin};
+pub use error::{
+    BoxError, Cancelled, DeadlineExceeded, GrpcCode, HedgeExhausted, Interrupted, Kind,
+    MalformedDeadline, Overloaded, RateLimited, Stalled, chain, find,
+};
+pub use preempt::Preemptable;

@@ -1,0 +1,70 @@
+//! Tower middleware for concurrency at scale: the patterns of *Concurrency in
+//! Go*, ch. 5, as `tower::Layer`s for any tower, axum or tonic stack.
+//!
+//! | module | layer | what it does |
+//! | --- | --- | --- |
+//! | [`core`] | — | the request [`Context`](core::Context) (deadline + cancellation) and the failure vocabulary |
+//! | [`deadline`] | `DeadlineLayer` | one deadline per request, inherited from callers, propagated downstream, enforced at each hop |
+//! | [`ratelimit`] | `RateLimitLayer` | several limits at once, shared, reserved atomically, deadline-aware |
+//! | [`hedge`] | `HedgeLayer` | backup attempts when the first is slow, inside a budget |
+//! | [`heartbeat`] | `HeartbeatLayer` | pulses, stall detection, self-healing |
+//! | [`error`] | `ErrorEnrichLayer` | every failure as one well-formed error |
+//!
+//! Each module is the crate of the same name (`atscale-deadline`, …),
+//! behind a feature of the same name; the `full` feature (on by default)
+//! brings them all.
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use atscale::prelude::*;
+//! use tower::{ServiceBuilder, ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), BoxError> {
+//! let svc = ServiceBuilder::new()
+//!     .layer(DeadlineLayer::server(Duration::from_secs(2)))
+//!     .service(service_fn(|_req: http::Request<()>| async {
+//!         // The handler sees the request's context without any plumbing.
+//!         let left = Context::current().and_then(|cx| cx.remaining());
+//!         Ok::<_, BoxError>(left)
+//!     }));
+//!
+//! let req = http::Request::builder().header("grpc-timeout", "300m").body(())?;
+//! let left = svc.oneshot(req).await?;
+//! assert_eq!(left, Some(Duration::from_millis(300)));
+//! # Ok(())
+//! # }
+//! ```
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+pub use atscale_core as core;
+
+#[cfg(feature = "deadline")]
+#[cfg_attr(docsrs, doc(cfg(feature = "deadline")))]
+pub use atscale_deadline as deadline;
+
+#[cfg(feature = "ratelimit")]
+#[cfg_attr(docsrs, doc(cfg(feature = "ratelimit")))]
+pub use atscale_ratelimit as ratelimit;
+
+#[cfg(feature = "hedge")]
+#[cfg_attr(docsrs, doc(cfg(feature = "hedge")))]
+pub use atscale_hedge as hedge;
+
+#[cfg(feature = "heartbeat")]
+#[cfg_attr(docsrs, doc(cfg(feature = "heartbeat")))]
+pub use atscale_heartbeat as heartbeat;
+
+#[cfg(feature = "error")]
+#[cfg_attr(docsrs, doc(cfg(feature = "error")))]
+pub use atscale_error as error;
+
+/// The types most stacks need, in one import.
+pub mod prelude {
+    pub use atscale_core::{BoxError, Carrier, Context, Deadline, Kind, Origin, find};
+
+    #[cfg(feature = "deadline")]
+    pub use atscale_deadline::DeadlineLayer;
+}
