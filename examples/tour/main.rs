@@ -1,1 +1,19 @@
-fn main() {}
+//! The atscale tour: real servers and clients on loopback, a table of what each layer did.
+//!
+//! Run it with `cargo run --example tour`.
+
+mod table;
+
+mod deadline;
+
+use atscale::core::BoxError;
+use table::Section;
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    let sections: Vec<Section> = vec![deadline::run().await?];
+    for section in &sections {
+        section.print();
+    }
+    Ok(())
+}
