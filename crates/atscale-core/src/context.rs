@@ -61,6 +61,22 @@ impl Context {
         }
     }
 
+    /// A child of this context whose deadline is `deadline`, unless this
+    /// context's own deadline is earlier (then the child keeps that one).
+    ///
+    /// Unlike [`Context::with_deadline`], a tie goes to `deadline`, so a hop
+    /// can relabel an inherited deadline with the budget and origin it sees.
+    pub fn child_until(&self, deadline: Deadline) -> Self {
+        let deadline = match self.deadline {
+            Some(own) if own.instant() < deadline.instant() => own,
+            _ => deadline,
+        };
+        Context {
+            deadline: Some(deadline),
+            token: self.token.child_token(),
+        }
+    }
+
     /// Replaces the deadline by the earlier of the current one and `deadline`.
     ///
     /// A context can only get tighter: a child never outlives its parent.
@@ -205,6 +221,24 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn child_until_relabels_ties_but_never_loosens() {
+        let now = Instant::now();
+        let parent = Context::new().with_budget(Duration::from_secs(1), Origin::Local);
+        let same = parent.deadline().unwrap().inherited(now, Origin::Parent);
+        assert_eq!(
+            parent.child_until(same).deadline().unwrap().origin(),
+            Origin::Parent
+        );
+        let later = Deadline::after(now, Duration::from_secs(2), Origin::Header).unwrap();
+        assert_eq!(parent.child_until(later).deadline(), parent.deadline());
+        let sooner = Deadline::after(now, Duration::from_millis(5), Origin::Header).unwrap();
+        let child = parent.child_until(sooner);
+        assert_eq!(child.deadline(), Some(sooner));
+        child.cancel();
+        assert!(!parent.is_cancelled());
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_context_only_gets_tighter() {
         let cx = Context::new().with_budget(Duration::from_secs(1), Origin::Header);
         let cx = cx.with_budget(Duration::from_secs(5), Origin::Local);
@@ -243,13 +277,12 @@ mod tests {
     async fn spawned_preemptable_work_stops_on_cancel() {
         let cx = Context::new();
         let (started_tx, started_rx) = tokio::sync::oneshot::channel();
-        let handle = cx.clone().scope(async {
+        let handle = cx.clone().sync_scope(|| {
             spawn_preemptable(async move {
                 started_tx.send(()).unwrap();
                 std::future::pending::<()>().await
             })
         });
-        let handle = handle.await;
         started_rx.await.unwrap();
         cx.cancel();
         assert_eq!(handle.await.unwrap(), None);

@@ -1,0 +1,117 @@
+use std::time::Duration;
+
+use http::HeaderName;
+use tower_layer::Layer;
+
+use crate::service::Deadline;
+
+/// Which side of a call the layer sits on: it decides whether deadlines are
+/// read from the wire or written to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// Context only: no headers read or written (non-HTTP requests).
+    InProcess,
+    /// Reads the caller's deadline from incoming headers.
+    Server,
+    /// Writes the remaining budget into outgoing headers.
+    Client,
+}
+
+/// The layer's settings, shared by every service it builds.
+#[derive(Clone, Debug)]
+pub(crate) struct Config {
+    pub(crate) budget: Duration,
+    pub(crate) role: Role,
+    pub(crate) grpc_timeout: bool,
+    pub(crate) header: Option<HeaderName>,
+}
+
+/// Applies a deadline with context to every request: see [`Deadline`] and the
+/// [crate documentation](crate).
+///
+/// The effective deadline is the earliest of now + `budget` and every
+/// inherited one: the request's [`Context`](atscale_core::Context), the
+/// task-local one of the request being served, and (server side) the
+/// caller's `grpc-timeout` or configured header.
+#[derive(Clone, Debug)]
+pub struct DeadlineLayer {
+    config: Config,
+}
+
+impl DeadlineLayer {
+    /// Enforces `budget` and inherits deadlines in-process only (request
+    /// extensions and the task-local scope); reads and writes no headers.
+    ///
+    /// A budget of [`Duration::MAX`] adds no deadline of its own: the layer
+    /// then only inherits, propagates and enforces.
+    pub const fn new(budget: Duration) -> Self {
+        DeadlineLayer {
+            config: Config {
+                budget,
+                role: Role::InProcess,
+                grpc_timeout: false,
+                header: None,
+            },
+        }
+    }
+
+    /// For servers: also inherits the caller's deadline from an incoming
+    /// `grpc-timeout` header (and from [`with_header`](Self::with_header)'s
+    /// header when set). A malformed value fails the request with
+    /// [`MalformedDeadline`](atscale_core::MalformedDeadline).
+    pub const fn server(budget: Duration) -> Self {
+        DeadlineLayer {
+            config: Config {
+                budget,
+                role: Role::Server,
+                grpc_timeout: true,
+                header: None,
+            },
+        }
+    }
+
+    /// For clients: also writes the remaining budget into the outgoing
+    /// `grpc-timeout` header (and [`with_header`](Self::with_header)'s header
+    /// when set), so the callee inherits the deadline. A `grpc-timeout` already
+    /// on the request (tonic's `Request::set_timeout`) counts as one more
+    /// deadline to respect.
+    pub const fn client(budget: Duration) -> Self {
+        DeadlineLayer {
+            config: Config {
+                budget,
+                role: Role::Client,
+                grpc_timeout: true,
+                header: None,
+            },
+        }
+    }
+
+    /// Also reads (server) or writes (client) `name`, holding a budget in
+    /// whole milliseconds, for plain HTTP hops.
+    #[must_use]
+    pub fn with_header(mut self, name: HeaderName) -> Self {
+        self.config.header = Some(name);
+        self
+    }
+
+    /// Neither reads nor writes `grpc-timeout` (for HTTP-only stacks that want
+    /// only their own header).
+    #[must_use]
+    pub fn without_grpc_timeout(mut self) -> Self {
+        self.config.grpc_timeout = false;
+        self
+    }
+
+    /// The layer's own budget.
+    pub const fn budget(&self) -> Duration {
+        self.config.budget
+    }
+}
+
+impl<S> Layer<S> for DeadlineLayer {
+    type Service = Deadline<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Deadline::new(inner, self.config.clone())
+    }
+}

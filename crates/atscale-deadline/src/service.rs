@@ -1,0 +1,158 @@
+use std::task::{Context as TaskContext, Poll};
+
+use atscale_core::{
+    BoxError, Carrier, Context, Deadline as RequestDeadline, DeadlineExceeded, MalformedDeadline,
+    Origin,
+};
+use tokio::time::Instant;
+use tower_service::Service;
+
+use crate::codec::{self, GRPC_TIMEOUT};
+use crate::future::ResponseFuture;
+use crate::layer::{Config, Role};
+
+/// Enforces a deadline with context on each request: see the [crate documentation](crate).
+///
+/// Built by [`DeadlineLayer`](crate::DeadlineLayer).
+///
+/// # Backpressure
+///
+/// `poll_ready` delegates to the inner service. The deadline starts when
+/// `call` is made, so time spent waiting for readiness is not charged to it;
+/// put a [`DeadlineLayer`](crate::DeadlineLayer) outside layers that wait in
+/// `poll_ready` if that time should count.
+#[derive(Clone, Debug)]
+pub struct Deadline<S> {
+    inner: S,
+    config: Config,
+}
+
+impl<S> Deadline<S> {
+    pub(crate) const fn new(inner: S, config: Config) -> Self {
+        Deadline { inner, config }
+    }
+
+    /// The inner service.
+    pub const fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub const fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, Req> Service<Req> for Deadline<S>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+    Req: Carrier,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut req: Req) -> Self::Future {
+        let now = Instant::now();
+        let parent = match req.context() {
+            Some(cx) => Some(cx.clone()),
+            None => Context::current(),
+        };
+        let deadline = match effective_deadline(&self.config, &req, parent.as_ref(), now) {
+            Ok(deadline) => deadline,
+            Err(malformed) => return ResponseFuture::failed(malformed.into()),
+        };
+        let cx = match (deadline, &parent) {
+            (Some(deadline), Some(parent)) => parent.child_until(deadline),
+            (Some(deadline), None) => Context::new().child_until(deadline),
+            (None, Some(parent)) => parent.child(),
+            (None, None) => Context::new(),
+        };
+        if let Some(deadline) = deadline {
+            if deadline.is_expired_at(now) {
+                return ResponseFuture::failed(DeadlineExceeded::at(deadline, now).into());
+            }
+            if self.config.role == Role::Client {
+                write_budget(&self.config, &mut req, deadline.remaining_at(now));
+            }
+        }
+        req.set_context(cx.clone());
+        let guard = cx.token().clone().drop_guard();
+        let inner = cx.clone().sync_scope(|| self.inner.call(req));
+        ResponseFuture::running(cx.scope(inner), deadline, guard)
+    }
+}
+
+/// The earliest of the layer's budget, the parent context's deadline and the
+/// deadlines on the wire (server: incoming; client: already on the request).
+fn effective_deadline<Req: Carrier>(
+    config: &Config,
+    req: &Req,
+    parent: Option<&Context>,
+    now: Instant,
+) -> Result<Option<RequestDeadline>, MalformedDeadline> {
+    let own = RequestDeadline::after(now, config.budget, Origin::Local);
+    let inherited = parent.and_then(Context::deadline).map(|d| {
+        // A parent's local budget is this hop's inherited one; deadlines the
+        // parent itself inherited keep saying where they came from.
+        let origin = match d.origin() {
+            Origin::Local => Origin::Parent,
+            other => other,
+        };
+        d.inherited(now, origin)
+    });
+    let mut deadline = RequestDeadline::earliest(own, inherited);
+    if config.role == Role::InProcess {
+        return Ok(deadline);
+    }
+    let Some(headers) = req.headers() else {
+        return Ok(deadline);
+    };
+    // On a client, a grpc-timeout already on the request is the caller's own
+    // choice for this call (tonic's `Request::set_timeout`): a local budget.
+    let (grpc_origin, header_origin) = match config.role {
+        Role::Client => (Origin::Local, Origin::Local),
+        _ => (Origin::GrpcTimeout, Origin::Header),
+    };
+    if config.grpc_timeout {
+        if let Some(value) = codec::single(headers, &GRPC_TIMEOUT)? {
+            let budget = codec::parse_grpc_timeout(value.as_bytes())?;
+            deadline = RequestDeadline::earliest(
+                deadline,
+                RequestDeadline::after(now, budget, grpc_origin),
+            );
+        }
+    }
+    if let Some(name) = &config.header {
+        if let Some(value) = codec::single(headers, name)? {
+            let budget = codec::parse_millis(name, value.as_bytes())?;
+            deadline = RequestDeadline::earliest(
+                deadline,
+                RequestDeadline::after(now, budget, header_origin),
+            );
+        }
+    }
+    Ok(deadline)
+}
+
+fn write_budget<Req: Carrier>(config: &Config, req: &mut Req, remaining: std::time::Duration) {
+    let Some(headers) = req.headers_mut() else {
+        return;
+    };
+    if config.grpc_timeout {
+        headers.insert(GRPC_TIMEOUT, codec::encode_grpc_timeout(remaining));
+    }
+    if let Some(name) = &config.header {
+        headers.insert(name.clone(), codec::encode_millis(remaining));
+    }
+}
