@@ -117,6 +117,17 @@
 //! overflows, or the header given twice, fails the request with
 //! `MalformedDeadline`. The parsers are public in [`codec`].
 //!
+//! # On a tonic server
+//!
+//! tonic's server enforces `grpc-timeout` by itself too (answering
+//! `CANCELLED` "Timeout expired"), but it ignores a malformed value and
+//! gives handlers no context. With `DeadlineLayer::server` in
+//! `Server::builder().layer(..)`, a malformed value is rejected, the handler
+//! and its outgoing calls see the deadline, and expiry (whichever timer
+//! fires first) cancels the request's context. tonic's server resets the
+//! stream when a layer returns an error: put ErrorEnrich outside to answer
+//! with a proper `Status`.
+//!
 //! # Ordering
 //!
 //! Outermost after ErrorEnrich, so every inner layer (rate limit, hedge,
