@@ -1,0 +1,92 @@
+//! The response body of a server-mode [`ErrorEnrich`](crate::ErrorEnrich).
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+pin_project! {
+    /// The inner service's body, passed through untouched, or the body of an
+    /// error response made by the layer (a problem+json document, or nothing
+    /// for a trailers-only gRPC response).
+    ///
+    /// Implements [`http_body::Body`] with the inner body's error type, so
+    /// axum's `IntoResponse`, hyper and tonic take it as it is.
+    #[derive(Debug)]
+    pub struct ResponseBody<B> {
+        #[pin]
+        inner: Inner<B>,
+    }
+}
+
+pin_project! {
+    #[project = InnerProj]
+    #[derive(Debug)]
+    enum Inner<B> {
+        Passthrough { #[pin] body: B },
+        Full { data: Option<Bytes> },
+    }
+}
+
+impl<B> ResponseBody<B> {
+    pub(crate) const fn passthrough(body: B) -> Self {
+        ResponseBody {
+            inner: Inner::Passthrough { body },
+        }
+    }
+
+    pub(crate) fn full(data: Bytes) -> Self {
+        ResponseBody {
+            inner: Inner::Full {
+                data: (!data.is_empty()).then_some(data),
+            },
+        }
+    }
+
+    pub(crate) const fn empty() -> Self {
+        ResponseBody {
+            inner: Inner::Full { data: None },
+        }
+    }
+
+    /// Whether this body was made by the layer for an error.
+    pub fn is_error(&self) -> bool {
+        matches!(self.inner, Inner::Full { .. })
+    }
+}
+
+impl<B> Body for ResponseBody<B>
+where
+    B: Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        match self.project().inner.project() {
+            InnerProj::Passthrough { body } => body.poll_frame(cx),
+            InnerProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Inner::Passthrough { body } => body.is_end_stream(),
+            Inner::Full { data } => data.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Passthrough { body } => body.size_hint(),
+            Inner::Full { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+        }
+    }
+}

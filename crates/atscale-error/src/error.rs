@@ -1,0 +1,794 @@
+//! Error types: the enriched error, its id and timestamp, and configuration errors.
+
+use std::any::Any;
+use std::borrow::Cow;
+use std::error::Error;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use atscale_core::{
+    BoxError, DeadlineExceeded, HedgeExhausted, Interrupted, Kind, MalformedDeadline, Origin,
+    RateLimited, find,
+};
+use http::{Method, StatusCode, Uri};
+
+use crate::config::Config;
+
+pub use crate::id::ErrorId;
+pub use crate::time::Timestamp;
+
+/// One failure, enriched: what happened, when, where, what to tell the user,
+/// and how to learn more, with the original error kept as its `source()`.
+///
+/// Made by [`ErrorEnrich`](crate::ErrorEnrich): in server mode it becomes a
+/// response (and is logged), in client mode it is the service's error type.
+///
+/// - what: [`kind`](Enriched::kind), found by walking the `source()` chain
+///   for the first type of the failure vocabulary ([`Kind::find`]); an error
+///   with none is [`Kind::Internal`] on the server side and
+///   [`Kind::Upstream`] on the client side;
+/// - when: [`timestamp`](Enriched::timestamp), wall-clock, shown in RFC 3339;
+/// - where: [`service`](Enriched::service), [`method`](Enriched::method),
+///   [`route`](Enriched::route) (or [`rpc`](Enriched::rpc) for gRPC),
+///   [`target`](Enriched::target) for outgoing calls, the
+///   [`layer`](Enriched::layer) that failed and the hedge
+///   [`attempts`](Enriched::attempts);
+/// - the user-safe [`message`](Enriched::message);
+/// - how to learn more: the [`id`](Enriched::id) and the
+///   [`help_link`](Enriched::help_link);
+/// - the full chain for logs: [`report`](Enriched::report).
+///
+/// `Display` shows the kind and the where, never the inner error's text.
+#[derive(Debug)]
+pub struct Enriched {
+    // Boxed: an error type should be small, and this one is made only on failure.
+    f: Box<Fields>,
+}
+
+#[derive(Debug)]
+struct Fields {
+    kind: Kind,
+    id: ErrorId,
+    at: SystemTime,
+    service: Arc<str>,
+    side: Side,
+    method: Method,
+    uri: Uri,
+    grpc: bool,
+    message: Cow<'static, str>,
+    help: Option<String>,
+    retry_after: Option<Duration>,
+    deadline: Option<Origin>,
+    attempts: Option<usize>,
+    layer: Option<&'static str>,
+    source: BoxError,
+}
+
+/// Which side of a call an error was enriched on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Side {
+    /// Serving a request: foreign errors are internal.
+    Server,
+    /// Making an outgoing call: foreign errors are upstream failures.
+    Client,
+}
+
+/// What the layer keeps of a request to say where an error happened.
+///
+/// Cloning `Method` and `Uri` copies no bytes for requests hyper parsed
+/// (their parts are reference-counted), so the success path allocates nothing.
+#[derive(Clone, Debug)]
+pub(crate) struct RequestMeta {
+    pub(crate) method: Method,
+    pub(crate) uri: Uri,
+    pub(crate) grpc: bool,
+}
+
+impl RequestMeta {
+    pub(crate) fn of<B>(req: &http::Request<B>) -> Self {
+        RequestMeta {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            grpc: is_grpc(req.headers()),
+        }
+    }
+}
+
+/// A request is gRPC when its content type is `application/grpc`, with or
+/// without a suffix (`application/grpc+proto`, `application/grpc-web`).
+fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| {
+            ct.get(..16)
+                .is_some_and(|p| p.eq_ignore_ascii_case("application/grpc"))
+                && matches!(ct.as_bytes().get(16), None | Some(b'+' | b'-' | b';'))
+        })
+}
+
+impl Enriched {
+    pub(crate) fn new(config: &Config, side: Side, meta: RequestMeta, error: BoxError) -> Self {
+        let err: &(dyn Error + 'static) = &*error;
+        let nested = find::<Enriched>(err);
+        let kind = Kind::find(err)
+            .or_else(|| nested.map(Enriched::kind))
+            .unwrap_or(match side {
+                Side::Server => Kind::Internal,
+                Side::Client => Kind::Upstream,
+            });
+        let retry_after = (kind == Kind::RateLimited)
+            .then(|| find::<RateLimited>(err).map(RateLimited::retry_after))
+            .flatten();
+        let deadline = (kind == Kind::DeadlineExceeded)
+            .then(|| deadline_of(err).map(|d| d.origin()))
+            .flatten();
+        let attempts = (kind == Kind::HedgeExhausted)
+            .then(|| find::<HedgeExhausted>(err).map(|h| h.attempts().len()))
+            .flatten();
+        let id = ErrorId::random();
+        let help = config.help.as_ref().map(|t| t.render(kind, id));
+        Enriched {
+            f: Box::new(Fields {
+                kind,
+                id,
+                at: SystemTime::now(),
+                service: config.service.clone(),
+                side,
+                method: meta.method,
+                uri: meta.uri,
+                grpc: meta.grpc,
+                message: safe_message(kind, err, retry_after, deadline),
+                help,
+                retry_after,
+                deadline,
+                attempts,
+                layer: layer_of(kind, nested),
+                source: error,
+            }),
+        }
+    }
+
+    /// What happened.
+    pub fn kind(&self) -> Kind {
+        self.f.kind
+    }
+
+    /// The random, 128-bit id that finds this error's log line.
+    pub fn id(&self) -> ErrorId {
+        self.f.id
+    }
+
+    /// When the error was enriched (wall clock; `Display` gives RFC 3339).
+    pub fn timestamp(&self) -> Timestamp {
+        Timestamp::new(self.f.at)
+    }
+
+    /// The name of the service that enriched the error.
+    pub fn service(&self) -> &str {
+        &self.f.service
+    }
+
+    /// The HTTP method of the request (gRPC calls are all `POST`).
+    pub fn method(&self) -> &Method {
+        &self.f.method
+    }
+
+    /// The path of the request (for gRPC, `/package.Service/Method`); never
+    /// the query, which may hold secrets.
+    pub fn route(&self) -> &str {
+        self.f.uri.path()
+    }
+
+    /// For a gRPC request, the service and method names.
+    pub fn rpc(&self) -> Option<(&str, &str)> {
+        if !self.f.grpc {
+            return None;
+        }
+        self.route().strip_prefix('/')?.split_once('/')
+    }
+
+    /// Whether the request was gRPC (its content type is `application/grpc…`).
+    pub fn is_grpc(&self) -> bool {
+        self.f.grpc
+    }
+
+    /// For an outgoing call (client mode), the authority called (`host:port`).
+    pub fn target(&self) -> Option<&str> {
+        match self.f.side {
+            Side::Client => self.f.uri.authority().map(|a| a.as_str()),
+            Side::Server => None,
+        }
+    }
+
+    /// Whether the error was enriched on an outgoing call (client mode).
+    pub fn is_outgoing(&self) -> bool {
+        self.f.side == Side::Client
+    }
+
+    /// The atscale layer that produced the failure, inferred from the
+    /// vocabulary type: `deadline`, `ratelimit`, `heartbeat`, `hedge`;
+    /// `service` for an internal error, `upstream` for a dependency's failure;
+    /// `None` when no one layer is to blame (overload, cancellation).
+    pub fn layer(&self) -> Option<&'static str> {
+        self.f.layer
+    }
+
+    /// How many hedged attempts were made, when a hedge was exhausted.
+    pub fn attempts(&self) -> Option<usize> {
+        self.f.attempts
+    }
+
+    /// When rate limited: how long until the limits would admit the request.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.f.retry_after
+    }
+
+    /// When a deadline was exceeded: where that deadline came from.
+    pub fn deadline_origin(&self) -> Option<Origin> {
+        self.f.deadline
+    }
+
+    /// When a deadline was exceeded: whether a caller chose it (rather than
+    /// this hop's own budget).
+    pub fn deadline_inherited(&self) -> Option<bool> {
+        self.f.deadline.map(Origin::is_inherited)
+    }
+
+    /// The message safe to show a user: it says what happened and what to do,
+    /// never what an inner error said.
+    pub fn message(&self) -> &str {
+        &self.f.message
+    }
+
+    /// A short title for the kind (`"Deadline exceeded"`).
+    pub fn title(&self) -> &'static str {
+        title(self.f.kind)
+    }
+
+    /// The HTTP status for the kind ([`Kind::http_status`]).
+    pub fn status(&self) -> StatusCode {
+        self.f.kind.http_status()
+    }
+
+    /// The help link, when the layer has a template.
+    pub fn help_link(&self) -> Option<&str> {
+        self.f.help.as_deref()
+    }
+
+    /// The whole `source()` chain, for logs: each error's `Display`,
+    /// outermost first, separated by `": "`; every attempt of an exhausted
+    /// hedge is listed. May contain internal details: never show it to users.
+    pub fn report(&self) -> Report<'_> {
+        Report(&*self.f.source)
+    }
+
+    pub(crate) fn inner(&self) -> &(dyn Error + 'static) {
+        &*self.f.source
+    }
+
+    /// The original error.
+    pub fn into_source(self) -> BoxError {
+        self.f.source
+    }
+}
+
+#[cfg(feature = "tonic")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tonic")))]
+impl Enriched {
+    /// The `tonic::Status` a server-mode layer answers a gRPC request with:
+    /// the kind's code, the user-safe message, and rich details
+    /// (`ErrorInfo`, `RequestInfo`, `RetryInfo`, `Help`, `LocalizedMessage`;
+    /// see the crate docs). Internal details are not included.
+    pub fn to_status(&self) -> tonic::Status {
+        crate::grpc::status(self, false)
+    }
+}
+
+#[cfg(feature = "tonic")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tonic")))]
+impl From<Enriched> for tonic::Status {
+    fn from(err: Enriched) -> tonic::Status {
+        err.to_status()
+    }
+}
+
+impl fmt::Display for Enriched {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut s = String::with_capacity(96);
+        s.push_str(words(self.f.kind));
+        match self.target() {
+            Some(target) => {
+                s.push_str(" calling ");
+                s.push_str(target);
+            }
+            None => {
+                s.push_str(" in ");
+                s.push_str(&self.f.service);
+            }
+        }
+        s.push_str(&format!(" ({} {}", self.f.method, self.route()));
+        if let Some(inherited) = self.deadline_inherited() {
+            s.push_str(if inherited {
+                ", deadline inherited"
+            } else {
+                ", local deadline"
+            });
+        }
+        s.push_str(&format!("), error id {}", self.f.id));
+        f.pad(&s)
+    }
+}
+
+impl Error for Enriched {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        Some(&*self.f.source)
+    }
+}
+
+/// The full `source()` chain of an error, for logs (see [`Enriched::report`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Report<'a>(&'a (dyn Error + 'static));
+
+impl fmt::Display for Report<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut next = Some(self.0);
+        let mut first = true;
+        while let Some(err) = next {
+            if !first {
+                f.write_str(": ")?;
+            }
+            first = false;
+            write!(f, "{err}")?;
+            if let Some(hedge) = err.downcast_ref::<HedgeExhausted>() {
+                // The hedge's source is only its first attempt: list them all.
+                f.write_str(" [")?;
+                for (n, attempt) in hedge.attempts().iter().enumerate() {
+                    if n > 0 {
+                        f.write_str("; ")?;
+                    }
+                    write!(f, "attempt {}: {}", n + 1, Report(&**attempt))?;
+                }
+                return f.write_str("]");
+            }
+            next = err.source();
+        }
+        Ok(())
+    }
+}
+
+fn deadline_of<'a>(err: &'a (dyn Error + 'static)) -> Option<&'a DeadlineExceeded> {
+    atscale_core::chain(err).find_map(|e| {
+        e.downcast_ref::<DeadlineExceeded>()
+            .or_else(|| match e.downcast_ref::<Interrupted>() {
+                Some(Interrupted::DeadlineExceeded(d)) => Some(d),
+                _ => None,
+            })
+    })
+}
+
+fn layer_of(kind: Kind, nested: Option<&Enriched>) -> Option<&'static str> {
+    match kind {
+        Kind::DeadlineExceeded | Kind::BadRequest => Some("deadline"),
+        Kind::RateLimited => Some("ratelimit"),
+        Kind::Stalled => Some("heartbeat"),
+        Kind::HedgeExhausted => Some("hedge"),
+        Kind::Upstream => Some("upstream"),
+        Kind::Internal => Some("service"),
+        _ => nested.and_then(Enriched::layer),
+    }
+}
+
+/// Lower-case words for a kind, for `Display`.
+fn words(kind: Kind) -> &'static str {
+    match kind {
+        Kind::DeadlineExceeded => "deadline exceeded",
+        Kind::RateLimited => "rate limited",
+        Kind::Overloaded => "overloaded",
+        Kind::Stalled => "stalled",
+        Kind::HedgeExhausted => "hedged attempts exhausted",
+        Kind::Cancelled => "cancelled",
+        Kind::BadRequest => "bad request",
+        Kind::Upstream => "upstream failure",
+        Kind::Internal => "internal error",
+        _ => "failure",
+    }
+}
+
+pub(crate) fn title(kind: Kind) -> &'static str {
+    match kind {
+        Kind::DeadlineExceeded => "Deadline exceeded",
+        Kind::RateLimited => "Rate limited",
+        Kind::Overloaded => "Service overloaded",
+        Kind::Stalled => "Request stalled",
+        Kind::HedgeExhausted => "All attempts failed",
+        Kind::Cancelled => "Request cancelled",
+        Kind::BadRequest => "Bad request",
+        Kind::Upstream => "Upstream failure",
+        Kind::Internal => "Internal error",
+        _ => "Request failed",
+    }
+}
+
+fn safe_message(
+    kind: Kind,
+    err: &(dyn Error + 'static),
+    retry_after: Option<Duration>,
+    deadline: Option<Origin>,
+) -> Cow<'static, str> {
+    Cow::Borrowed(match kind {
+        Kind::DeadlineExceeded => match deadline.map(Origin::is_inherited) {
+            Some(true) => "The request did not finish within the deadline its caller set.",
+            Some(false) => "The request did not finish within the service's time budget.",
+            None => "The request did not finish within its deadline.",
+        },
+        Kind::RateLimited => {
+            return match retry_after {
+                Some(after) => Cow::Owned(format!(
+                    "Too many requests: retry after {} s.",
+                    retry_after_secs(after)
+                )),
+                None => Cow::Borrowed("Too many requests: retry later."),
+            };
+        }
+        Kind::Overloaded => "The service is overloaded: retry later.",
+        Kind::Stalled => "The request stopped making progress and was stopped: retry later.",
+        Kind::HedgeExhausted => "Every attempt to serve the request failed.",
+        Kind::Cancelled => "The request was cancelled.",
+        Kind::BadRequest => {
+            // The header name and reason describe the client's own input.
+            return match find::<MalformedDeadline>(err) {
+                Some(m) => Cow::Owned(format!(
+                    "The {} header is malformed: {}.",
+                    m.header(),
+                    m.reason()
+                )),
+                None => Cow::Borrowed("The request is malformed."),
+            };
+        }
+        Kind::Upstream => "A service this one depends on failed.",
+        Kind::Internal => "The service failed unexpectedly.",
+        _ => "The request failed.",
+    })
+}
+
+/// `Retry-After` is whole seconds: round up, so a client that waits that
+/// long is admitted.
+pub(crate) fn retry_after_secs(after: Duration) -> u64 {
+    after.as_secs() + u64::from(after.subsec_nanos() > 0)
+}
+
+/// The inner service panicked; the panic was caught and answered as an
+/// internal error.
+#[derive(Debug)]
+pub struct Panicked {
+    message: String,
+}
+
+impl Panicked {
+    pub(crate) fn from_payload(payload: Box<dyn Any + Send>) -> Self {
+        let message = match payload.downcast::<String>() {
+            Ok(s) => *s,
+            Err(payload) => match payload.downcast::<&'static str>() {
+                Ok(s) => (*s).to_owned(),
+                Err(_) => "a panic payload that is not a string".to_owned(),
+            },
+        };
+        Panicked { message }
+    }
+
+    /// The panic's message (for logs only).
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for Panicked {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(&format!("inner service panicked: {}", self.message))
+    }
+}
+
+impl Error for Panicked {}
+
+/// An [`ErrorEnrichLayer`](crate::ErrorEnrichLayer) could not be built from
+/// the values given.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    what: &'static str,
+    value: String,
+    reason: &'static str,
+}
+
+impl ConfigError {
+    pub(crate) fn service_name(value: &str, reason: &'static str) -> Self {
+        ConfigError {
+            what: "service name",
+            value: value.to_owned(),
+            reason,
+        }
+    }
+
+    pub(crate) fn help_link(value: &str, reason: &'static str) -> Self {
+        ConfigError {
+            what: "help link template",
+            value: value.to_owned(),
+            reason,
+        }
+    }
+
+    /// The value that was rejected.
+    pub fn value(&self) -> &str {
+        &self.value
+    }
+
+    /// Why it was rejected.
+    pub fn reason(&self) -> &'static str {
+        self.reason
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(&format!(
+            "invalid {} {:?}: {}",
+            self.what, self.value, self.reason
+        ))
+    }
+}
+
+impl Error for ConfigError {}
+
+/// A string is not an error id: 32 hexadecimal digits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InvalidErrorId {
+    _priv: (),
+}
+
+impl InvalidErrorId {
+    pub(crate) const fn new() -> Self {
+        InvalidErrorId { _priv: () }
+    }
+}
+
+impl fmt::Display for InvalidErrorId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad("invalid error id: expected 32 hexadecimal digits")
+    }
+}
+
+impl Error for InvalidErrorId {}
+
+impl FromStr for ErrorId {
+    type Err = InvalidErrorId;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(InvalidErrorId::new());
+        }
+        u128::from_str_radix(s, 16)
+            .map(ErrorId::from_u128)
+            .map_err(|_| InvalidErrorId::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use atscale_core::{Cancelled, Overloaded, Stalled};
+
+    fn config() -> Config {
+        Config::new("checkout".into(), None, false).unwrap()
+    }
+
+    fn meta(uri: &str) -> RequestMeta {
+        RequestMeta {
+            method: Method::GET,
+            uri: uri.parse().unwrap(),
+            grpc: false,
+        }
+    }
+
+    #[derive(Debug)]
+    struct Wrap(&'static str, BoxError);
+    impl fmt::Display for Wrap {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+    impl Error for Wrap {
+        fn source(&self) -> Option<&(dyn Error + 'static)> {
+            Some(&*self.1)
+        }
+    }
+
+    #[test]
+    fn foreign_errors_are_internal_on_servers_and_upstream_on_clients() {
+        let server = Enriched::new(
+            &config(),
+            Side::Server,
+            meta("/a"),
+            "secret: db password".into(),
+        );
+        assert_eq!(server.kind(), Kind::Internal);
+        assert_eq!(server.layer(), Some("service"));
+        assert!(!server.to_string().contains("secret"));
+        assert!(!server.message().contains("secret"));
+        assert_eq!(server.report().to_string(), "secret: db password");
+
+        let client = Enriched::new(
+            &config(),
+            Side::Client,
+            meta("http://billing:8080/charge?token=x"),
+            "connection refused".into(),
+        );
+        assert_eq!(client.kind(), Kind::Upstream);
+        assert_eq!(client.target(), Some("billing:8080"));
+        assert_eq!(client.route(), "/charge");
+        assert!(
+            client
+                .to_string()
+                .starts_with("upstream failure calling billing:8080 (GET /charge), error id "),
+            "{client}"
+        );
+    }
+
+    #[test]
+    fn a_nested_enriched_error_keeps_its_kind() {
+        let client = Enriched::new(
+            &config(),
+            Side::Client,
+            meta("http://billing/x"),
+            "connection refused".into(),
+        );
+        let server = Enriched::new(
+            &config(),
+            Side::Server,
+            meta("/pay"),
+            Box::new(Wrap("paying", Box::new(client))),
+        );
+        assert_eq!(server.kind(), Kind::Upstream);
+        assert_eq!(server.status(), StatusCode::BAD_GATEWAY);
+        assert!(
+            server
+                .report()
+                .to_string()
+                .starts_with("paying: upstream failure calling billing")
+        );
+        assert!(
+            server
+                .report()
+                .to_string()
+                .ends_with(": connection refused")
+        );
+    }
+
+    #[test]
+    fn vocabulary_details_are_extracted() {
+        let rl = Enriched::new(
+            &config(),
+            Side::Server,
+            meta("/a"),
+            Box::new(Wrap(
+                "calling",
+                Box::new(RateLimited::new(Duration::from_millis(1500))),
+            )),
+        );
+        assert_eq!(rl.kind(), Kind::RateLimited);
+        assert_eq!(rl.retry_after(), Some(Duration::from_millis(1500)));
+        assert_eq!(rl.message(), "Too many requests: retry after 2 s.");
+        assert_eq!(rl.layer(), Some("ratelimit"));
+
+        let dl = Enriched::new(
+            &config(),
+            Side::Client,
+            meta("http://x/a"),
+            Box::new(Interrupted::DeadlineExceeded(DeadlineExceeded::new(
+                Duration::from_secs(1),
+                Duration::from_secs(1),
+                Origin::GrpcTimeout,
+            ))),
+        );
+        assert_eq!(dl.deadline_origin(), Some(Origin::GrpcTimeout));
+        assert_eq!(dl.deadline_inherited(), Some(true));
+        assert!(dl.to_string().contains("deadline inherited"), "{dl}");
+
+        let hedge = Enriched::new(
+            &config(),
+            Side::Server,
+            meta("/a"),
+            Box::new(HedgeExhausted::new(vec![
+                Box::new(Overloaded::new()),
+                Box::new(Stalled::new(Duration::from_secs(3))),
+            ])),
+        );
+        assert_eq!(hedge.attempts(), Some(2));
+        assert_eq!(
+            hedge.report().to_string(),
+            "all 2 hedged attempts failed [attempt 1: service overloaded; attempt 2: stalled: no progress for 3s]"
+        );
+
+        let bad = Enriched::new(
+            &config(),
+            Side::Server,
+            meta("/a"),
+            Box::new(MalformedDeadline::new("grpc-timeout", "unknown unit")),
+        );
+        assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            bad.message(),
+            "The grpc-timeout header is malformed: unknown unit."
+        );
+
+        let cancelled = Enriched::new(
+            &config(),
+            Side::Server,
+            meta("/a"),
+            Box::new(Cancelled::new()),
+        );
+        assert_eq!(cancelled.layer(), None);
+    }
+
+    #[test]
+    fn grpc_is_recognised_by_content_type() {
+        let mut h = http::HeaderMap::new();
+        assert!(!is_grpc(&h));
+        for (ct, grpc) in [
+            ("application/grpc", true),
+            ("application/grpc+proto", true),
+            ("Application/GRPC", true),
+            ("application/grpc-web", true),
+            ("application/grpcx", false),
+            ("application/json", false),
+        ] {
+            h.insert(http::header::CONTENT_TYPE, ct.parse().unwrap());
+            assert_eq!(is_grpc(&h), grpc, "{ct}");
+        }
+    }
+
+    #[test]
+    fn rpc_splits_the_grpc_path() {
+        let mut m = meta("/grpc.health.v1.Health/Check");
+        m.grpc = true;
+        let e = Enriched::new(&config(), Side::Server, m, "x".into());
+        assert_eq!(e.rpc(), Some(("grpc.health.v1.Health", "Check")));
+    }
+
+    #[test]
+    fn retry_after_rounds_up() {
+        assert_eq!(retry_after_secs(Duration::ZERO), 0);
+        assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
+        assert_eq!(retry_after_secs(Duration::from_secs(2)), 2);
+        assert_eq!(retry_after_secs(Duration::from_millis(2001)), 3);
+    }
+
+    #[test]
+    fn panic_payloads_become_messages() {
+        let p = std::panic::catch_unwind(|| panic!("boom {}", 1)).unwrap_err();
+        assert_eq!(Panicked::from_payload(p).message(), "boom 1");
+        let p = std::panic::catch_unwind(|| panic!("static")).unwrap_err();
+        assert_eq!(
+            Panicked::from_payload(p).to_string(),
+            "inner service panicked: static"
+        );
+        let p = std::panic::catch_unwind(|| std::panic::panic_any(7_u8)).unwrap_err();
+        assert_eq!(
+            Panicked::from_payload(p).message(),
+            "a panic payload that is not a string"
+        );
+    }
+
+    #[test]
+    fn error_ids_parse_back() {
+        let id = ErrorId::random();
+        assert_eq!(id.to_string().parse::<ErrorId>().unwrap(), id);
+        assert!("xyz".parse::<ErrorId>().is_err());
+        assert!(
+            "+0000000000000000000000000000000"
+                .parse::<ErrorId>()
+                .is_err()
+        );
+    }
+}

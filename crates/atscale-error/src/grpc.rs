@@ -1,0 +1,125 @@
+//! gRPC: an enriched error as a trailers-only response.
+//!
+//! With the `tonic` feature the status carries rich details
+//! (`grpc-status-details-bin`); without it, the code and message only.
+
+use http::header::CONTENT_TYPE;
+use http::{HeaderValue, Response};
+
+use crate::body::ResponseBody;
+use crate::error::Enriched;
+
+/// A trailers-only gRPC response: HTTP 200, `grpc-status`, `grpc-message`
+/// (and details) in the headers, and an empty body that ends the stream.
+pub(crate) fn response<B>(err: &Enriched, internal_details: bool) -> Response<ResponseBody<B>> {
+    #[cfg(feature = "tonic")]
+    {
+        let mut res = status(err, internal_details)
+            .into_http::<()>()
+            .map(|()| ResponseBody::empty());
+        res.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        res
+    }
+    #[cfg(not(feature = "tonic"))]
+    {
+        let _ = internal_details;
+        let mut res = Response::new(ResponseBody::empty());
+        let headers = res.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        headers.insert(
+            "grpc-status",
+            HeaderValue::from(err.kind().grpc_code() as i32),
+        );
+        headers.insert(
+            "grpc-message",
+            HeaderValue::from_str(&percent_encode(err.message()))
+                .expect("percent-encoding leaves only visible ASCII"),
+        );
+        res
+    }
+}
+
+/// Percent-encodes a `grpc-message` as the gRPC HTTP/2 spec asks: every byte
+/// outside visible ASCII, and `%` itself.
+#[cfg_attr(feature = "tonic", allow(dead_code))]
+pub(crate) fn percent_encode(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    for b in message.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The `tonic::Status` for `err`, with rich details:
+///
+/// - `ErrorInfo`: reason = the kind in upper snake case (`RATE_LIMITED`,
+///   as AIP-193 asks), domain = the service name, metadata = `error_id`,
+///   `timestamp`, `route`, and `layer`, `attempts`, `deadline_origin` when known;
+/// - `RequestInfo`: request id = the error id;
+/// - `RetryInfo`: the retry delay, when rate limited;
+/// - `Help`: the help link, when the layer has a template;
+/// - `LocalizedMessage`: the user-safe message (`en-US`);
+/// - `DebugInfo`: the source chain, only when internal details are exposed.
+#[cfg(feature = "tonic")]
+pub(crate) fn status(err: &Enriched, internal_details: bool) -> tonic::Status {
+    use std::collections::HashMap;
+    use tonic_types::{
+        DebugInfo, ErrorDetail, ErrorInfo, Help, LocalizedMessage, RequestInfo, RetryInfo,
+        StatusExt,
+    };
+
+    let mut metadata = HashMap::from([
+        ("error_id".to_owned(), err.id().to_string()),
+        ("timestamp".to_owned(), err.timestamp().to_string()),
+        ("route".to_owned(), err.route().to_owned()),
+    ]);
+    if let Some(layer) = err.layer() {
+        metadata.insert("layer".to_owned(), layer.to_owned());
+    }
+    if let Some(attempts) = err.attempts() {
+        metadata.insert("attempts".to_owned(), attempts.to_string());
+    }
+    if let Some(origin) = err.deadline_origin() {
+        metadata.insert("deadline_origin".to_owned(), origin.as_str().to_owned());
+    }
+    let mut details: Vec<ErrorDetail> = vec![
+        ErrorInfo::new(
+            err.kind().as_str().to_ascii_uppercase(),
+            err.service(),
+            metadata,
+        )
+        .into(),
+        RequestInfo::new(err.id().to_string(), "").into(),
+    ];
+    if let Some(after) = err.retry_after() {
+        details.push(RetryInfo::new(Some(after)).into());
+    }
+    if let Some(link) = err.help_link() {
+        details.push(Help::with_link(err.title(), link).into());
+    }
+    details.push(LocalizedMessage::new("en-US", err.message()).into());
+    if internal_details {
+        let chain: Vec<String> = atscale_core::chain(err.inner())
+            .map(|e| e.to_string())
+            .collect();
+        details.push(DebugInfo::new(chain, err.report().to_string()).into());
+    }
+    let code = tonic::Code::from(err.kind().grpc_code() as i32);
+    tonic::Status::with_error_details_vec(code, err.message(), details)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percent_encoding_keeps_visible_ascii() {
+        assert_eq!(percent_encode("retry after 2 s."), "retry after 2 s.");
+        assert_eq!(percent_encode("100% ça\n"), "100%25 %C3%A7a%0A");
+    }
+}
