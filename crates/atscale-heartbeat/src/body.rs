@@ -1,0 +1,143 @@
+//! Body types: the heartbeat's tracked body, and the keep-alive body.
+
+use std::pin::Pin;
+use std::task::{Context as TaskContext, Poll};
+
+use atscale_core::{BoxError, Stalled};
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
+
+use crate::pulse::Outcome;
+use crate::track::Ticket;
+
+pub use crate::keepalive::KeepAliveBody;
+
+pin_project! {
+    /// The body of a response that passed through a
+    /// [`Heartbeat`](crate::Heartbeat) layer: each frame is a unit of
+    /// progress, and its end (or failure, stall, or being dropped) ends the request.
+    ///
+    /// With the stall watchdog on, a body that produces no frame for the
+    /// limit is cut: the inner body is dropped, the request's context is
+    /// cancelled, and the body fails with [`Stalled`].
+    #[derive(Debug)]
+    pub struct TrackedBody<B> {
+        #[pin]
+        inner: Option<B>,
+        #[pin]
+        timer: Option<Sleep>,
+        last: Instant,
+        ticket: Option<Ticket>,
+    }
+}
+
+impl<B: Body> TrackedBody<B> {
+    pub(crate) fn new(inner: B, mut ticket: Ticket) -> Self {
+        let now = Instant::now();
+        ticket.touch(now);
+        let ticket = if inner.is_end_stream() {
+            ticket.finish(Outcome::Ok);
+            None
+        } else {
+            Some(ticket)
+        };
+        let timer = ticket
+            .as_ref()
+            .and_then(Ticket::stall)
+            .map(|stall| tokio::time::sleep_until(now + stall));
+        TrackedBody {
+            inner: Some(inner),
+            timer,
+            last: now,
+            ticket,
+        }
+    }
+}
+
+impl<B> TrackedBody<B> {
+    /// The inner body, unless the stall watchdog already dropped it.
+    pub fn get_ref(&self) -> Option<&B> {
+        self.inner.as_ref()
+    }
+
+    fn finish(ticket: &mut Option<Ticket>, outcome: Outcome) {
+        if let Some(ticket) = ticket.take() {
+            ticket.finish(outcome);
+        }
+    }
+}
+
+impl<B> Body for TrackedBody<B>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    type Data = B::Data;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, BoxError>>> {
+        let mut this = self.project();
+        let Some(inner) = this.inner.as_mut().as_pin_mut() else {
+            return Poll::Ready(None);
+        };
+        match inner.poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(ticket) = this.ticket.as_mut() {
+                    let now = Instant::now();
+                    *this.last = now;
+                    ticket.progress(now);
+                    if let (Some(timer), Some(stall)) =
+                        (this.timer.as_mut().as_pin_mut(), ticket.stall())
+                    {
+                        timer.reset(now + stall);
+                    }
+                }
+                let ended = this
+                    .inner
+                    .as_ref()
+                    .as_pin_ref()
+                    .is_some_and(|b| b.is_end_stream());
+                if ended {
+                    Self::finish(this.ticket, Outcome::Ok);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(err))) => {
+                Self::finish(this.ticket, Outcome::Error);
+                Poll::Ready(Some(Err(err.into())))
+            }
+            Poll::Ready(None) => {
+                Self::finish(this.ticket, Outcome::Ok);
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                let Some(timer) = this.timer.as_mut().as_pin_mut() else {
+                    return Poll::Pending;
+                };
+                if this.ticket.is_none() || timer.poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                // Stalled: drop the inner body now, cancel the request's context.
+                this.inner.set(None);
+                this.timer.set(None);
+                let idle = Instant::now().saturating_duration_since(*this.last);
+                Self::finish(this.ticket, Outcome::Stalled);
+                Poll::Ready(Some(Err(Box::new(Stalled::new(idle)))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+    }
+}

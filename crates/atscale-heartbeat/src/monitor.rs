@@ -1,0 +1,662 @@
+//! The monitor: shared state behind every heartbeat layer, and the handle to watch it.
+
+use std::fmt;
+use std::num::NonZeroU32;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::task::{Context as TaskContext, Poll};
+use std::time::Duration;
+
+use futures_core::Stream;
+use tokio::sync::{Notify, broadcast};
+use tokio::time::Instant;
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+
+use crate::health::Health;
+use crate::layer::HeartbeatLayer;
+use crate::pulse::{Outcome, Pulse, RequestId};
+
+/// The handle to a heartbeat: subscribe to pulses, count and inspect requests
+/// in flight, wait for work to start or finish, ask for health.
+///
+/// Cheap to clone; every clone, every [`HeartbeatLayer`] made from it and
+/// every service those layers build share one state.
+///
+/// # Background task
+///
+/// With an [`interval`](MonitorBuilder::interval), the first
+/// [`subscribe`](Monitor::subscribe) inside a tokio runtime spawns one task
+/// that sends [`Pulse::Beat`] at that interval. It runs only while someone
+/// subscribes, and stops when the last subscription is dropped or when the
+/// last handle to the monitor (this type, the layers and services holding
+/// it) is dropped.
+///
+/// # Example
+///
+/// Deterministic tests: wait for work to begin, then assert, with no timeout.
+///
+/// ```
+/// use atscale_heartbeat::Monitor;
+/// use tower::{ServiceBuilder, ServiceExt, service_fn};
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() {
+/// let monitor = Monitor::new();
+/// let gate = std::sync::Arc::new(tokio::sync::Notify::new());
+/// let open = gate.clone();
+/// let svc = ServiceBuilder::new()
+///     .layer(monitor.layer())
+///     .service(service_fn(move |_req: http::Request<()>| {
+///         let open = open.clone();
+///         async move {
+///             open.notified().await;
+///             Ok::<_, std::convert::Infallible>(String::from("done"))
+///         }
+///     }));
+/// let call = tokio::spawn(svc.oneshot(http::Request::new(())));
+///
+/// monitor.wait_in_flight(1).await; // the request is inside the handler
+/// assert_eq!(monitor.requests()[0].frames(), 0);
+/// gate.notify_one();
+/// assert_eq!(call.await.unwrap().unwrap(), "done");
+/// monitor.wait_finished(1).await;
+/// assert_eq!(monitor.counts().ok(), 1);
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Monitor {
+    pub(crate) shared: Arc<Shared>,
+}
+
+/// Builds a [`Monitor`]; every setting has a default.
+#[derive(Clone, Debug)]
+#[must_use]
+pub struct MonitorBuilder {
+    config: Config,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct Config {
+    pub(crate) stall: Option<Duration>,
+    pub(crate) interval: Option<Duration>,
+    pub(crate) idle_beats: bool,
+    pub(crate) capacity: usize,
+    pub(crate) unhealthy_after: NonZeroU32,
+}
+
+impl Default for MonitorBuilder {
+    fn default() -> Self {
+        MonitorBuilder {
+            config: Config {
+                stall: None,
+                interval: None,
+                idle_beats: false,
+                capacity: 1024,
+                unhealthy_after: NonZeroU32::new(3).expect("3 is not zero"),
+            },
+        }
+    }
+}
+
+impl MonitorBuilder {
+    /// The stall watchdog: a request whose response does not arrive within
+    /// `stall`, or whose streaming body produces no frame for `stall`, is cut
+    /// with [`Stalled`](atscale_core::Stalled). Off by default.
+    ///
+    /// A zero duration turns the watchdog off, since nothing could ever pass it.
+    pub fn stall(mut self, stall: Duration) -> Self {
+        self.config.stall = (!stall.is_zero()).then_some(stall);
+        self
+    }
+
+    /// The interval of [`Pulse::Beat`] while requests are in flight. Off by
+    /// default; a zero duration turns it off.
+    pub fn interval(mut self, interval: Duration) -> Self {
+        self.config.interval = (!interval.is_zero()).then_some(interval);
+        self
+    }
+
+    /// Whether [`Pulse::Beat`] is also sent while no request is in flight
+    /// (off by default), so a watcher can tell "idle" from "dead".
+    pub fn idle_beats(mut self, idle_beats: bool) -> Self {
+        self.config.idle_beats = idle_beats;
+        self
+    }
+
+    /// How many pulses a slow subscriber may fall behind before it misses the
+    /// oldest ones (default 1024). Pulses are never queued beyond this; see
+    /// [`Pulses::missed`]. Clamped to at least 1.
+    pub fn capacity(mut self, capacity: usize) -> Self {
+        self.config.capacity = capacity.max(1);
+        self
+    }
+
+    /// How many failures in a row (errors or stalls, see
+    /// [`Outcome::is_failure`]) make the monitor report "not serving" (default 3).
+    pub fn unhealthy_after(mut self, failures: NonZeroU32) -> Self {
+        self.config.unhealthy_after = failures;
+        self
+    }
+
+    /// The monitor.
+    pub fn build(self) -> Monitor {
+        let (tx, _) = broadcast::channel(self.config.capacity);
+        Monitor {
+            shared: Arc::new(Shared {
+                config: self.config,
+                tx,
+                subscribers: Arc::new(AtomicUsize::new(0)),
+                waiters: AtomicUsize::new(0),
+                changed: Notify::new(),
+                registry: Mutex::new(Registry::default()),
+                ticker_running: AtomicBool::new(false),
+                stop: Arc::new(Notify::new()),
+            }),
+        }
+    }
+}
+
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    tx: broadcast::Sender<Pulse>,
+    /// Live [`Pulses`] streams: checked before a pulse is even built.
+    subscribers: Arc<AtomicUsize>,
+    /// Tasks inside a `wait_*` call: checked before notifying.
+    waiters: AtomicUsize,
+    changed: Notify,
+    registry: Mutex<Registry>,
+    ticker_running: AtomicBool,
+    /// Stops the interval task when the last handle goes.
+    stop: Arc<Notify>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.stop.notify_one();
+    }
+}
+
+#[derive(Default)]
+struct Registry {
+    slots: Vec<Option<Entry>>,
+    free: Vec<usize>,
+    next_id: u64,
+    counts: Counts,
+    failures_in_a_row: u32,
+}
+
+struct Entry {
+    id: RequestId,
+    started: Instant,
+    last: Instant,
+    frames: u64,
+}
+
+/// Request counters of a [`Monitor`] since it was built.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    started: u64,
+    ok: u64,
+    error: u64,
+    cancelled: u64,
+    stalled: u64,
+}
+
+impl Counts {
+    /// Requests started.
+    pub const fn started(&self) -> u64 {
+        self.started
+    }
+
+    /// Requests finished, whatever the outcome.
+    pub const fn finished(&self) -> u64 {
+        self.ok + self.error + self.cancelled + self.stalled
+    }
+
+    /// Requests in flight: started and not finished.
+    pub const fn in_flight(&self) -> u64 {
+        self.started - self.finished()
+    }
+
+    /// Requests that ended with [`Outcome::Ok`].
+    pub const fn ok(&self) -> u64 {
+        self.ok
+    }
+
+    /// Requests that ended with [`Outcome::Error`].
+    pub const fn error(&self) -> u64 {
+        self.error
+    }
+
+    /// Requests that ended with [`Outcome::Cancelled`].
+    pub const fn cancelled(&self) -> u64 {
+        self.cancelled
+    }
+
+    /// Requests that ended with [`Outcome::Stalled`].
+    pub const fn stalled(&self) -> u64 {
+        self.stalled
+    }
+
+    /// Requests that ended with `outcome`.
+    pub const fn of(&self, outcome: Outcome) -> u64 {
+        match outcome {
+            Outcome::Ok => self.ok,
+            Outcome::Error => self.error,
+            Outcome::Cancelled => self.cancelled,
+            Outcome::Stalled => self.stalled,
+        }
+    }
+}
+
+/// A request in flight, as seen by [`Monitor::requests`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InFlight {
+    id: RequestId,
+    elapsed: Duration,
+    idle: Duration,
+    frames: u64,
+}
+
+impl InFlight {
+    /// The request.
+    pub const fn id(&self) -> RequestId {
+        self.id
+    }
+
+    /// Time since it started.
+    pub const fn elapsed(&self) -> Duration {
+        self.elapsed
+    }
+
+    /// Time since its last progress (its start, its response, or its latest body frame).
+    pub const fn idle(&self) -> Duration {
+        self.idle
+    }
+
+    /// Body frames produced so far.
+    pub const fn frames(&self) -> u64 {
+        self.frames
+    }
+}
+
+impl Registry {
+    fn insert(&mut self, now: Instant) -> (usize, RequestId) {
+        self.next_id += 1;
+        self.counts.started += 1;
+        let id = RequestId::new(self.next_id);
+        let entry = Entry {
+            id,
+            started: now,
+            last: now,
+            frames: 0,
+        };
+        let key = match self.free.pop() {
+            Some(key) => {
+                self.slots[key] = Some(entry);
+                key
+            }
+            None => {
+                self.slots.push(Some(entry));
+                self.slots.len() - 1
+            }
+        };
+        (key, id)
+    }
+
+    fn remove(&mut self, key: usize, outcome: Outcome) {
+        if self.slots[key].take().is_some() {
+            self.free.push(key);
+        }
+        match outcome {
+            Outcome::Ok => self.counts.ok += 1,
+            Outcome::Error => self.counts.error += 1,
+            Outcome::Cancelled => self.counts.cancelled += 1,
+            Outcome::Stalled => self.counts.stalled += 1,
+        }
+        if outcome.is_failure() {
+            self.failures_in_a_row = self.failures_in_a_row.saturating_add(1);
+        } else if outcome == Outcome::Ok {
+            self.failures_in_a_row = 0;
+        }
+    }
+
+    fn entries(&self) -> impl Iterator<Item = &Entry> {
+        self.slots.iter().flatten()
+    }
+}
+
+impl Shared {
+    fn registry(&self) -> MutexGuard<'_, Registry> {
+        // Nothing panics while the lock is held; recover rather than poison.
+        self.registry.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    #[inline]
+    fn watched(&self) -> bool {
+        self.subscribers.load(Ordering::Relaxed) > 0
+    }
+
+    #[inline]
+    fn emit(&self, pulse: impl FnOnce() -> Pulse) {
+        if self.watched() {
+            // Never blocks: a full channel overwrites the oldest pulse, and a
+            // subscriber that falls behind learns how many it missed.
+            let _ = self.tx.send(pulse());
+        }
+    }
+
+    #[inline]
+    fn changed(&self) {
+        if self.waiters.load(Ordering::SeqCst) > 0 {
+            self.changed.notify_waiters();
+        }
+    }
+
+    pub(crate) fn start(&self) -> (usize, RequestId, Instant) {
+        let now = Instant::now();
+        let (key, id) = self.registry().insert(now);
+        self.emit(|| Pulse::Started { id });
+        self.changed();
+        (key, id, now)
+    }
+
+    pub(crate) fn progress(&self, key: usize, id: RequestId, now: Instant, frame: bool) {
+        let frames = {
+            let mut registry = self.registry();
+            match registry.slots.get_mut(key) {
+                Some(Some(entry)) if entry.id == id => {
+                    entry.last = now;
+                    entry.frames += u64::from(frame);
+                    entry.frames
+                }
+                _ => return,
+            }
+        };
+        if frame {
+            self.emit(|| Pulse::Progress { id, frames });
+        }
+    }
+
+    pub(crate) fn finish(&self, key: usize, id: RequestId, started: Instant, outcome: Outcome) {
+        self.registry().remove(key, outcome);
+        self.emit(|| Pulse::Finished {
+            id,
+            outcome,
+            elapsed: started.elapsed(),
+        });
+        self.changed();
+    }
+
+    fn beat(&self) -> Option<Pulse> {
+        let now = Instant::now();
+        let registry = self.registry();
+        let in_flight = registry.counts.in_flight() as usize;
+        if in_flight == 0 && !self.config.idle_beats {
+            return None;
+        }
+        let longest_idle = registry
+            .entries()
+            .map(|e| now.saturating_duration_since(e.last))
+            .max();
+        Some(Pulse::Beat {
+            in_flight,
+            longest_idle,
+        })
+    }
+}
+
+impl Default for Monitor {
+    fn default() -> Self {
+        Monitor::new()
+    }
+}
+
+impl Monitor {
+    /// A monitor with the defaults: no stall watchdog, no interval pulses.
+    pub fn new() -> Self {
+        MonitorBuilder::default().build()
+    }
+
+    /// A builder for the watchdog, interval pulses and health settings.
+    pub fn builder() -> MonitorBuilder {
+        MonitorBuilder::default()
+    }
+
+    /// A layer that reports to this monitor.
+    pub fn layer(&self) -> HeartbeatLayer {
+        HeartbeatLayer::new(self.clone())
+    }
+
+    /// The stall watchdog's limit, if it is on.
+    pub fn stall(&self) -> Option<Duration> {
+        self.shared.config.stall
+    }
+
+    /// Subscribes to the pulses sent from now on.
+    ///
+    /// Pulses are only built while someone subscribes. A subscriber that
+    /// falls more than [`capacity`](MonitorBuilder::capacity) pulses behind
+    /// misses the oldest; the request path never waits for it.
+    pub fn subscribe(&self) -> Pulses {
+        let rx = self.shared.tx.subscribe();
+        self.shared.subscribers.fetch_add(1, Ordering::SeqCst);
+        let pulses = Pulses {
+            inner: BroadcastStream::new(rx),
+            missed: 0,
+            subscribers: self.shared.subscribers.clone(),
+        };
+        self.start_ticker();
+        pulses
+    }
+
+    fn start_ticker(&self) {
+        let Some(interval) = self.shared.config.interval else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if self
+            .shared
+            .ticker_running
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            return;
+        }
+        let weak = Arc::downgrade(&self.shared);
+        let stop = self.shared.stop.clone();
+        runtime.spawn(ticker(weak, stop, interval));
+    }
+
+    /// Requests in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.shared.registry().counts.in_flight() as usize
+    }
+
+    /// The request counters.
+    pub fn counts(&self) -> Counts {
+        self.shared.registry().counts
+    }
+
+    /// Each request in flight, oldest first, with its time since last progress.
+    pub fn requests(&self) -> Vec<InFlight> {
+        let now = Instant::now();
+        let registry = self.shared.registry();
+        let mut list: Vec<InFlight> = registry
+            .entries()
+            .map(|e| InFlight {
+                id: e.id,
+                elapsed: now.saturating_duration_since(e.started),
+                idle: now.saturating_duration_since(e.last),
+                frames: e.frames,
+            })
+            .collect();
+        list.sort_by_key(|r| r.id);
+        list
+    }
+
+    /// Whether the monitored service is serving: fewer than
+    /// [`unhealthy_after`](MonitorBuilder::unhealthy_after) failures in a row,
+    /// and no request in flight idle for the stall limit or longer.
+    pub fn health(&self) -> Health {
+        let now = Instant::now();
+        let registry = self.shared.registry();
+        let stuck = match self.shared.config.stall {
+            Some(stall) => registry
+                .entries()
+                .filter(|e| now.saturating_duration_since(e.last) >= stall)
+                .count(),
+            None => 0,
+        };
+        Health::new(
+            registry.counts.in_flight() as usize,
+            stuck,
+            registry.failures_in_a_row,
+            self.shared.config.unhealthy_after.get(),
+        )
+    }
+
+    /// Completes once the counters satisfy `condition` (checked now, then at
+    /// every start, progress-free finish, and so on).
+    ///
+    /// This is the deterministic-test pattern: wait for a signal from the
+    /// work itself instead of sleeping and hoping.
+    pub async fn wait_for(&self, mut condition: impl FnMut(&Counts) -> bool) {
+        let shared = &*self.shared;
+        shared.waiters.fetch_add(1, Ordering::SeqCst);
+        let _guard = WaiterGuard(&shared.waiters);
+        loop {
+            let notified = shared.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if condition(&shared.registry().counts) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Completes once at least `n` requests have started in total.
+    pub async fn wait_started(&self, n: u64) {
+        self.wait_for(|c| c.started() >= n).await;
+    }
+
+    /// Completes once at least `n` requests have finished in total.
+    pub async fn wait_finished(&self, n: u64) {
+        self.wait_for(|c| c.finished() >= n).await;
+    }
+
+    /// Completes once exactly `n` requests are in flight.
+    pub async fn wait_in_flight(&self, n: usize) {
+        self.wait_for(|c| c.in_flight() == n as u64).await;
+    }
+
+    pub(crate) fn downgrade(&self) -> Weak<Shared> {
+        Arc::downgrade(&self.shared)
+    }
+
+    pub(crate) fn upgrade(weak: &Weak<Shared>) -> Option<Monitor> {
+        weak.upgrade().map(|shared| Monitor { shared })
+    }
+}
+
+impl fmt::Debug for Monitor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Monitor")
+            .field("config", &self.shared.config)
+            .field("counts", &self.counts())
+            .field(
+                "subscribers",
+                &self.shared.subscribers.load(Ordering::Relaxed),
+            )
+            .finish()
+    }
+}
+
+struct WaiterGuard<'a>(&'a AtomicUsize);
+
+impl Drop for WaiterGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn ticker(weak: Weak<Shared>, stop: Arc<Notify>, every: Duration) {
+    let mut interval = tokio::time::interval_at(Instant::now() + every, every);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            () = stop.notified() => return,
+        }
+        let Some(shared) = weak.upgrade() else { return };
+        if shared.subscribers.load(Ordering::SeqCst) == 0 {
+            shared.ticker_running.store(false, Ordering::SeqCst);
+            // A subscriber that came in between saw the task running and did
+            // not start another: take over for it.
+            if shared.subscribers.load(Ordering::SeqCst) == 0
+                || shared
+                    .ticker_running
+                    .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_err()
+            {
+                return;
+            }
+        }
+        if let Some(pulse) = shared.beat() {
+            let _ = shared.tx.send(pulse);
+        }
+    }
+}
+
+/// The pulses of a [`Monitor`], as a [`Stream`]; from [`Monitor::subscribe`].
+///
+/// Ends when the monitor and everything holding it are dropped.
+pub struct Pulses {
+    inner: BroadcastStream<Pulse>,
+    missed: u64,
+    subscribers: Arc<AtomicUsize>,
+}
+
+impl Pulses {
+    /// How many pulses this subscriber missed by falling behind.
+    pub const fn missed(&self) -> u64 {
+        self.missed
+    }
+}
+
+impl Stream for Pulses {
+    type Item = Pulse;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Pulse>> {
+        let this = self.get_mut();
+        loop {
+            match Pin::new(&mut this.inner).poll_next(cx) {
+                Poll::Ready(Some(Ok(pulse))) => return Poll::Ready(Some(pulse)),
+                Poll::Ready(Some(Err(BroadcastStreamRecvError::Lagged(n)))) => {
+                    this.missed += n;
+                }
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+impl Drop for Pulses {
+    fn drop(&mut self) {
+        self.subscribers.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl fmt::Debug for Pulses {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pulses")
+            .field("missed", &self.missed)
+            .finish_non_exhaustive()
+    }
+}

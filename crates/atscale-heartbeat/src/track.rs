@@ -1,0 +1,169 @@
+//! Following a request past its response: tickets, and response types that end later.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use atscale_core::Context;
+use tokio::time::Instant;
+
+use crate::body::TrackedBody;
+use crate::monitor::Shared;
+use crate::pulse::{Outcome, RequestId};
+
+/// One request's place in a [`Monitor`](crate::Monitor): reports progress,
+/// and finishes the request exactly once.
+///
+/// Dropping a ticket that was not [finished](Ticket::finish) finishes the
+/// request as [`Outcome::Cancelled`] (the caller gave up) and cancels the
+/// request's [`Context`] if the layer attached one.
+pub struct Ticket {
+    shared: Arc<Shared>,
+    key: usize,
+    id: RequestId,
+    started: Instant,
+    cx: Option<Context>,
+    done: bool,
+}
+
+impl Ticket {
+    pub(crate) fn new(shared: Arc<Shared>, cx: Option<Context>) -> Self {
+        let (key, id, started) = shared.start();
+        Ticket {
+            shared,
+            key,
+            id,
+            started,
+            cx,
+            done: false,
+        }
+    }
+
+    /// The request.
+    pub const fn id(&self) -> RequestId {
+        self.id
+    }
+
+    pub(crate) const fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// The stall watchdog's limit, if it is on: a streaming response should
+    /// be cut (and finished as [`Outcome::Stalled`]) when it shows no
+    /// progress for this long.
+    pub fn stall(&self) -> Option<Duration> {
+        self.shared.config.stall
+    }
+
+    /// The context the layer attached to the request (a child of the one it
+    /// carried), when the stall watchdog is on.
+    pub const fn context(&self) -> Option<&Context> {
+        self.cx.as_ref()
+    }
+
+    /// Records one unit of progress (a body frame) at `now`: resets the
+    /// request's idle time and sends [`Pulse::Progress`](crate::Pulse::Progress).
+    pub fn progress(&mut self, now: Instant) {
+        self.shared.progress(self.key, self.id, now, true);
+    }
+
+    /// Resets the request's idle time without counting a frame (the response head arrived).
+    pub(crate) fn touch(&mut self, now: Instant) {
+        self.shared.progress(self.key, self.id, now, false);
+    }
+
+    /// Finishes the request with `outcome`.
+    ///
+    /// [`Outcome::Stalled`] and [`Outcome::Cancelled`] also cancel the
+    /// request's context, so work it spawned with
+    /// `atscale_core::spawn_preemptable` stops too.
+    pub fn finish(mut self, outcome: Outcome) {
+        self.end(outcome);
+    }
+
+    fn end(&mut self, outcome: Outcome) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        if matches!(outcome, Outcome::Stalled | Outcome::Cancelled) {
+            if let Some(cx) = &self.cx {
+                cx.cancel();
+            }
+        }
+        self.shared.finish(self.key, self.id, self.started, outcome);
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.end(Outcome::Cancelled);
+    }
+}
+
+impl fmt::Debug for Ticket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Ticket")
+            .field("id", &self.id)
+            .field("started", &self.started)
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A response type the heartbeat layer can follow to its end.
+///
+/// When the inner service answers, the layer hands the request's [`Ticket`]
+/// to the response: a unary response finishes it at once, an
+/// [`http::Response`] keeps it in its body ([`TrackedBody`]) and finishes it
+/// when the body ends, fails, stalls or is dropped.
+///
+/// Implement it for your own response type, like [`Carrier`](atscale_core::Carrier)
+/// for requests:
+///
+/// ```
+/// use atscale_heartbeat::{Outcome, Ticket, Track};
+///
+/// struct Reply(u64);
+///
+/// impl Track for Reply {
+///     type Tracked = Reply;
+///     fn track(self, ticket: Ticket) -> Reply {
+///         ticket.finish(Outcome::Ok);
+///         self
+///     }
+/// }
+/// ```
+pub trait Track: Sized {
+    /// The response the layer returns in place of `Self`.
+    type Tracked;
+
+    /// Takes over `ticket`; called once, when the inner service answered.
+    fn track(self, ticket: Ticket) -> Self::Tracked;
+}
+
+impl<B> Track for http::Response<B>
+where
+    B: http_body::Body,
+{
+    type Tracked = http::Response<TrackedBody<B>>;
+
+    fn track(self, ticket: Ticket) -> Self::Tracked {
+        self.map(|body| TrackedBody::new(body, ticket))
+    }
+}
+
+macro_rules! unary {
+    ($($t:ty),*) => {$(
+        /// A unary response: the request ends when it arrives.
+        impl Track for $t {
+            type Tracked = $t;
+            fn track(self, ticket: Ticket) -> $t {
+                ticket.finish(Outcome::Ok);
+                self
+            }
+        }
+    )*};
+}
+
+unary!((), String, Vec<u8>, bytes::Bytes);
