@@ -1,0 +1,521 @@
+//! The heartbeat layer and its monitor: pulses, counts, stalls, interval beats.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use atscale_core::{BoxError, Carrier, Context, Kind, Stalled, find};
+use atscale_heartbeat::{
+    Heartbeat, HeartbeatLayer, KeepAliveLayer, Monitor, Outcome, Pulse, Pulses, Steward,
+    TrackedBody,
+};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http_body::Frame;
+use http_body_util::{BodyExt, Full, StreamBody};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::time::{Instant, advance};
+use tokio_stream::wrappers::ReceiverStream;
+use tower::{Layer, Service, ServiceBuilder, ServiceExt, service_fn};
+
+type Req = http::Request<()>;
+type Chunks = StreamBody<ReceiverStream<Result<Frame<Bytes>, Infallible>>>;
+
+fn req() -> Req {
+    http::Request::new(())
+}
+
+/// A handler that waits at a gate, then answers `"done"`.
+fn gated(
+    gate: Arc<Notify>,
+) -> impl Service<Req, Response = String, Error = Infallible, Future: Send> + Clone {
+    service_fn(move |_req: Req| {
+        let gate = gate.clone();
+        async move {
+            gate.notified().await;
+            Ok::<_, Infallible>(String::from("done"))
+        }
+    })
+}
+
+async fn next(pulses: &mut Pulses) -> Pulse {
+    pulses.next().await.expect("the monitor is alive")
+}
+
+#[test]
+fn layer_service_future_and_monitor_are_send_sync_clone() {
+    fn send_sync_clone<T: Send + Sync + Clone>() {}
+    fn send<T: Send>() {}
+    send_sync_clone::<HeartbeatLayer>();
+    send_sync_clone::<Monitor>();
+    send_sync_clone::<KeepAliveLayer>();
+    send_sync_clone::<Heartbeat<tower::util::BoxCloneSyncService<Req, String, Infallible>>>();
+    send::<atscale_heartbeat::future::ResponseFuture<std::future::Ready<Result<String, Infallible>>>>(
+    );
+    send::<Pulses>();
+    send::<TrackedBody<Full<Bytes>>>();
+    send::<atscale_heartbeat::KeepAliveBody<Full<Bytes>>>();
+    type Factory = fn() -> tower::util::BoxCloneSyncService<Req, String, Infallible>;
+    send_sync_clone::<Steward<tower::util::BoxCloneSyncService<Req, String, Infallible>, Factory>>(
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_unary_request_starts_and_finishes() {
+    let monitor = Monitor::new();
+    let mut pulses = monitor.subscribe();
+    let gate = Arc::new(Notify::new());
+    let svc = ServiceBuilder::new()
+        .layer(monitor.layer())
+        .service(gated(gate.clone()));
+    let call = tokio::spawn(svc.oneshot(req()));
+
+    let Pulse::Started { id } = next(&mut pulses).await else {
+        panic!("a request starts first")
+    };
+    monitor.wait_in_flight(1).await;
+    advance(Duration::from_millis(300)).await;
+    let inflight = monitor.requests();
+    assert_eq!(inflight.len(), 1);
+    assert_eq!(inflight[0].id(), id);
+    assert_eq!(inflight[0].idle(), Duration::from_millis(300));
+    assert_eq!(inflight[0].elapsed(), Duration::from_millis(300));
+
+    gate.notify_one();
+    assert_eq!(call.await.unwrap().unwrap(), "done");
+    assert_eq!(
+        next(&mut pulses).await,
+        Pulse::Finished {
+            id,
+            outcome: Outcome::Ok,
+            elapsed: Duration::from_millis(300)
+        }
+    );
+    assert_eq!(monitor.in_flight(), 0);
+    let counts = monitor.counts();
+    assert_eq!(
+        (counts.started(), counts.ok(), counts.finished()),
+        (1, 1, 1)
+    );
+    assert!(monitor.health().is_serving());
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiting_for_work_needs_no_timeout() {
+    let monitor = Monitor::new();
+    let gate = Arc::new(Notify::new());
+    let svc = ServiceBuilder::new()
+        .layer(monitor.layer())
+        .service(gated(gate.clone()));
+    let calls: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(svc.clone().oneshot(req())))
+        .collect();
+    monitor.wait_started(3).await;
+    assert_eq!(monitor.in_flight(), 3);
+    for _ in 0..3 {
+        gate.notify_one();
+    }
+    monitor.wait_finished(3).await;
+    monitor.wait_in_flight(0).await;
+    for call in calls {
+        assert_eq!(call.await.unwrap().unwrap(), "done");
+    }
+    // clones share one monitor: a second service from the same layer counts too
+    let other = monitor.layer().layer(gated(gate.clone()));
+    let call = tokio::spawn(other.oneshot(req()));
+    monitor.wait_started(4).await;
+    gate.notify_one();
+    call.await.unwrap().unwrap();
+    assert_eq!(monitor.counts().ok(), 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_streaming_body_reports_each_frame_and_ends_the_request() {
+    let monitor = Monitor::new();
+    let mut pulses = monitor.subscribe();
+    let (tx, rx) = mpsc::channel(4);
+    let body = Arc::new(std::sync::Mutex::new(Some(StreamBody::new(
+        ReceiverStream::new(rx),
+    ))));
+    let svc = ServiceBuilder::new()
+        .layer(monitor.layer())
+        .service(service_fn(move |_req: Req| {
+            let body: Chunks = body.lock().unwrap().take().unwrap();
+            async move { Ok::<_, Infallible>(http::Response::new(body)) }
+        }));
+    let response = svc.oneshot(req()).await.unwrap();
+    let Pulse::Started { id } = next(&mut pulses).await else {
+        panic!()
+    };
+    // the head arrived, but the request is in flight until the body ends
+    assert_eq!(monitor.in_flight(), 1);
+    let mut body = std::pin::pin!(response.into_body());
+
+    tx.send(Ok(Frame::data(Bytes::from("a")))).await.unwrap();
+    let frame = body.frame().await.unwrap().unwrap();
+    assert_eq!(frame.into_data().unwrap(), "a");
+    assert_eq!(next(&mut pulses).await, Pulse::Progress { id, frames: 1 });
+
+    advance(Duration::from_secs(5)).await;
+    assert_eq!(monitor.requests()[0].idle(), Duration::from_secs(5));
+    tx.send(Ok(Frame::data(Bytes::from("b")))).await.unwrap();
+    body.frame().await.unwrap().unwrap();
+    assert_eq!(next(&mut pulses).await, Pulse::Progress { id, frames: 2 });
+    assert_eq!(monitor.requests()[0].idle(), Duration::ZERO);
+    assert_eq!(monitor.requests()[0].frames(), 2);
+
+    drop(tx);
+    assert!(body.frame().await.is_none());
+    assert!(matches!(
+        next(&mut pulses).await,
+        Pulse::Finished { outcome: Outcome::Ok, elapsed, .. } if elapsed == Duration::from_secs(5)
+    ));
+    assert_eq!(monitor.in_flight(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_empty_or_sized_body_finishes_without_being_polled_to_the_end() {
+    let monitor = Monitor::new();
+    let svc = ServiceBuilder::new()
+        .layer(monitor.layer())
+        .service(service_fn(|req: http::Request<&'static str>| async move {
+            Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from(*req.body()))))
+        }));
+    // empty: ends at once
+    let empty = svc.clone().oneshot(http::Request::new("")).await.unwrap();
+    assert_eq!(monitor.counts().ok(), 1);
+    // sized: ends with its only frame, without waiting for a `None`
+    let mut full = Box::pin(
+        svc.oneshot(http::Request::new("x"))
+            .await
+            .unwrap()
+            .into_body(),
+    );
+    assert_eq!(monitor.in_flight(), 1);
+    full.frame().await.unwrap().unwrap();
+    assert_eq!(monitor.counts().ok(), 2);
+    drop((empty, full));
+    assert_eq!(monitor.counts().cancelled(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stalled_request_is_cut_its_future_dropped_and_its_context_cancelled() {
+    let monitor = Monitor::builder().stall(Duration::from_secs(2)).build();
+    let (cx_tx, cx_rx) = oneshot::channel::<(Context, Option<Context>)>();
+    let cx_tx = Arc::new(std::sync::Mutex::new(Some(cx_tx)));
+    let (alive_tx, alive_rx) = oneshot::channel::<()>();
+    let alive_tx = Arc::new(std::sync::Mutex::new(Some(alive_tx)));
+    let svc = ServiceBuilder::new()
+        .layer(monitor.layer())
+        .service(service_fn(move |req: Req| {
+            let carried = req.context().cloned().unwrap();
+            let current = Context::current();
+            cx_tx
+                .lock()
+                .unwrap()
+                .take()
+                .unwrap()
+                .send((carried, current))
+                .unwrap();
+            let alive = alive_tx.lock().unwrap().take().unwrap();
+            async move {
+                let _alive = alive; // dropped with the future
+                std::future::pending::<()>().await;
+                Ok::<String, Infallible>(String::new())
+            }
+        }));
+
+    let parent = Context::new();
+    let mut request = req();
+    request.set_context(parent.clone());
+    let started = Instant::now();
+    let err = svc.oneshot(request).await.unwrap_err();
+
+    assert_eq!(started.elapsed(), Duration::from_secs(2));
+    assert_eq!(Kind::of(&*err), Kind::Stalled);
+    assert_eq!(
+        find::<Stalled>(&*err).unwrap().idle(),
+        Duration::from_secs(2)
+    );
+    assert_eq!(err.to_string(), "stalled: no progress for 2s");
+    assert!(alive_rx.await.is_err(), "the inner future was dropped");
+    let (carried, current) = cx_rx.await.unwrap();
+    assert!(carried.is_cancelled(), "the request's context is cancelled");
+    assert!(
+        current.unwrap().is_cancelled(),
+        "Context::current is the same one"
+    );
+    assert!(!parent.is_cancelled(), "the caller's context is left alone");
+    let counts = monitor.counts();
+    assert_eq!((counts.stalled(), counts.in_flight()), (1, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_fast_request_is_not_cut() {
+    let monitor = Monitor::builder().stall(Duration::from_secs(2)).build();
+    let svc = ServiceBuilder::new()
+        .layer(monitor.layer())
+        .service(service_fn(|_req: Req| async {
+            tokio::time::sleep(Duration::from_millis(1999)).await;
+            Ok::<_, Infallible>(String::from("in time"))
+        }));
+    assert_eq!(svc.oneshot(req()).await.unwrap(), "in time");
+    assert_eq!(monitor.counts().ok(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_that_goes_quiet_is_cut_but_a_slow_steady_one_is_not() {
+    let monitor = Monitor::builder().stall(Duration::from_secs(2)).build();
+    let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
+    let body = Arc::new(std::sync::Mutex::new(Some(StreamBody::new(
+        ReceiverStream::new(rx),
+    ))));
+    let (cx_tx, cx_rx) = oneshot::channel::<Context>();
+    let cx_tx = Arc::new(std::sync::Mutex::new(Some(cx_tx)));
+    let svc = ServiceBuilder::new()
+        .layer(monitor.layer())
+        .service(service_fn(move |req: Req| {
+            let _ = cx_tx
+                .lock()
+                .unwrap()
+                .take()
+                .unwrap()
+                .send(req.context().cloned().unwrap());
+            let body: Chunks = body.lock().unwrap().take().unwrap();
+            async move { Ok::<_, Infallible>(http::Response::new(body)) }
+        }));
+    let started = Instant::now();
+    let body = svc.oneshot(req()).await.unwrap().into_body();
+    let reader = tokio::spawn(async move {
+        let mut body = std::pin::pin!(body);
+        let mut frames = Vec::new();
+        loop {
+            match body.frame().await {
+                Some(Ok(frame)) => frames.push(frame.into_data().unwrap()),
+                Some(Err(err)) => return (frames, Some(err), Instant::now()),
+                None => return (frames, None, Instant::now()),
+            }
+        }
+    });
+    // a frame every 1.5 s keeps it alive past the 2 s limit, then silence
+    for chunk in ["a", "b", "c"] {
+        tx.send(Ok(Frame::data(Bytes::from(chunk)))).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    let (frames, err, at) = reader.await.unwrap();
+    assert_eq!(frames, ["a", "b", "c"]);
+    let err = err.expect("cut with an error, not ended cleanly");
+    assert_eq!(
+        find::<Stalled>(&*err).unwrap().idle(),
+        Duration::from_secs(2)
+    );
+    // the last frame came at 3.0 s
+    assert_eq!(at - started, Duration::from_secs(5));
+    assert!(tx.is_closed(), "the inner body was dropped");
+    assert!(cx_rx.await.unwrap().is_cancelled());
+    assert_eq!(monitor.counts().stalled(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_caller_giving_up_is_cancelled_not_a_failure() {
+    let monitor = Monitor::builder().stall(Duration::from_secs(10)).build();
+    let mut pulses = monitor.subscribe();
+    let (cx_tx, mut cx_rx) = mpsc::unbounded_channel::<Context>();
+    let mut svc = ServiceBuilder::new()
+        .layer(monitor.layer())
+        .service(service_fn(move |req: Req| {
+            cx_tx.send(req.context().cloned().unwrap()).unwrap();
+            std::future::pending::<Result<String, Infallible>>()
+        }));
+    let future = svc.ready().await.unwrap().call(req());
+    let cx = cx_rx.recv().await.unwrap();
+    drop(future);
+    assert!(cx.is_cancelled());
+    next(&mut pulses).await;
+    assert!(matches!(
+        next(&mut pulses).await,
+        Pulse::Finished {
+            outcome: Outcome::Cancelled,
+            ..
+        }
+    ));
+    let health = monitor.health();
+    assert!(health.is_serving());
+    assert_eq!(health.failures_in_a_row(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn failures_in_a_row_make_it_unhealthy_until_a_success() {
+    let monitor = Monitor::builder()
+        .unhealthy_after(2.try_into().unwrap())
+        .build();
+    let svc = ServiceBuilder::new()
+        .layer(monitor.layer())
+        .service(service_fn(|req: http::Request<bool>| async move {
+            if *req.body() {
+                Ok(String::from("ok"))
+            } else {
+                Err(BoxError::from("boom"))
+            }
+        }));
+    let err = svc
+        .clone()
+        .oneshot(http::Request::new(false))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "boom",
+        "inner errors pass through as they are"
+    );
+    assert!(monitor.health().is_serving());
+    svc.clone()
+        .oneshot(http::Request::new(false))
+        .await
+        .unwrap_err();
+    let health = monitor.health();
+    assert!(!health.is_serving());
+    assert_eq!(health.to_string(), "not serving: 2 failures in a row");
+    svc.oneshot(http::Request::new(true)).await.unwrap();
+    assert!(monitor.health().is_serving());
+    assert_eq!(monitor.counts().error(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_in_flight_past_the_stall_limit_is_reported_not_serving() {
+    // The health check sees it before the watchdog has run (the future is not polled).
+    let monitor = Monitor::builder().stall(Duration::from_secs(1)).build();
+    let mut svc = ServiceBuilder::new()
+        .layer(monitor.layer())
+        .service(service_fn(|_req: Req| {
+            std::future::pending::<Result<String, Infallible>>()
+        }));
+    let future = svc.ready().await.unwrap().call(req());
+    advance(Duration::from_secs(1)).await;
+    let health = monitor.health();
+    assert_eq!((health.is_serving(), health.stuck()), (false, 1));
+    drop(future);
+    assert!(monitor.health().is_serving());
+}
+
+#[tokio::test(start_paused = true)]
+async fn interval_beats_while_busy_and_not_while_idle() {
+    let monitor = Monitor::builder().interval(Duration::from_secs(1)).build();
+    let mut pulses = monitor.subscribe();
+    let gate = Arc::new(Notify::new());
+    let svc = ServiceBuilder::new()
+        .layer(monitor.layer())
+        .service(gated(gate.clone()));
+    let call = tokio::spawn(svc.clone().oneshot(req()));
+    assert!(matches!(next(&mut pulses).await, Pulse::Started { .. }));
+    for n in 1..=2u64 {
+        assert_eq!(
+            next(&mut pulses).await,
+            Pulse::Beat {
+                in_flight: 1,
+                longest_idle: Some(Duration::from_secs(n))
+            }
+        );
+    }
+    gate.notify_one();
+    call.await.unwrap().unwrap();
+    assert!(matches!(next(&mut pulses).await, Pulse::Finished { .. }));
+    // idle now: ticks pass without beats, so the next pulse is the next request
+    advance(Duration::from_secs(5)).await;
+    let call = tokio::spawn(svc.oneshot(req()));
+    assert!(matches!(next(&mut pulses).await, Pulse::Started { .. }));
+    gate.notify_one();
+    call.await.unwrap().unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_beats_when_asked() {
+    let monitor = Monitor::builder()
+        .interval(Duration::from_secs(1))
+        .idle_beats(true)
+        .build();
+    let mut pulses = monitor.subscribe();
+    let start = Instant::now();
+    assert_eq!(
+        next(&mut pulses).await,
+        Pulse::Beat {
+            in_flight: 0,
+            longest_idle: None
+        }
+    );
+    assert_eq!(start.elapsed(), Duration::from_secs(1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_interval_task_stops_with_its_last_subscriber_and_its_last_handle() {
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let monitor = Monitor::builder()
+        .interval(Duration::from_secs(1))
+        .idle_beats(true)
+        .build();
+    assert_eq!(metrics.num_alive_tasks(), 0, "nobody subscribes: no task");
+    let mut pulses = monitor.subscribe();
+    next(&mut pulses).await;
+    assert_eq!(metrics.num_alive_tasks(), 1);
+    drop(pulses);
+    advance(Duration::from_secs(1)).await;
+    tokio::task::yield_now().await;
+    assert_eq!(
+        metrics.num_alive_tasks(),
+        0,
+        "stopped with the last subscriber"
+    );
+
+    let mut pulses = monitor.subscribe();
+    next(&mut pulses).await;
+    assert_eq!(
+        metrics.num_alive_tasks(),
+        1,
+        "restarted by a new subscriber"
+    );
+    drop(monitor);
+    tokio::task::yield_now().await;
+    assert_eq!(metrics.num_alive_tasks(), 0, "stopped with the last handle");
+    assert_eq!(pulses.next().await, None, "and the stream ends");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_subscriber_misses_pulses_instead_of_holding_up_requests() {
+    let monitor = Monitor::builder().capacity(4).build();
+    let mut slow = monitor.subscribe();
+    let svc = ServiceBuilder::new()
+        .layer(monitor.layer())
+        .service(service_fn(|_req: Req| async {
+            Ok::<_, Infallible>(String::new())
+        }));
+    for _ in 0..5 {
+        svc.clone().oneshot(req()).await.unwrap(); // never waits for the subscriber
+    }
+    // 10 pulses sent, 4 kept: the last two requests' start and finish
+    let kept: Vec<Pulse> = (&mut slow).take(4).collect().await;
+    assert_eq!(slow.missed(), 6);
+    assert_eq!(
+        kept[0],
+        Pulse::Started {
+            id: kept[0].id().unwrap()
+        }
+    );
+    assert_eq!(kept[0].id().unwrap().get(), 4);
+    assert_eq!(kept[3].id().unwrap().get(), 5);
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_pulses_are_kept_for_nobody() {
+    let monitor = Monitor::new();
+    let svc = ServiceBuilder::new()
+        .layer(monitor.layer())
+        .service(service_fn(|_req: Req| async {
+            Ok::<_, Infallible>(String::new())
+        }));
+    svc.clone().oneshot(req()).await.unwrap();
+    let mut late = monitor.subscribe();
+    svc.oneshot(req()).await.unwrap();
+    // the first request's pulses were never built; the subscriber sees only the second
+    assert_eq!(next(&mut late).await.id().unwrap().get(), 2);
+    assert_eq!(late.missed(), 0);
+}
