@@ -1,1 +1,111 @@
-fn main() {}
+//! Per-call overhead of `DeadlineLayer` against `tower::timeout::Timeout`
+//! around the same trivial service, interleaved in one run.
+//!
+//! `cargo bench --bench deadline`
+
+mod support;
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use atscale::core::{Carrier, Context};
+use atscale::deadline::DeadlineLayer;
+use support::{case, pending_once};
+use tower::timeout::TimeoutLayer;
+use tower::{Layer, Service, service_fn};
+
+const BUDGET: Duration = Duration::from_secs(30);
+
+/// A non-HTTP request type: the context rides in a field.
+struct Job {
+    id: u64,
+    cx: Option<Context>,
+}
+
+impl Carrier for Job {
+    fn context(&self) -> Option<&Context> {
+        self.cx.as_ref()
+    }
+    fn set_context(&mut self, cx: Context) {
+        self.cx = Some(cx);
+    }
+}
+
+fn job(id: u64) -> Job {
+    Job { id, cx: None }
+}
+
+fn http_request(id: u64) -> http::Request<u64> {
+    http::Request::new(id)
+}
+
+fn job_ready() -> impl Service<Job, Response = u64, Error = Infallible, Future: Send> + Send {
+    service_fn(|j: Job| std::future::ready(Ok::<_, Infallible>(j.id)))
+}
+
+fn job_pending() -> impl Service<Job, Response = u64, Error = Infallible, Future: Send> + Send {
+    service_fn(|j: Job| pending_once(Ok::<_, Infallible>(j.id)))
+}
+
+fn http_ready()
+-> impl Service<http::Request<u64>, Response = u64, Error = Infallible, Future: Send> + Send {
+    service_fn(|r: http::Request<u64>| std::future::ready(Ok::<_, Infallible>(*r.body())))
+}
+
+fn http_pending()
+-> impl Service<http::Request<u64>, Response = u64, Error = Infallible, Future: Send> + Send {
+    service_fn(|r: http::Request<u64>| pending_once(Ok::<_, Infallible>(*r.body())))
+}
+
+macro_rules! cases {
+    ($inner:expr, $req:expr) => {
+        vec![
+            case("bare", || $inner, $req),
+            case(
+                "tower Timeout",
+                || TimeoutLayer::new(BUDGET).layer($inner),
+                $req,
+            ),
+            case(
+                "atscale Deadline",
+                || DeadlineLayer::new(BUDGET).layer($inner),
+                $req,
+            ),
+        ]
+    };
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return; // `cargo test --benches` asks benches to list their tests
+    }
+    println!("# Deadline: per-call overhead (budget {BUDGET:?})");
+    for (rt_name, rt) in support::runtimes() {
+        let comparisons = [
+            (
+                "request carrying a field, inner ready",
+                cases!(job_ready(), job),
+            ),
+            (
+                "request carrying a field, inner pending once",
+                cases!(job_pending(), job),
+            ),
+            (
+                "http::Request (context in extensions), inner ready",
+                cases!(http_ready(), http_request),
+            ),
+            (
+                "http::Request (context in extensions), inner pending once",
+                cases!(http_pending(), http_request),
+            ),
+        ];
+        for (what, cases) in comparisons {
+            let rows = support::compare(&rt, &cases);
+            support::print(&format!("{rt_name}: {what}"), &rows);
+            let (m, lo, hi) = support::ratio(&rows, "atscale Deadline", "tower Timeout");
+            println!(
+                "\nratio of overheads, atscale Deadline / tower Timeout: {m:.2} ({lo:.2}..{hi:.2})"
+            );
+        }
+    }
+}

@@ -1,18 +1,46 @@
 //! The request context: one deadline and one cancellation signal.
 
+use std::cell::RefCell;
+use std::fmt;
 use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
+use pin_project_lite::pin_project;
 use tokio::task::JoinHandle;
-use tokio::task::futures::TaskLocalFuture;
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use crate::deadline::{Deadline, Origin};
 use crate::preempt::Preemptable;
 
-tokio::task_local! {
-    static CURRENT: Context;
+thread_local! {
+    /// The context of the request whose code is running on this thread, set
+    /// while a [`Scoped`] future is polled.
+    static CURRENT: RefCell<Option<Context>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` with `slot`'s context current on this thread, by swapping it in
+/// and out (no reference counting); restored even if `f` panics.
+fn with_current<R>(slot: &mut Option<Context>, f: impl FnOnce() -> R) -> R {
+    struct Restore<'a>(&'a mut Option<Context>);
+    impl Drop for Restore<'_> {
+        fn drop(&mut self) {
+            // During thread teardown there is nothing left to restore into.
+            let _ = CURRENT.try_with(|current| std::mem::swap(&mut *current.borrow_mut(), self.0));
+        }
+    }
+    if CURRENT
+        .try_with(|current| std::mem::swap(&mut *current.borrow_mut(), slot))
+        .is_err()
+    {
+        return f();
+    }
+    let _restore = Restore(slot);
+    f()
 }
 
 /// One request's deadline and cancellation signal, cheap to clone.
@@ -25,6 +53,11 @@ tokio::task_local! {
 /// Cancellation is a tree: [`Context::child`] gives a context that is
 /// cancelled with its parent, but whose own cancellation (for example when
 /// its tighter deadline fires) leaves the parent untouched.
+///
+/// Cloning is one reference-count increment. The waitable signal (a
+/// [`CancellationToken`]) is only built the first time something waits on
+/// it, so a request whose context nobody awaits pays for one allocation and
+/// a flag.
 ///
 /// # Example
 ///
@@ -40,10 +73,28 @@ tokio::task_local! {
 /// assert_eq!(err.to_string(), "deadline exceeded after 100ms (budget 100ms, local)");
 /// # }
 /// ```
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct Context {
+    inner: Arc<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
     deadline: Option<Deadline>,
-    token: CancellationToken,
+    parent: Option<Context>,
+    /// Set by [`Context::cancel`]; parents are checked by walking up.
+    cancelled: AtomicBool,
+    /// Built on first wait, as a child of the parent's token.
+    token: OnceLock<CancellationToken>,
+}
+
+impl fmt::Debug for Context {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Context")
+            .field("deadline", &self.inner.deadline)
+            .field("cancelled", &self.is_cancelled())
+            .finish()
+    }
 }
 
 impl Context {
@@ -52,13 +103,21 @@ impl Context {
         Context::default()
     }
 
+    fn child_with(&self, deadline: Option<Deadline>) -> Self {
+        Context {
+            inner: Arc::new(Inner {
+                deadline,
+                parent: Some(self.clone()),
+                cancelled: AtomicBool::new(false),
+                token: OnceLock::new(),
+            }),
+        }
+    }
+
     /// A child of this context: same deadline, cancelled when this one is,
     /// cancellable on its own without touching this one.
     pub fn child(&self) -> Self {
-        Context {
-            deadline: self.deadline,
-            token: self.token.child_token(),
-        }
+        self.child_with(self.inner.deadline)
     }
 
     /// A child of this context whose deadline is `deadline`, unless this
@@ -67,23 +126,31 @@ impl Context {
     /// Unlike [`Context::with_deadline`], a tie goes to `deadline`, so a hop
     /// can relabel an inherited deadline with the budget and origin it sees.
     pub fn child_until(&self, deadline: Deadline) -> Self {
-        let deadline = match self.deadline {
+        let deadline = match self.inner.deadline {
             Some(own) if own.instant() < deadline.instant() => own,
             _ => deadline,
         };
-        Context {
-            deadline: Some(deadline),
-            token: self.token.child_token(),
-        }
+        self.child_with(Some(deadline))
     }
 
-    /// Replaces the deadline by the earlier of the current one and `deadline`.
+    /// The earlier of the current deadline and `deadline`.
     ///
     /// A context can only get tighter: a child never outlives its parent.
+    /// When this handle is shared, the result is a [child](Context::child)
+    /// (as Go's `context.WithDeadline`), so the other handles keep their deadline.
     #[must_use]
     pub fn with_deadline(mut self, deadline: Deadline) -> Self {
-        self.deadline = Deadline::earliest(self.deadline, Some(deadline));
-        self
+        let earliest = Deadline::earliest(self.inner.deadline, Some(deadline));
+        if earliest == self.inner.deadline {
+            return self;
+        }
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => {
+                inner.deadline = earliest;
+                self
+            }
+            None => self.child_with(earliest),
+        }
     }
 
     /// Tightens the deadline to `budget` from now (see [`Context::with_deadline`]).
@@ -97,39 +164,69 @@ impl Context {
     }
 
     /// The deadline, if any.
-    pub const fn deadline(&self) -> Option<Deadline> {
-        self.deadline
+    pub fn deadline(&self) -> Option<Deadline> {
+        self.inner.deadline
     }
 
     /// Time left before the deadline (zero once passed), `None` without a deadline.
     pub fn remaining(&self) -> Option<Duration> {
-        self.deadline.map(|d| d.remaining())
+        self.inner.deadline.map(|d| d.remaining())
     }
 
     /// Whether the deadline has passed.
     pub fn is_expired(&self) -> bool {
-        self.deadline
+        self.inner
+            .deadline
             .is_some_and(|d| d.is_expired_at(Instant::now()))
     }
 
     /// Cancels this context and every child of it.
     pub fn cancel(&self) {
-        self.token.cancel();
+        // Flag first, then the token if one was built: `token()` builds, then
+        // reads the flag, so one of the two always sees the other.
+        self.inner.cancelled.store(true, Ordering::SeqCst);
+        if let Some(token) = self.inner.token.get() {
+            token.cancel();
+        }
     }
 
     /// Whether this context (or an ancestor) was cancelled.
     pub fn is_cancelled(&self) -> bool {
-        self.token.is_cancelled()
+        let mut cx = Some(self);
+        while let Some(c) = cx {
+            if c.inner.cancelled.load(Ordering::SeqCst) {
+                return true;
+            }
+            cx = c.inner.parent.as_ref();
+        }
+        false
     }
 
     /// Completes when this context (or an ancestor) is cancelled.
     pub fn cancelled(&self) -> WaitForCancellationFuture<'_> {
-        self.token.cancelled()
+        self.token().cancelled()
     }
 
     /// The cancellation token behind this context, for APIs that take one.
-    pub const fn token(&self) -> &CancellationToken {
-        &self.token
+    /// Built (with its ancestors') on first use.
+    pub fn token(&self) -> &CancellationToken {
+        let token = self.inner.token.get_or_init(|| match &self.inner.parent {
+            Some(parent) => parent.token().child_token(),
+            None => CancellationToken::new(),
+        });
+        if self.inner.cancelled.load(Ordering::SeqCst) {
+            token.cancel();
+        }
+        token
+    }
+
+    /// A guard that cancels this context when dropped, unless
+    /// [disarmed](CancelOnDrop::disarm) first: for a response future that
+    /// must stop the request's work if it is dropped early.
+    pub fn cancel_on_drop(&self) -> CancelOnDrop {
+        CancelOnDrop {
+            cx: Some(self.clone()),
+        }
     }
 
     /// Runs `future` until it finishes, this context is cancelled, or the
@@ -146,23 +243,88 @@ impl Context {
     /// Set by atscale layers while the inner service runs, and by
     /// [`Context::scope`] and [`spawn`].
     pub fn current() -> Option<Context> {
-        CURRENT.try_with(Context::clone).ok()
+        CURRENT
+            .try_with(|current| current.borrow().clone())
+            .ok()
+            .flatten()
     }
 
     /// Runs `f` with `Context::current` returning this context.
     pub fn sync_scope<R>(self, f: impl FnOnce() -> R) -> R {
-        CURRENT.sync_scope(self, f)
+        with_current(&mut Some(self), f)
     }
 
     /// Wraps `future` so that, whenever it is polled, [`Context::current`]
     /// returns this context.
     pub fn scope<F: Future>(self, future: F) -> Scoped<F> {
-        CURRENT.scope(self, future)
+        Scoped {
+            future,
+            cx: Some(self),
+        }
+    }
+
+    /// Calls `make` (typically an inner service's `call`) with this context
+    /// current, and scopes the future it returns in the same context: what a
+    /// layer does with its inner service, without cloning the context.
+    pub fn scope_with<F: Future>(self, make: impl FnOnce() -> F) -> Scoped<F> {
+        let mut cx = Some(self);
+        let future = with_current(&mut cx, make);
+        Scoped { future, cx }
     }
 }
 
-/// A future that runs inside a [`Context::scope`].
-pub type Scoped<F> = TaskLocalFuture<Context, F>;
+/// Cancels a [`Context`] when dropped, unless disarmed: see [`Context::cancel_on_drop`].
+#[derive(Debug)]
+#[must_use = "the context is cancelled as soon as the guard is dropped"]
+pub struct CancelOnDrop {
+    cx: Option<Context>,
+}
+
+impl CancelOnDrop {
+    /// Leaves the context alone from now on.
+    pub fn disarm(mut self) {
+        self.cx = None;
+    }
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(cx) = self.cx.take() {
+            cx.cancel();
+        }
+    }
+}
+
+pin_project! {
+    /// A future that runs inside a [`Context::scope`]: while it is polled,
+    /// [`Context::current`] returns its context.
+    #[derive(Debug)]
+    #[must_use = "futures do nothing unless polled"]
+    pub struct Scoped<F> {
+        #[pin]
+        future: F,
+        cx: Option<Context>,
+    }
+}
+
+impl<F> Scoped<F> {
+    /// The context the future runs in.
+    pub fn context(&self) -> &Context {
+        self.cx
+            .as_ref()
+            .expect("a scope holds its context between polls")
+    }
+}
+
+impl<F: Future> Future for Scoped<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let future = this.future;
+        with_current(this.cx, || future.poll(cx))
+    }
+}
 
 /// Spawns `future` on the tokio runtime carrying the current context, so that
 /// [`Context::current`] works in the new task too.
@@ -221,6 +383,46 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn waiters_wake_whether_the_token_was_built_before_or_after_cancel() {
+        // built before: a waiter on a grandchild wakes when the root is cancelled
+        let root = Context::new();
+        let grandchild = root.child().child();
+        let waiter = tokio::spawn({
+            let g = grandchild.clone();
+            async move { g.cancelled().await }
+        });
+        tokio::task::yield_now().await;
+        root.cancel();
+        waiter.await.unwrap();
+        // built after: the token of an already cancelled context is cancelled
+        let root = Context::new();
+        let child = root.child();
+        root.cancel();
+        assert!(child.is_cancelled());
+        child.cancelled().await;
+        assert!(child.token().is_cancelled());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_deadline_on_a_shared_handle_leaves_the_others_alone() {
+        let a = Context::new().with_budget(Duration::from_secs(5), Origin::Local);
+        let b = a.clone().with_budget(Duration::from_secs(1), Origin::Local);
+        assert_eq!(a.remaining(), Some(Duration::from_secs(5)));
+        assert_eq!(b.remaining(), Some(Duration::from_secs(1)));
+        a.cancel();
+        assert!(b.is_cancelled());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancel_on_drop_cancels_unless_disarmed() {
+        let cx = Context::new();
+        cx.cancel_on_drop().disarm();
+        assert!(!cx.is_cancelled());
+        drop(cx.cancel_on_drop());
+        assert!(cx.is_cancelled());
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn child_until_relabels_ties_but_never_loosens() {
         let now = Instant::now();
         let parent = Context::new().with_budget(Duration::from_secs(1), Origin::Local);
@@ -271,6 +473,39 @@ mod tests {
             cx.sync_scope(|| Context::current().unwrap().remaining()),
             Some(Duration::from_secs(3))
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn scopes_nest_and_restore_even_after_a_panic() {
+        let outer = Context::new().with_budget(Duration::from_secs(9), Origin::Local);
+        let inner = Context::new().with_budget(Duration::from_secs(1), Origin::Local);
+        outer.clone().sync_scope(|| {
+            let seen = inner
+                .clone()
+                .sync_scope(|| Context::current().unwrap().remaining());
+            assert_eq!(seen, Some(Duration::from_secs(1)));
+            assert_eq!(
+                Context::current().unwrap().remaining(),
+                Some(Duration::from_secs(9))
+            );
+            let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                inner.clone().sync_scope(|| panic!("boom"))
+            }));
+            assert!(panicked.is_err());
+            assert_eq!(
+                Context::current().unwrap().remaining(),
+                Some(Duration::from_secs(9))
+            );
+        });
+        assert!(Context::current().is_none());
+        let scoped = inner.clone().scope_with(|| {
+            let at_call = Context::current().unwrap().remaining();
+            async move { (at_call, Context::current().unwrap().remaining()) }
+        });
+        assert_eq!(scoped.context().remaining(), inner.remaining());
+        let (at_call, at_poll) = scoped.await;
+        assert_eq!((at_call, at_poll), (inner.remaining(), inner.remaining()));
+        assert!(Context::current().is_none());
     }
 
     #[tokio::test(start_paused = true)]

@@ -48,7 +48,7 @@ pub mod error;
 mod preempt;
 
 pub use carrier::Carrier;
-pub use context::{Context, Scoped, spawn, spawn_preemptable};
+pub use context::{CancelOnDrop, Context, Scoped, spawn, spawn_preemptable};
 pub use deadline::{Deadline, Origin};
 pub use error::{
     BoxError, Cancelled, DeadlineExceeded, GrpcCode, HedgeExhausted, Interrupted, Kind,

@@ -4,10 +4,9 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context as TaskContext, Poll};
 
-use atscale_core::{BoxError, Deadline, DeadlineExceeded, Scoped};
+use atscale_core::{BoxError, CancelOnDrop, Deadline, DeadlineExceeded, Scoped};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
-use tokio_util::sync::DropGuard;
 
 pin_project! {
     /// Response future of [`Deadline`](crate::Deadline).
@@ -36,7 +35,7 @@ pin_project! {
             timer: Option<Sleep>,
             deadline: Option<Deadline>,
             // Cancels the context if the request ends any way but success.
-            guard: Option<DropGuard>,
+            guard: Option<CancelOnDrop>,
         },
         Failed {
             error: Option<BoxError>,
@@ -45,7 +44,11 @@ pin_project! {
 }
 
 impl<F> ResponseFuture<F> {
-    pub(crate) fn running(inner: Scoped<F>, deadline: Option<Deadline>, guard: DropGuard) -> Self {
+    pub(crate) fn running(
+        inner: Scoped<F>,
+        deadline: Option<Deadline>,
+        guard: CancelOnDrop,
+    ) -> Self {
         ResponseFuture {
             state: State::Running {
                 inner,

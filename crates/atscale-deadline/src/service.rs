@@ -87,9 +87,9 @@ where
             }
         }
         req.set_context(cx.clone());
-        let guard = cx.token().clone().drop_guard();
-        let inner = cx.clone().sync_scope(|| self.inner.call(req));
-        ResponseFuture::running(cx.scope(inner), deadline, guard)
+        let guard = cx.cancel_on_drop();
+        let inner = cx.scope_with(|| self.inner.call(req));
+        ResponseFuture::running(inner, deadline, guard)
     }
 }
 
