@@ -555,10 +555,12 @@ impl Monitor {
         self.wait_for(|c| c.in_flight() == n as u64).await;
     }
 
+    #[cfg(feature = "tonic")]
     pub(crate) fn downgrade(&self) -> Weak<Shared> {
         Arc::downgrade(&self.shared)
     }
 
+    #[cfg(feature = "tonic")]
     pub(crate) fn upgrade(weak: &Weak<Shared>) -> Option<Monitor> {
         weak.upgrade().map(|shared| Monitor { shared })
     }
