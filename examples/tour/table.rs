@@ -2,14 +2,14 @@
 
 /// One layer's part of the tour: a title, a one-line explanation, and rows of
 /// "what we did" / "what the layer did".
-pub struct Section {
-    pub title: &'static str,
-    pub about: &'static str,
-    pub rows: Vec<(String, String)>,
+pub(crate) struct Section {
+    pub(crate) title: &'static str,
+    pub(crate) about: &'static str,
+    pub(crate) rows: Vec<(String, String)>,
 }
 
 impl Section {
-    pub fn new(title: &'static str, about: &'static str) -> Self {
+    pub(crate) fn new(title: &'static str, about: &'static str) -> Self {
         Section {
             title,
             about,
@@ -18,11 +18,11 @@ impl Section {
     }
 
     /// Adds a row: what the tour did, and what came back.
-    pub fn row(&mut self, what: impl Into<String>, outcome: impl Into<String>) {
+    pub(crate) fn row(&mut self, what: impl Into<String>, outcome: impl Into<String>) {
         self.rows.push((what.into(), outcome.into()));
     }
 
-    pub fn print(&self) {
+    pub(crate) fn print(&self) {
         let left = self
             .rows
             .iter()

@@ -13,6 +13,37 @@ use tokio::time::Instant;
 
 use crate::deadline::{Deadline, Origin};
 
+/// A duration as people read it in an error message: `250ms`, `2.5ms`,
+/// `1.5s`, `80µs`, without the nanosecond noise of `Debug`.
+pub(crate) struct Short(pub(crate) Duration);
+
+impl fmt::Display for Short {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let d = self.0;
+        if d < Duration::from_millis(1) {
+            write!(f, "{d:?}")
+        } else if d < Duration::from_millis(10) {
+            write!(f, "{}ms", trim(format!("{:.1}", d.as_secs_f64() * 1e3)))
+        } else if d < Duration::from_secs(1) {
+            write!(f, "{}ms", (d.as_secs_f64() * 1e3).round())
+        } else {
+            write!(f, "{}s", trim(format!("{:.3}", d.as_secs_f64())))
+        }
+    }
+}
+
+fn trim(mut number: String) -> String {
+    if number.contains('.') {
+        while number.ends_with('0') {
+            number.pop();
+        }
+        if number.ends_with('.') {
+            number.pop();
+        }
+    }
+    number
+}
+
 /// The error type every atscale layer that adds a failure mode returns.
 pub type BoxError = Box<dyn Error + Send + Sync + 'static>;
 
@@ -69,8 +100,10 @@ impl DeadlineExceeded {
 impl fmt::Display for DeadlineExceeded {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.pad(&format!(
-            "deadline exceeded after {:?} (budget {:?}, {})",
-            self.elapsed, self.budget, self.origin
+            "deadline exceeded after {} (budget {}, {})",
+            Short(self.elapsed),
+            Short(self.budget),
+            self.origin
         ))
     }
 }
@@ -137,7 +170,10 @@ impl RateLimited {
 
 impl fmt::Display for RateLimited {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.pad(&format!("rate limited, retry after {:?}", self.retry_after))
+        f.pad(&format!(
+            "rate limited, retry after {}",
+            Short(self.retry_after)
+        ))
     }
 }
 
@@ -184,7 +220,7 @@ impl Stalled {
 
 impl fmt::Display for Stalled {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.pad(&format!("stalled: no progress for {:?}", self.idle))
+        f.pad(&format!("stalled: no progress for {}", Short(self.idle)))
     }
 }
 
@@ -430,6 +466,23 @@ mod tests {
     #[derive(Debug, thiserror::Error)]
     #[error("outer")]
     struct Outer(#[source] BoxError);
+
+    #[test]
+    fn durations_read_like_people_write_them() {
+        let cases = [
+            (Duration::from_nanos(80_500), "80.5µs"),
+            (Duration::from_micros(2_500), "2.5ms"),
+            (Duration::from_millis(3), "3ms"),
+            (Duration::from_nanos(250_970_001), "251ms"),
+            (Duration::from_nanos(249_986_600), "250ms"),
+            (Duration::from_millis(1500), "1.5s"),
+            (Duration::from_secs(2), "2s"),
+            (Duration::from_millis(61_234), "61.234s"),
+        ];
+        for (d, want) in cases {
+            assert_eq!(Short(d).to_string(), want, "{d:?}");
+        }
+    }
 
     #[test]
     fn kind_walks_the_chain() {
