@@ -1,0 +1,280 @@
+//! What to hedge, when, and how much: the delay, the budget, the outcome
+//! classifier and the replica picker.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+/// When the next attempt is sent.
+///
+/// - [`Delay::fixed`]: after a fixed time without a good answer (gRPC's
+///   `hedgingDelay`). [`Duration::ZERO`] sends every attempt at once
+///   (replicated requests).
+/// - [`Delay::adaptive`]: after a percentile of the recent latencies (a
+///   rolling window recorded at microsecond resolution), and not at all until
+///   the window holds enough samples.
+///
+/// Attempt `k` (counting from 0) is sent `k` delays after the first unless a
+/// non-fatal failure ([`Verdict::NonFatal`]) fires it earlier.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Delay {
+    pub(crate) kind: DelayKind,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum DelayKind {
+    Fixed(Duration),
+    Adaptive(Adaptive),
+}
+
+/// The settings of an adaptive delay; see [`Delay::adaptive`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Adaptive {
+    pub(crate) percentile: f64,
+    pub(crate) min_samples: u32,
+    pub(crate) window: Duration,
+}
+
+impl Delay {
+    /// Sends the next attempt after `delay` without a good answer;
+    /// [`Duration::ZERO`] sends every attempt at once.
+    pub const fn fixed(delay: Duration) -> Self {
+        Delay {
+            kind: DelayKind::Fixed(delay),
+        }
+    }
+
+    /// An adaptive delay: the 95th percentile of the latencies seen over the
+    /// last 2 seconds, once at least 100 of them were seen. Tune it with
+    /// [`Adaptive::percentile`], [`Adaptive::min_samples`] and
+    /// [`Adaptive::window`], then pass it to
+    /// [`HedgeBuilder::delay`](crate::HedgeBuilder::delay).
+    pub const fn adaptive() -> Adaptive {
+        Adaptive {
+            percentile: 0.95,
+            min_samples: 100,
+            window: Duration::from_secs(2),
+        }
+    }
+}
+
+impl Default for Delay {
+    fn default() -> Self {
+        Delay::adaptive().into()
+    }
+}
+
+impl Adaptive {
+    /// The latency percentile to hedge at, in `(0, 1)`: `0.95` sends a backup
+    /// for the slowest 5% of requests (default 0.95).
+    #[must_use]
+    pub const fn percentile(mut self, percentile: f64) -> Self {
+        self.percentile = percentile;
+        self
+    }
+
+    /// How many latencies the window must hold before any hedge is sent
+    /// (default 100). Below it, requests are sent once.
+    #[must_use]
+    pub const fn min_samples(mut self, min_samples: u32) -> Self {
+        self.min_samples = min_samples;
+        self
+    }
+
+    /// How far back latencies count (default 2 s). The window is kept as two
+    /// halves: the percentile covers the current half and the previous one,
+    /// so between `window / 2` and `window` of history.
+    #[must_use]
+    pub const fn window(mut self, window: Duration) -> Self {
+        self.window = window;
+        self
+    }
+}
+
+impl From<Adaptive> for Delay {
+    fn from(adaptive: Adaptive) -> Self {
+        Delay {
+            kind: DelayKind::Adaptive(adaptive),
+        }
+    }
+}
+
+/// How much extra load hedges may add.
+///
+/// A hedge is sent only while the hedges sent during the last `window`
+/// requests stay below `ratio × window` — or below `min_per_second` per
+/// second over the time those requests took, whichever allows more, so a
+/// quiet service can still hedge. Counting in requests rather than seconds is
+/// what makes the budget hold right after a latency shift: a window measured
+/// in time would still hold the fast requests from before the shift and lend
+/// their allowance to the slow requests after it.
+///
+/// Concretely, with the default `ratio(0.05)` and `window(1000)`: in every
+/// run of 1,000 consecutive requests at most 50 hedges are sent (once 1,000
+/// requests have been seen; before that, 5% of those seen, or the
+/// per-second minimum).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Budget {
+    pub(crate) kind: BudgetKind,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum BudgetKind {
+    Limited {
+        ratio: f64,
+        min_per_second: u32,
+        window: u32,
+    },
+    Unlimited,
+}
+
+impl Budget {
+    /// Hedges may add `ratio` extra load (`0.05` = 5%), at least one per
+    /// second, counted over the last 1,000 requests.
+    pub const fn ratio(ratio: f64) -> Self {
+        Budget {
+            kind: BudgetKind::Limited {
+                ratio,
+                min_per_second: 1,
+                window: 1000,
+            },
+        }
+    }
+
+    /// No limit: every attempt the delay asks for is sent. Meant for
+    /// replicated requests ([`Delay::fixed`] with [`Duration::ZERO`]) and
+    /// tests; anywhere else a latency shift doubles the load.
+    pub const fn unlimited() -> Self {
+        Budget {
+            kind: BudgetKind::Unlimited,
+        }
+    }
+
+    /// The per-second floor (default 1): this many hedges per second are
+    /// allowed even when the ratio allows fewer. Without effect on an
+    /// unlimited budget.
+    #[must_use]
+    pub const fn min_per_second(mut self, min_per_second: u32) -> Self {
+        if let BudgetKind::Limited {
+            min_per_second: m, ..
+        } = &mut self.kind
+        {
+            *m = min_per_second;
+        }
+        self
+    }
+
+    /// How many of the most recent requests the ratio is counted over
+    /// (default 1,000; at least 10). Without effect on an unlimited budget.
+    #[must_use]
+    pub const fn window(mut self, requests: u32) -> Self {
+        if let BudgetKind::Limited { window, .. } = &mut self.kind {
+            *window = requests;
+        }
+        self
+    }
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Budget::ratio(0.05)
+    }
+}
+
+/// What an attempt's outcome means for the hedged request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Verdict {
+    /// A good answer: it wins, the other attempts are cancelled, and its
+    /// latency feeds the adaptive delay.
+    Good,
+    /// A failure another attempt may fix (unavailable, connection refused):
+    /// keep waiting for the attempts in flight and send the next hedge now.
+    /// Not recorded as a latency.
+    NonFatal,
+    /// A final answer (success or failure): return it at once and cancel the
+    /// others. Not recorded as a latency.
+    Fatal,
+}
+
+/// Sorts attempt outcomes into [`Verdict`]s.
+///
+/// Implemented for closures `Fn(Result<&Res, &E>) -> Verdict`, and by
+/// [`ErrorsAreFatal`], the default.
+///
+/// # Example
+///
+/// ```
+/// use atscale_hedge::Verdict;
+///
+/// // An HTTP client: 503 and connection errors may be fixed by another replica.
+/// let classify = |outcome: Result<&http::Response<()>, &std::io::Error>| match outcome {
+///     Ok(res) if res.status() == http::StatusCode::SERVICE_UNAVAILABLE => Verdict::NonFatal,
+///     Ok(_) => Verdict::Good,
+///     Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Verdict::NonFatal,
+///     Err(_) => Verdict::Fatal,
+/// };
+/// # let _ = classify;
+/// ```
+pub trait Classify<Res, E> {
+    /// Judges one attempt's outcome.
+    fn classify(&self, outcome: Result<&Res, &E>) -> Verdict;
+}
+
+impl<F, Res, E> Classify<Res, E> for F
+where
+    F: Fn(Result<&Res, &E>) -> Verdict,
+{
+    fn classify(&self, outcome: Result<&Res, &E>) -> Verdict {
+        self(outcome)
+    }
+}
+
+/// The default [`Classify`]: every response is [`Verdict::Good`], every
+/// error [`Verdict::Fatal`] (as gRPC's hedging policy with no non-fatal
+/// status codes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ErrorsAreFatal;
+
+impl<Res, E> Classify<Res, E> for ErrorsAreFatal {
+    fn classify(&self, outcome: Result<&Res, &E>) -> Verdict {
+        match outcome {
+            Ok(_) => Verdict::Good,
+            Err(_) => Verdict::Fatal,
+        }
+    }
+}
+
+/// Chooses the replica a request's first attempt goes to (see
+/// [`HedgeLayer::replicas`](crate::HedgeLayer::replicas)). Attempt `k` then
+/// goes to replica `(first + k) % replicas`, so a backup never lands on the
+/// replica that is being slow.
+///
+/// Implemented for closures `Fn(&Req, usize) -> usize` (the request and the
+/// number of replicas; the result is taken modulo the number of replicas) and
+/// by [`RoundRobin`], the default.
+pub trait Pick<Req> {
+    /// The replica (an index below `replicas`) for `req`'s first attempt.
+    fn pick(&self, req: &Req, replicas: usize) -> usize;
+}
+
+impl<F, Req> Pick<Req> for F
+where
+    F: Fn(&Req, usize) -> usize,
+{
+    fn pick(&self, req: &Req, replicas: usize) -> usize {
+        self(req, replicas)
+    }
+}
+
+/// The default [`Pick`]: first attempts go to the replicas in turn. Clones
+/// share the turn.
+#[derive(Clone, Debug, Default)]
+pub struct RoundRobin {
+    next: Arc<AtomicUsize>,
+}
+
+impl<Req> Pick<Req> for RoundRobin {
+    fn pick(&self, _req: &Req, replicas: usize) -> usize {
+        self.next.fetch_add(1, Ordering::Relaxed) % replicas.max(1)
+    }
+}
