@@ -68,3 +68,8 @@ pub mod prelude {
     #[cfg(feature = "deadline")]
     pub use atscale_deadline::DeadlineLayer;
 }
+
+/// The README's examples, compiled as doctests so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
