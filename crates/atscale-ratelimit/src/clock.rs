@@ -1,0 +1,139 @@
+//! The time source of limiters.
+
+use std::fmt;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+static DEFAULT: OnceLock<Clock> = OnceLock::new();
+
+/// The time source a limiter reads: a fast one for production, and one that
+/// tokio's paused test clock drives.
+///
+/// Bucket state is kept in nanoseconds since the clock's epoch, so all the
+/// limiters of one request must share one clock (a set that mixes clocks is
+/// rejected at construction). Waits are always slept on tokio's timer
+/// (`tokio::time::sleep`) for the duration the clock computed.
+///
+/// - [`Clock::quanta`] (the default): the TSC through the `quanta` crate,
+///   a few nanoseconds per read (`std::time::Instant::now()` costs about
+///   25 ns, most of a rate-limit check). It is not driven by
+///   `tokio::time::pause`.
+/// - [`Clock::tokio`]: `tokio::time::Instant::now()`, which follows
+///   `tokio::time::pause()` / `advance()` and `#[tokio::test(start_paused = true)]`.
+///   Use it in tests.
+///
+/// ```
+/// use atscale_ratelimit::{Clock, Limit, Limiter};
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() -> Result<(), atscale_ratelimit::InvalidLimit> {
+/// let clock = Clock::tokio(); // share it between the limiters of a test
+/// let limiter = Limiter::with_clock(Limit::per_second(1)?, clock.clone());
+/// assert!(limiter.try_acquire(1).is_ok());
+/// assert!(limiter.try_acquire(1).is_err());
+/// tokio::time::advance(std::time::Duration::from_secs(1)).await;
+/// assert!(limiter.try_acquire(1).is_ok());
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Clock {
+    id: u64,
+    source: Source,
+}
+
+#[derive(Clone)]
+enum Source {
+    Quanta { clock: quanta::Clock, base: u64 },
+    Tokio { epoch: tokio::time::Instant },
+}
+
+impl Clock {
+    /// The process-wide TSC clock (the default): every call returns the same clock.
+    pub fn quanta() -> Clock {
+        DEFAULT
+            .get_or_init(|| {
+                let clock = quanta::Clock::new();
+                let base = clock.raw();
+                Clock::from_source(Source::Quanta { clock, base })
+            })
+            .clone()
+    }
+
+    /// A clock reading `tokio::time::Instant::now()`, with its epoch now.
+    ///
+    /// Each call makes a new clock: create one and clone it for every limiter
+    /// that may be combined with another.
+    pub fn tokio() -> Clock {
+        Clock::from_source(Source::Tokio {
+            epoch: tokio::time::Instant::now(),
+        })
+    }
+
+    fn from_source(source: Source) -> Clock {
+        Clock {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            source,
+        }
+    }
+
+    /// Nanoseconds since the clock's epoch.
+    #[inline]
+    pub(crate) fn now(&self) -> u64 {
+        match &self.source {
+            Source::Quanta { clock, base } => clock.delta_as_nanos(*base, clock.raw()),
+            Source::Tokio { epoch } => {
+                let d = tokio::time::Instant::now().saturating_duration_since(*epoch);
+                u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+            }
+        }
+    }
+
+    pub(crate) const fn id(&self) -> u64 {
+        self.id
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock::quanta()
+    }
+}
+
+impl fmt::Debug for Clock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.source {
+            Source::Quanta { .. } => "quanta",
+            Source::Tokio { .. } => "tokio",
+        };
+        f.debug_struct("Clock")
+            .field("id", &self.id)
+            .field("source", &kind)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_tokio_clock_follows_the_paused_clock() {
+        let clock = Clock::tokio();
+        assert_eq!(clock.now(), 0);
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        assert_eq!(clock.now(), 1_500_000_000);
+    }
+
+    #[test]
+    fn the_quanta_clock_is_shared_and_moves_forward() {
+        let a = Clock::quanta();
+        assert_eq!(a.id(), Clock::default().id());
+        let t0 = a.now();
+        std::hint::black_box((0..10_000).sum::<u64>());
+        assert!(a.now() >= t0);
+        assert_ne!(Clock::tokio().id(), Clock::tokio().id());
+    }
+}
