@@ -74,7 +74,7 @@ where
         };
         let cx = match (deadline, &parent) {
             (Some(deadline), Some(parent)) => parent.child_until(deadline),
-            (Some(deadline), None) => Context::new().child_until(deadline),
+            (Some(deadline), None) => Context::new().with_deadline(deadline),
             (None, Some(parent)) => parent.child(),
             (None, None) => Context::new(),
         };
