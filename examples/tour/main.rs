@@ -5,13 +5,14 @@
 mod table;
 
 mod deadline;
+mod error;
 
 use atscale::core::BoxError;
 use table::Section;
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    let sections: Vec<Section> = vec![deadline::run().await?];
+    let sections: Vec<Section> = vec![deadline::run().await?, error::run().await?];
     for section in &sections {
         section.print();
     }
