@@ -89,7 +89,8 @@ pub fn failure(name: &str) -> Option<BoxError> {
 }
 
 /// Fails requests whose `x-fail` header names a failure; panics for
-/// `panic-call` (in `call`) and `panic-poll` (in the future); passes the rest on.
+/// `panic-call` (in `call`) and `panic-poll` (in the future); never answers
+/// `hang` (only a deadline ends it); passes the rest on.
 #[derive(Clone, Debug)]
 pub struct Failing<S> {
     inner: S,
@@ -134,6 +135,7 @@ where
         match name.as_str() {
             "panic-call" => panic!("handler bug: {SECRET}"),
             "panic-poll" => Box::pin(async move { panic!("async handler bug: {SECRET}") }),
+            "hang" => Box::pin(std::future::pending()),
             _ => match failure(&name) {
                 Some(err) => Box::pin(async move { Err(err) }),
                 None => {
