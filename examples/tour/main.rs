@@ -6,13 +6,18 @@ mod table;
 
 mod deadline;
 mod error;
+mod heartbeat;
 
 use atscale::core::BoxError;
 use table::Section;
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    let sections: Vec<Section> = vec![deadline::run().await?, error::run().await?];
+    let sections: Vec<Section> = vec![
+        deadline::run().await?,
+        error::run().await?,
+        heartbeat::run().await?,
+    ];
     for section in &sections {
         section.print();
     }
