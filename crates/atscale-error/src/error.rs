@@ -12,7 +12,7 @@ use atscale_core::{
     BoxError, DeadlineExceeded, HedgeExhausted, Interrupted, Kind, MalformedDeadline, Origin,
     RateLimited, find,
 };
-use http::{Method, StatusCode, Uri};
+use http::{HeaderValue, Method, StatusCode, Uri};
 
 use crate::config::Config;
 
@@ -56,7 +56,8 @@ struct Fields {
     side: Side,
     method: Method,
     uri: Uri,
-    grpc: bool,
+    matched: MatchedRoute,
+    grpc: Option<HeaderValue>,
     message: Cow<'static, str>,
     help: Option<String>,
     retry_after: Option<Duration>,
@@ -83,7 +84,9 @@ pub(crate) enum Side {
 pub(crate) struct RequestMeta {
     pub(crate) method: Method,
     pub(crate) uri: Uri,
-    pub(crate) grpc: bool,
+    pub(crate) matched: MatchedRoute,
+    /// The content type of a gRPC request (echoed in the answer), `None` for plain HTTP.
+    pub(crate) grpc: Option<HeaderValue>,
 }
 
 impl RequestMeta {
@@ -91,22 +94,51 @@ impl RequestMeta {
         RequestMeta {
             method: req.method().clone(),
             uri: req.uri().clone(),
-            grpc: is_grpc(req.headers()),
+            matched: MatchedRoute::of(req.extensions()),
+            grpc: grpc_content_type(req.headers()),
+        }
+    }
+}
+
+/// The route template the request matched, when the router says (axum's
+/// `MatchedPath`, with the `axum` feature).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct MatchedRoute {
+    #[cfg(feature = "axum")]
+    axum: Option<axum::extract::MatchedPath>,
+}
+
+impl MatchedRoute {
+    #[cfg_attr(not(feature = "axum"), allow(unused_variables))]
+    fn of(extensions: &http::Extensions) -> Self {
+        MatchedRoute {
+            #[cfg(feature = "axum")]
+            axum: extensions.get().cloned(),
+        }
+    }
+
+    fn as_str(&self) -> Option<&str> {
+        #[cfg(feature = "axum")]
+        {
+            self.axum.as_ref().map(|m| m.as_str())
+        }
+        #[cfg(not(feature = "axum"))]
+        {
+            None
         }
     }
 }
 
 /// A request is gRPC when its content type is `application/grpc`, with or
-/// without a suffix (`application/grpc+proto`, `application/grpc-web`).
-fn is_grpc(headers: &http::HeaderMap) -> bool {
-    headers
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| {
-            ct.get(..16)
-                .is_some_and(|p| p.eq_ignore_ascii_case("application/grpc"))
-                && matches!(ct.as_bytes().get(16), None | Some(b'+' | b'-' | b';'))
-        })
+/// without a suffix (`application/grpc+proto`, `application/grpc-web+proto`).
+fn grpc_content_type(headers: &http::HeaderMap) -> Option<HeaderValue> {
+    let value = headers.get(http::header::CONTENT_TYPE)?;
+    let ct = value.as_bytes();
+    let grpc = ct
+        .get(..16)
+        .is_some_and(|p| p.eq_ignore_ascii_case(b"application/grpc"))
+        && matches!(ct.get(16), None | Some(b'+' | b'-' | b';'));
+    grpc.then(|| value.clone())
 }
 
 impl Enriched {
@@ -139,6 +171,7 @@ impl Enriched {
                 side,
                 method: meta.method,
                 uri: meta.uri,
+                matched: meta.matched,
                 grpc: meta.grpc,
                 message: safe_message(kind, err, retry_after, deadline),
                 help,
@@ -176,23 +209,33 @@ impl Enriched {
         &self.f.method
     }
 
+    /// The route: the template the request matched (`/orders/{id}`) when
+    /// the router tells (axum's `MatchedPath`, with the `axum` feature and
+    /// the layer added with `Router::layer`), otherwise the [`path`](Enriched::path).
+    pub fn route(&self) -> &str {
+        self.f.matched.as_str().unwrap_or_else(|| self.path())
+    }
+
     /// The path of the request (for gRPC, `/package.Service/Method`); never
     /// the query, which may hold secrets.
-    pub fn route(&self) -> &str {
+    pub fn path(&self) -> &str {
         self.f.uri.path()
     }
 
     /// For a gRPC request, the service and method names.
     pub fn rpc(&self) -> Option<(&str, &str)> {
-        if !self.f.grpc {
-            return None;
-        }
-        self.route().strip_prefix('/')?.split_once('/')
+        self.f.grpc.as_ref()?;
+        self.path().strip_prefix('/')?.split_once('/')
     }
 
     /// Whether the request was gRPC (its content type is `application/grpc…`).
     pub fn is_grpc(&self) -> bool {
-        self.f.grpc
+        self.f.grpc.is_some()
+    }
+
+    /// The gRPC request's content type, which the answer repeats.
+    pub(crate) fn grpc_content_type(&self) -> Option<&HeaderValue> {
+        self.f.grpc.as_ref()
     }
 
     /// For an outgoing call (client mode), the authority called (`host:port`).
@@ -309,7 +352,7 @@ impl fmt::Display for Enriched {
                 s.push_str(&self.f.service);
             }
         }
-        s.push_str(&format!(" ({} {}", self.f.method, self.route()));
+        s.push_str(&format!(" ({} {}", self.f.method, self.path()));
         if let Some(inherited) = self.deadline_inherited() {
             s.push_str(if inherited {
                 ", deadline inherited"
@@ -587,7 +630,8 @@ mod tests {
         RequestMeta {
             method: Method::GET,
             uri: uri.parse().unwrap(),
-            grpc: false,
+            matched: MatchedRoute::default(),
+            grpc: None,
         }
     }
 
@@ -734,7 +778,7 @@ mod tests {
     #[test]
     fn grpc_is_recognised_by_content_type() {
         let mut h = http::HeaderMap::new();
-        assert!(!is_grpc(&h));
+        assert!(grpc_content_type(&h).is_none());
         for (ct, grpc) in [
             ("application/grpc", true),
             ("application/grpc+proto", true),
@@ -744,14 +788,14 @@ mod tests {
             ("application/json", false),
         ] {
             h.insert(http::header::CONTENT_TYPE, ct.parse().unwrap());
-            assert_eq!(is_grpc(&h), grpc, "{ct}");
+            assert_eq!(grpc_content_type(&h).is_some(), grpc, "{ct}");
         }
     }
 
     #[test]
     fn rpc_splits_the_grpc_path() {
         let mut m = meta("/grpc.health.v1.Health/Check");
-        m.grpc = true;
+        m.grpc = Some(HeaderValue::from_static("application/grpc"));
         let e = Enriched::new(&config(), Side::Server, m, "x".into());
         assert_eq!(e.rpc(), Some(("grpc.health.v1.Health", "Check")));
     }

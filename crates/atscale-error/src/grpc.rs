@@ -9,16 +9,16 @@ use http::{HeaderValue, Response};
 use crate::body::ResponseBody;
 use crate::error::Enriched;
 
-/// A trailers-only gRPC response: HTTP 200, `grpc-status`, `grpc-message`
-/// (and details) in the headers, and an empty body that ends the stream.
+/// A trailers-only gRPC response: HTTP 200, the request's content type,
+/// `grpc-status`, `grpc-message` (and details) in the headers, and an empty
+/// body that ends the stream.
 pub(crate) fn response<B>(err: &Enriched, internal_details: bool) -> Response<ResponseBody<B>> {
     #[cfg(feature = "tonic")]
     {
         let mut res = status(err, internal_details)
             .into_http::<()>()
             .map(|()| ResponseBody::empty());
-        res.headers_mut()
-            .insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        res.headers_mut().insert(CONTENT_TYPE, content_type(err));
         res
     }
     #[cfg(not(feature = "tonic"))]
@@ -26,7 +26,7 @@ pub(crate) fn response<B>(err: &Enriched, internal_details: bool) -> Response<Re
         let _ = internal_details;
         let mut res = Response::new(ResponseBody::empty());
         let headers = res.headers_mut();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        headers.insert(CONTENT_TYPE, content_type(err));
         headers.insert(
             "grpc-status",
             HeaderValue::from(err.kind().grpc_code() as i32),
@@ -38,6 +38,14 @@ pub(crate) fn response<B>(err: &Enriched, internal_details: bool) -> Response<Re
         );
         res
     }
+}
+
+/// The request's own gRPC content type (so a gRPC-Web client gets
+/// `application/grpc-web…` back), or `application/grpc`.
+fn content_type(err: &Enriched) -> HeaderValue {
+    err.grpc_content_type()
+        .cloned()
+        .unwrap_or(HeaderValue::from_static("application/grpc"))
 }
 
 /// Percent-encodes a `grpc-message` as the gRPC HTTP/2 spec asks: every byte

@@ -64,8 +64,9 @@
 //!   the inner service, becomes a response. The protocol is picked per
 //!   request, so one layer serves both:
 //!   - a request whose `content-type` is `application/grpc` (with any
-//!     `+suffix`, and `application/grpc-web`) gets a trailers-only gRPC
-//!     response: HTTP 200 with `grpc-status` and `grpc-message` (the
+//!     `+suffix`, and `application/grpc-web…`) gets a trailers-only gRPC
+//!     response: HTTP 200 with the request's content type, `grpc-status`
+//!     and `grpc-message` (the
 //!     user-safe message) and, with the `tonic` feature, rich details in
 //!     `grpc-status-details-bin` (`ErrorInfo`, `RequestInfo` with the error
 //!     id, `RetryInfo`, `Help`, `LocalizedMessage`), readable by any
@@ -75,8 +76,14 @@
 //!     `status`, `detail` (the user-safe message), `instance` (the request
 //!     path), and the extension members `error_id`, `code`, `timestamp`
 //!     (RFC 3339), `service`, plus `retry_after` (seconds, also sent as the
-//!     `Retry-After` header) when rate limited and `attempts` when a hedge
-//!     was exhausted. Responses carry `Cache-Control: no-store`.
+//!     `Retry-After` header) when rate limited, `attempts` when a hedge
+//!     was exhausted, and `deadline_origin` (`local`, `parent`,
+//!     `grpc-timeout`, `header`) when a deadline fired, so a caller knows
+//!     whether its own deadline was too tight. Responses carry
+//!     `Cache-Control: no-store`.
+//!
+//!   Only errors before the response head are enriched: an error of the
+//!   inner response's body, once streaming, passes through untouched.
 //!
 //!   The response's extensions hold the error's [`Kind`](atscale_core::Kind)
 //!   and [`ErrorId`], for outer layers (metrics, access logs).
@@ -120,7 +127,8 @@
 //!
 //! Each error is logged once, where it is enriched, as a `tracing` event
 //! with target `atscale_error` and the fields `id`, `kind`, `service`,
-//! `method`, `route`, `status`, `timestamp`, `chain` (the whole `source()`
+//! `method`, `route` (the matched route template with the `axum` feature,
+//! otherwise the path), `path`, `status`, `timestamp`, `chain` (the whole `source()`
 //! chain, [`Enriched::report`]) and, when known, `layer`, `attempts`,
 //! `retry_after_ms`, `deadline_origin` and `target_authority`. Server side,
 //! internal and upstream failures are `ERROR`, deadlines, overload and
@@ -146,6 +154,10 @@
 //!
 //! - `tonic`: rich gRPC details through `tonic-types`, and
 //!   [`Enriched::to_status`] (`impl From<Enriched> for tonic::Status`).
+//! - `axum`: errors name the route template axum matched (`/orders/{id}`,
+//!   from `MatchedPath`) in [`Enriched::route`] and the log line, so they
+//!   group by route; the layer must be added with `Router::layer` (inside
+//!   the router) for axum to have matched a route.
 //!
 //! # Differences from axum's `HandleErrorLayer`
 //!

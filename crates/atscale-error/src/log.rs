@@ -38,6 +38,7 @@ macro_rules! emit {
             service = %err.service(),
             method = %err.method(),
             route = %err.route(),
+            path = %err.path(),
             target_authority = err.target().map(tracing::field::display),
             layer = err.layer().map(tracing::field::display),
             attempts = err.attempts().map(|n| n as u64),

@@ -19,7 +19,8 @@ pub(crate) const PROBLEM_JSON: &str = "application/problem+json";
 /// - `status`, `detail` (the user-safe message), `instance` (the request path);
 /// - extension members: `error_id`, `code`, `timestamp`, `service`, and
 ///   `retry_after` (seconds) when rate limited, `attempts` when a hedge was
-///   exhausted, `chain` only when internal details are exposed.
+///   exhausted, `deadline_origin` when a deadline fired, `chain` only when
+///   internal details are exposed.
 pub(crate) fn document(err: &Enriched, internal_details: bool) -> Value {
     let status = err.status();
     let (kind_type, title) = match err.help_link() {
@@ -31,7 +32,7 @@ pub(crate) fn document(err: &Enriched, internal_details: bool) -> Value {
         "title": title,
         "status": status.as_u16(),
         "detail": err.message(),
-        "instance": err.route(),
+        "instance": err.path(),
         "error_id": err.id().to_string(),
         "code": err.kind().as_str(),
         "timestamp": err.timestamp().to_string(),
@@ -43,6 +44,9 @@ pub(crate) fn document(err: &Enriched, internal_details: bool) -> Value {
     }
     if let Some(attempts) = err.attempts() {
         members.insert("attempts".into(), attempts.into());
+    }
+    if let Some(origin) = err.deadline_origin() {
+        members.insert("deadline_origin".into(), origin.as_str().into());
     }
     if internal_details {
         let chain = atscale_core::chain(err.inner())
