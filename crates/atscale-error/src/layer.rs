@@ -49,6 +49,31 @@ impl ErrorEnrichLayer<Server> {
 impl ErrorEnrichLayer<Client> {
     /// A client-mode layer for outgoing calls made by the service named `service`.
     ///
+    /// # Example
+    ///
+    /// ```
+    /// use atscale_core::{BoxError, Kind};
+    /// use atscale_error::ErrorEnrichLayer;
+    /// use tower::{ServiceBuilder, ServiceExt, service_fn};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), BoxError> {
+    /// let transport = service_fn(|_req: http::Request<()>| async {
+    ///     Err::<http::Response<()>, BoxError>("connection reset by peer".into())
+    /// });
+    /// let billing = ServiceBuilder::new()
+    ///     .layer(ErrorEnrichLayer::client("checkout"))
+    ///     .service(transport);
+    ///
+    /// let req = http::Request::post("http://billing:8080/charge").body(())?;
+    /// let err = billing.oneshot(req).await.unwrap_err();
+    /// assert_eq!(err.kind(), Kind::Upstream);
+    /// assert_eq!(err.target(), Some("billing:8080"));
+    /// assert!(err.to_string().starts_with("upstream failure calling billing:8080 (POST /charge)"));
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
     /// # Panics
     ///
     /// Like [`ErrorEnrichLayer::new`]; [`ErrorEnrichBuilder::build_client`]
