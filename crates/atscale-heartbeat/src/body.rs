@@ -8,6 +8,7 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
+use crate::future::watchdog;
 use crate::pulse::Outcome;
 use crate::track::Ticket;
 
@@ -27,7 +28,6 @@ pin_project! {
         inner: Option<B>,
         #[pin]
         timer: Option<Sleep>,
-        last: Instant,
         ticket: Option<Ticket>,
     }
 }
@@ -45,11 +45,11 @@ impl<B: Body> TrackedBody<B> {
         let timer = ticket
             .as_ref()
             .and_then(Ticket::stall)
-            .map(|stall| tokio::time::sleep_until(now + stall));
+            .and_then(|stall| now.checked_add(stall))
+            .map(tokio::time::sleep_until);
         TrackedBody {
             inner: Some(inner),
             timer,
-            last: now,
             ticket,
         }
     }
@@ -86,15 +86,9 @@ where
         };
         match inner.poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
+                // The watchdog reads the progress when it fires: no timer reset per frame.
                 if let Some(ticket) = this.ticket.as_mut() {
-                    let now = Instant::now();
-                    *this.last = now;
-                    ticket.progress(now);
-                    if let (Some(timer), Some(stall)) =
-                        (this.timer.as_mut().as_pin_mut(), ticket.stall())
-                    {
-                        timer.reset(now + stall);
-                    }
+                    ticket.progress(Instant::now());
                 }
                 let ended = this
                     .inner
@@ -115,16 +109,17 @@ where
                 Poll::Ready(None)
             }
             Poll::Pending => {
-                let Some(timer) = this.timer.as_mut().as_pin_mut() else {
+                let (Some(timer), Some(ticket)) =
+                    (this.timer.as_mut().as_pin_mut(), this.ticket.as_ref())
+                else {
                     return Poll::Pending;
                 };
-                if this.ticket.is_none() || timer.poll(cx).is_pending() {
+                let Some(idle) = watchdog(timer, ticket, cx) else {
                     return Poll::Pending;
-                }
+                };
                 // Stalled: drop the inner body now, cancel the request's context.
                 this.inner.set(None);
                 this.timer.set(None);
-                let idle = Instant::now().saturating_duration_since(*this.last);
                 Self::finish(this.ticket, Outcome::Stalled);
                 Poll::Ready(Some(Err(Box::new(Stalled::new(idle)))))
             }

@@ -9,14 +9,15 @@ use atscale_core::{BoxError, Scoped, Stalled};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
+use crate::progress::InProgress;
 use crate::pulse::Outcome;
-use crate::track::{Ticket, Track};
+use crate::track::{Ticket, Track, Watchdog};
 
 pin_project! {
     #[project = InnerProj]
     enum Inner<F> {
         Plain { #[pin] future: F },
-        Scoped { #[pin] future: Scoped<F> },
+        Watched { #[pin] future: InProgress<Scoped<F>> },
         Done,
     }
 }
@@ -45,13 +46,34 @@ impl<F> ResponseFuture<F> {
         }
     }
 
-    pub(crate) fn scoped(future: Scoped<F>, ticket: Ticket, stall: Duration) -> Self {
+    pub(crate) fn watched(future: InProgress<Scoped<F>>, ticket: Ticket, stall: Duration) -> Self {
         ResponseFuture {
-            inner: Inner::Scoped { future },
-            timer: Some(tokio::time::sleep_until(ticket.started() + stall)),
+            inner: Inner::Watched { future },
+            timer: ticket
+                .started()
+                .checked_add(stall)
+                .map(tokio::time::sleep_until),
             ticket: Some(ticket),
         }
     }
+}
+
+/// Polls the watchdog `timer`: `None` while the work may go on (the timer is
+/// re-armed past any progress since it was set), or how long the work has
+/// shown no progress when it must be cut.
+pub(crate) fn watchdog(
+    mut timer: Pin<&mut Sleep>,
+    ticket: &Ticket,
+    cx: &mut TaskContext<'_>,
+) -> Option<Duration> {
+    while timer.as_mut().poll(cx).is_ready() {
+        match ticket.check(Instant::now()) {
+            Watchdog::Rearm(Some(due)) => timer.as_mut().reset(due),
+            Watchdog::Rearm(None) => return None,
+            Watchdog::Cut(idle) => return Some(idle),
+        }
+    }
+    None
 }
 
 impl<F, T, E> Future for ResponseFuture<F>
@@ -66,7 +88,7 @@ where
         let mut this = self.project();
         let output = match this.inner.as_mut().project() {
             InnerProj::Plain { future } => future.poll(cx),
-            InnerProj::Scoped { future } => future.poll(cx),
+            InnerProj::Watched { future } => future.poll(cx),
             InnerProj::Done => panic!("heartbeat response future polled after completion"),
         };
         if let Poll::Ready(result) = output {
@@ -84,21 +106,20 @@ where
                 }
             });
         }
-        if let Some(timer) = this.timer.as_mut().as_pin_mut() {
-            if timer.poll(cx).is_ready() {
-                // Stalled: drop the inner future now and cancel its context.
-                this.inner.set(Inner::Done);
-                this.timer.set(None);
-                let ticket = this
-                    .ticket
-                    .take()
-                    .expect("a pending future holds its ticket");
-                let idle = Instant::now().saturating_duration_since(ticket.started());
-                ticket.finish(Outcome::Stalled);
-                return Poll::Ready(Err(Box::new(Stalled::new(idle))));
-            }
+        let (Some(timer), Some(ticket)) = (this.timer.as_mut().as_pin_mut(), this.ticket.as_ref())
+        else {
+            return Poll::Pending;
+        };
+        let Some(idle) = watchdog(timer, ticket, cx) else {
+            return Poll::Pending;
+        };
+        // Stalled: drop the inner future now and cancel its context.
+        this.inner.set(Inner::Done);
+        this.timer.set(None);
+        if let Some(ticket) = this.ticket.take() {
+            ticket.finish(Outcome::Stalled);
         }
-        Poll::Pending
+        Poll::Ready(Err(Box::new(Stalled::new(idle))))
     }
 }
 

@@ -60,7 +60,7 @@
 //! assert_eq!(err.to_string(), "stalled: no progress for 2s");
 //!
 //! let seen: Vec<Pulse> = (&mut pulses).take(5).collect().await;
-//! assert!(matches!(seen[1], Pulse::Progress { frames: 1, .. }));
+//! assert!(matches!(seen[1], Pulse::Progress { units: 1, .. }));
 //! assert!(matches!(seen[2], Pulse::Finished { outcome: Outcome::Ok, .. }));
 //! assert!(matches!(seen[4], Pulse::Finished { outcome: Outcome::Stalled, .. }));
 //! assert_eq!(monitor.counts().stalled(), 1);
@@ -104,6 +104,7 @@
 mod layer;
 mod macros;
 mod monitor;
+mod progress;
 mod pulse;
 mod service;
 mod track;
@@ -120,6 +121,7 @@ pub use health::Health;
 pub use keepalive::KeepAliveLayer;
 pub use layer::HeartbeatLayer;
 pub use monitor::{Counts, InFlight, Monitor, MonitorBuilder, Pulses};
+pub use progress::Progress;
 pub use pulse::{Outcome, Pulse, RequestId};
 pub use service::Heartbeat;
 pub use steward::{Steward, StewardBuilder};

@@ -58,7 +58,7 @@ use crate::pulse::{Outcome, Pulse, RequestId};
 /// let call = tokio::spawn(svc.oneshot(http::Request::new(())));
 ///
 /// monitor.wait_in_flight(1).await; // the request is inside the handler
-/// assert_eq!(monitor.requests()[0].frames(), 0);
+/// assert_eq!(monitor.requests()[0].units(), 0);
 /// gate.notify_one();
 /// assert_eq!(call.await.unwrap().unwrap(), "done");
 /// monitor.wait_finished(1).await;
@@ -191,7 +191,7 @@ struct Entry {
     id: RequestId,
     started: Instant,
     last: Instant,
-    frames: u64,
+    units: u64,
 }
 
 /// Request counters of a [`Monitor`] since it was built.
@@ -257,7 +257,7 @@ pub struct InFlight {
     id: RequestId,
     elapsed: Duration,
     idle: Duration,
-    frames: u64,
+    units: u64,
 }
 
 impl InFlight {
@@ -271,14 +271,15 @@ impl InFlight {
         self.elapsed
     }
 
-    /// Time since its last progress (its start, its response, or its latest body frame).
+    /// Time since its last progress: its start, its response head, its latest
+    /// body frame, or the latest unit of work its handler reported.
     pub const fn idle(&self) -> Duration {
         self.idle
     }
 
-    /// Body frames produced so far.
-    pub const fn frames(&self) -> u64 {
-        self.frames
+    /// Units of progress so far: body frames, and units of work the handler reported.
+    pub const fn units(&self) -> u64 {
+        self.units
     }
 }
 
@@ -291,7 +292,7 @@ impl Registry {
             id,
             started: now,
             last: now,
-            frames: 0,
+            units: 0,
         };
         let key = match self.free.pop() {
             Some(key) => {
@@ -363,20 +364,31 @@ impl Shared {
         (key, id, now)
     }
 
-    pub(crate) fn progress(&self, key: usize, id: RequestId, now: Instant, frame: bool) {
-        let frames = {
+    /// Records progress of request `id` at `now`; a `unit` of work also
+    /// counts and sends a pulse. Returns false if the request has ended.
+    pub(crate) fn progress(&self, key: usize, id: RequestId, now: Instant, unit: bool) -> bool {
+        let units = {
             let mut registry = self.registry();
             match registry.slots.get_mut(key) {
                 Some(Some(entry)) if entry.id == id => {
                     entry.last = now;
-                    entry.frames += u64::from(frame);
-                    entry.frames
+                    entry.units += u64::from(unit);
+                    entry.units
                 }
-                _ => return,
+                _ => return false,
             }
         };
-        if frame {
-            self.emit(|| Pulse::Progress { id, frames });
+        if unit {
+            self.emit(|| Pulse::Progress { id, units });
+        }
+        true
+    }
+
+    /// The last progress of request `id`, if it is still in flight.
+    pub(crate) fn last_progress(&self, key: usize, id: RequestId) -> Option<Instant> {
+        match self.registry().slots.get(key) {
+            Some(Some(entry)) if entry.id == id => Some(entry.last),
+            _ => None,
         }
     }
 
@@ -492,7 +504,7 @@ impl Monitor {
                 id: e.id,
                 elapsed: now.saturating_duration_since(e.started),
                 idle: now.saturating_duration_since(e.last),
-                frames: e.frames,
+                units: e.units,
             })
             .collect();
         list.sort_by_key(|r| r.id);

@@ -75,12 +75,13 @@ pub enum Pulse {
         /// The request.
         id: RequestId,
     },
-    /// A streaming response produced a frame of its body.
+    /// A request made progress: its streaming response produced a body
+    /// frame, or its handler reported a unit of work ([`Progress`](crate::Progress)).
     Progress {
         /// The request.
         id: RequestId,
-        /// Frames produced so far, this one included.
-        frames: u64,
+        /// Units of progress so far, this one included.
+        units: u64,
     },
     /// A request ended.
     Finished {
@@ -116,7 +117,7 @@ impl fmt::Display for Pulse {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = match self {
             Pulse::Started { id } => format!("{id} started"),
-            Pulse::Progress { id, frames } => format!("{id} progress (frame {frames})"),
+            Pulse::Progress { id, units } => format!("{id} progress ({units})"),
             Pulse::Finished {
                 id,
                 outcome,

@@ -15,7 +15,8 @@ use crate::track::{Ticket, Track};
 ///
 /// With the watchdog on, `call` attaches a child of the request's
 /// [`Context`] (or a new one) to the request via [`Carrier`], and runs the
-/// inner service inside that context's scope ([`Context::current`]). The
+/// inner service inside that context's scope ([`Context::current`]) and
+/// with the request's [`Progress`](crate::Progress) handle in scope. The
 /// child is cancelled when the request stalls or its caller gives up, so
 /// work the handler spawned under it stops too.
 ///
@@ -75,9 +76,12 @@ where
                 let cx = req.context().map_or_else(Context::new, Context::child);
                 req.set_context(cx.clone());
                 let ticket = Ticket::new(shared.clone(), Some(cx.clone()));
+                let progress = ticket.progress_handle();
                 let inner = &mut self.inner;
-                let future = cx.clone().sync_scope(|| inner.call(req));
-                ResponseFuture::scoped(cx.scope(future), ticket, stall)
+                let future = cx
+                    .clone()
+                    .sync_scope(|| progress.clone().sync_scope(|| inner.call(req)));
+                ResponseFuture::watched(progress.scope(cx.scope(future)), ticket, stall)
             }
         }
     }

@@ -9,6 +9,7 @@ use tokio::time::Instant;
 
 use crate::body::TrackedBody;
 use crate::monitor::Shared;
+use crate::progress::Progress;
 use crate::pulse::{Outcome, RequestId};
 
 /// One request's place in a [`Monitor`](crate::Monitor): reports progress,
@@ -46,6 +47,27 @@ impl Ticket {
 
     pub(crate) const fn started(&self) -> Instant {
         self.started
+    }
+
+    /// A handle for the handler to report progress of this request.
+    pub(crate) fn progress_handle(&self) -> Progress {
+        Progress::new(self.shared.clone(), self.key, self.id)
+    }
+
+    /// What the watchdog should do when its timer fires at `now`.
+    pub(crate) fn check(&self, now: Instant) -> Watchdog {
+        let Some(stall) = self.stall() else {
+            return Watchdog::Rearm(None);
+        };
+        let last = self
+            .shared
+            .last_progress(self.key, self.id)
+            .unwrap_or(self.started);
+        match last.checked_add(stall) {
+            Some(due) if due > now => Watchdog::Rearm(Some(due)),
+            None => Watchdog::Rearm(None),
+            Some(_) => Watchdog::Cut(now.saturating_duration_since(last)),
+        }
     }
 
     /// The stall watchdog's limit, if it is on: a streaming response should
@@ -109,6 +131,15 @@ impl fmt::Debug for Ticket {
             .field("done", &self.done)
             .finish_non_exhaustive()
     }
+}
+
+/// The watchdog's verdict when its timer fires.
+pub(crate) enum Watchdog {
+    /// There was progress since the timer was set: wait until this instant
+    /// (`None`: never, the limit is too large for the clock).
+    Rearm(Option<Instant>),
+    /// No progress for this long: cut.
+    Cut(Duration),
 }
 
 /// A response type the heartbeat layer can follow to its end.

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use atscale_core::{BoxError, Carrier, Context, Kind, Stalled, find};
 use atscale_heartbeat::{
-    Heartbeat, HeartbeatLayer, KeepAliveLayer, Monitor, Outcome, Pulse, Pulses, Steward,
+    Heartbeat, HeartbeatLayer, KeepAliveLayer, Monitor, Outcome, Progress, Pulse, Pulses, Steward,
     TrackedBody,
 };
 use bytes::Bytes;
@@ -49,6 +49,7 @@ fn layer_service_future_and_monitor_are_send_sync_clone() {
     send_sync_clone::<HeartbeatLayer>();
     send_sync_clone::<Monitor>();
     send_sync_clone::<KeepAliveLayer>();
+    send_sync_clone::<Progress>();
     send_sync_clone::<Heartbeat<tower::util::BoxCloneSyncService<Req, String, Infallible>>>();
     send::<atscale_heartbeat::future::ResponseFuture<std::future::Ready<Result<String, Infallible>>>>(
     );
@@ -154,15 +155,15 @@ async fn a_streaming_body_reports_each_frame_and_ends_the_request() {
     tx.send(Ok(Frame::data(Bytes::from("a")))).await.unwrap();
     let frame = body.frame().await.unwrap().unwrap();
     assert_eq!(frame.into_data().unwrap(), "a");
-    assert_eq!(next(&mut pulses).await, Pulse::Progress { id, frames: 1 });
+    assert_eq!(next(&mut pulses).await, Pulse::Progress { id, units: 1 });
 
     advance(Duration::from_secs(5)).await;
     assert_eq!(monitor.requests()[0].idle(), Duration::from_secs(5));
     tx.send(Ok(Frame::data(Bytes::from("b")))).await.unwrap();
     body.frame().await.unwrap().unwrap();
-    assert_eq!(next(&mut pulses).await, Pulse::Progress { id, frames: 2 });
+    assert_eq!(next(&mut pulses).await, Pulse::Progress { id, units: 2 });
     assert_eq!(monitor.requests()[0].idle(), Duration::ZERO);
-    assert_eq!(monitor.requests()[0].frames(), 2);
+    assert_eq!(monitor.requests()[0].units(), 2);
 
     drop(tx);
     assert!(body.frame().await.is_none());
@@ -518,4 +519,91 @@ async fn no_pulses_are_kept_for_nobody() {
     // the first request's pulses were never built; the subscriber sees only the second
     assert_eq!(next(&mut late).await.id().unwrap().get(), 2);
     assert_eq!(late.missed(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_handler_reporting_progress_is_cut_only_once_it_stops() {
+    let monitor = Monitor::builder().stall(Duration::from_secs(1)).build();
+    let mut pulses = monitor.subscribe();
+    let svc = ServiceBuilder::new()
+        .layer(monitor.layer())
+        .service(service_fn(|_req: Req| async {
+            let progress = Progress::current().expect("in scope under the watchdog");
+            for _ in 0..3 {
+                tokio::time::sleep(Duration::from_millis(900)).await;
+                assert!(progress.report());
+            }
+            std::future::pending::<()>().await; // then it stops
+            Ok::<String, Infallible>(String::new())
+        }));
+    let start = Instant::now();
+    let err = svc.oneshot(req()).await.unwrap_err();
+    // last report at 2.7 s, cut 1 s later
+    assert_eq!(start.elapsed(), Duration::from_millis(3700));
+    assert_eq!(
+        find::<Stalled>(&*err).unwrap().idle(),
+        Duration::from_secs(1)
+    );
+    let id = next(&mut pulses).await.id().unwrap();
+    for units in 1..=3 {
+        assert_eq!(next(&mut pulses).await, Pulse::Progress { id, units });
+    }
+    assert!(matches!(
+        next(&mut pulses).await,
+        Pulse::Finished {
+            outcome: Outcome::Stalled,
+            ..
+        }
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn progress_is_only_in_scope_under_the_watchdog_and_late_reports_change_nothing() {
+    let plain = Monitor::new();
+    let svc = plain.layer().layer(service_fn(|_req: Req| async {
+        Ok::<_, Infallible>(format!("{:?}", Progress::current().map(|p| p.id())))
+    }));
+    assert_eq!(svc.oneshot(req()).await.unwrap(), "None");
+
+    let watched = Monitor::builder().stall(Duration::from_secs(1)).build();
+    let (tx, rx) = oneshot::channel::<Progress>();
+    let tx = std::sync::Mutex::new(Some(tx));
+    let svc = watched.layer().layer(service_fn(move |_req: Req| {
+        // visible in `call` too, not only in the future
+        let progress = Progress::current().unwrap();
+        tx.lock().unwrap().take().unwrap().send(progress).unwrap();
+        async { Ok::<_, Infallible>(String::new()) }
+    }));
+    svc.oneshot(req()).await.unwrap();
+    let late = rx.await.unwrap();
+    assert!(!late.report(), "the request has ended");
+    assert_eq!(watched.counts().ok(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_producer_reporting_progress_keeps_a_slow_body_alive() {
+    // frames every 3 s, over a 2 s stall limit, but the producer reports every second
+    let monitor = Monitor::builder().stall(Duration::from_secs(2)).build();
+    let svc = ServiceBuilder::new()
+        .layer(monitor.layer())
+        .service(service_fn(|_req: Req| async {
+            let progress = Progress::current().unwrap();
+            let (tx, rx) = mpsc::channel(1);
+            tokio::spawn(async move {
+                for chunk in ["a", "b"] {
+                    for _ in 0..3 {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        progress.report();
+                    }
+                    tx.send(Ok(Frame::data(Bytes::from(chunk)))).await.unwrap();
+                }
+            });
+            let body: Chunks = StreamBody::new(ReceiverStream::new(rx));
+            Ok::<_, Infallible>(http::Response::new(body))
+        }));
+    let body = svc.oneshot(req()).await.unwrap().into_body();
+    let collected = body.collect().await.unwrap().to_bytes();
+    assert_eq!(collected, "ab");
+    let counts = monitor.counts();
+    assert_eq!((counts.ok(), counts.stalled()), (1, 0));
 }
