@@ -79,7 +79,7 @@ impl Clock {
     }
 
     /// Nanoseconds since the clock's epoch.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn now(&self) -> u64 {
         match &self.source {
             Source::Quanta { clock, base } => clock.delta_as_nanos(*base, clock.raw()),

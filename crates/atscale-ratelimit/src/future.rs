@@ -16,6 +16,10 @@ pin_project! {
     /// The response future of [`RateLimit`](crate::RateLimit): waits for the
     /// admission time if the request must wait, then runs the inner
     /// service's future. Dropping it before admission gives the reservation back.
+    ///
+    /// A request admitted at once runs the inner future in place; the state
+    /// of a request that waits (its timer, request and reservation) is
+    /// allocated once, on the heap, so the common case stays small.
     pub struct ResponseFuture<S, Req, St>
     where
         S: Service<Req>,
@@ -38,23 +42,41 @@ pin_project! {
             fut: S::Future,
         },
         Waiting {
-            #[pin]
-            admission: Admission<St>,
-            inner: Option<S>,
-            req: Option<Req>,
+            waiting: Pin<Box<Waiting<S, Req, St>>>,
         },
         Acquiring {
-            #[pin]
-            acquire: St::Acquire,
-            inner: Option<S>,
-            req: Option<Req>,
-            store: St,
-            queue: Queue,
-            full: bool,
+            acquiring: Pin<Box<Acquiring<S, Req, St>>>,
         },
         Failed {
             error: Option<BoxError>,
         },
+    }
+}
+
+pin_project! {
+    struct Waiting<S, Req, St>
+    where
+        St: Store,
+    {
+        #[pin]
+        admission: Admission<St>,
+        inner: Option<S>,
+        req: Option<Req>,
+    }
+}
+
+pin_project! {
+    struct Acquiring<S, Req, St>
+    where
+        St: Store,
+    {
+        #[pin]
+        acquire: St::Acquire,
+        inner: Option<S>,
+        req: Option<Req>,
+        store: St,
+        queue: Queue,
+        full: bool,
     }
 }
 
@@ -68,9 +90,11 @@ impl<S: Service<Req>, Req, St: Store> ResponseFuture<S, Req, St> {
     pub(crate) fn waiting(admission: Admission<St>, inner: S, req: Req) -> Self {
         ResponseFuture {
             state: State::Waiting {
-                admission,
-                inner: Some(inner),
-                req: Some(req),
+                waiting: Box::pin(Waiting {
+                    admission,
+                    inner: Some(inner),
+                    req: Some(req),
+                }),
             },
         }
     }
@@ -85,12 +109,14 @@ impl<S: Service<Req>, Req, St: Store> ResponseFuture<S, Req, St> {
     ) -> Self {
         ResponseFuture {
             state: State::Acquiring {
-                acquire,
-                inner: Some(inner),
-                req: Some(req),
-                store,
-                queue,
-                full,
+                acquiring: Box::pin(Acquiring {
+                    acquire,
+                    inner: Some(inner),
+                    req: Some(req),
+                    store,
+                    queue,
+                    full,
+                }),
             },
         }
     }
@@ -116,32 +142,23 @@ where
         loop {
             match state.as_mut().project() {
                 StateProj::Called { fut } => return fut.poll(cx).map_err(Into::into),
-                StateProj::Waiting {
-                    admission,
-                    inner,
-                    req,
-                } => {
-                    if let Err(e) = ready!(admission.poll(cx)) {
+                StateProj::Waiting { waiting } => {
+                    let w = waiting.as_mut().project();
+                    if let Err(e) = ready!(w.admission.poll(cx)) {
                         // Drops the reservation now: it is given back.
                         state.set(State::Failed { error: None });
                         return Poll::Ready(Err(e));
                     }
-                    let mut inner = inner.take().expect("polled after completion");
-                    let req = req.take().expect("polled after completion");
+                    let mut inner = w.inner.take().expect("polled after completion");
+                    let req = w.req.take().expect("polled after completion");
                     state.set(State::Called {
                         fut: inner.call(req),
                     });
                 }
-                StateProj::Acquiring {
-                    acquire,
-                    inner,
-                    req,
-                    store,
-                    queue,
-                    full,
-                } => {
-                    let answer = ready!(acquire.poll(cx));
-                    let r = req.as_ref().expect("polled after completion");
+                StateProj::Acquiring { acquiring } => {
+                    let a = acquiring.as_mut().project();
+                    let answer = ready!(a.acquire.poll(cx));
+                    let r = a.req.as_ref().expect("polled after completion");
                     let current;
                     let rcx = match r.context() {
                         Some(c) => Some(c),
@@ -150,22 +167,21 @@ where
                             current.as_ref()
                         }
                     };
-                    match decide(store, answer, queue, *full, rcx) {
+                    match decide(a.store, answer, a.queue, *a.full, rcx) {
                         Decision::Go => {
-                            let mut inner = inner.take().expect("polled after completion");
-                            let req = req.take().expect("polled after completion");
+                            let mut inner = a.inner.take().expect("polled after completion");
+                            let req = a.req.take().expect("polled after completion");
                             state.set(State::Called {
                                 fut: inner.call(req),
                             });
                         }
                         Decision::Wait(admission) => {
-                            let inner = inner.take();
-                            let req = req.take();
-                            state.set(State::Waiting {
+                            let waiting = Box::pin(Waiting {
                                 admission,
-                                inner,
-                                req,
+                                inner: a.inner.take(),
+                                req: a.req.take(),
                             });
+                            state.set(State::Waiting { waiting });
                         }
                         Decision::Fail(e) => {
                             state.set(State::Failed { error: None });

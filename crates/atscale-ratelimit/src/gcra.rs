@@ -46,9 +46,23 @@ pub(crate) enum Refused {
     Insufficient(InsufficientCapacity),
 }
 
+/// Keeps the hot word alone on its cache line: threads spinning on it must
+/// not also invalidate the read-only parameters next to it.
+#[derive(Debug)]
+#[repr(align(64))]
+struct Line(AtomicU64);
+
+impl std::ops::Deref for Line {
+    type Target = AtomicU64;
+    #[inline]
+    fn deref(&self) -> &AtomicU64 {
+        &self.0
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct Bucket {
-    tat: AtomicU64,
+    tat: Line,
     interval: u64,
     capacity: u64,
     burst: u32,
@@ -69,7 +83,7 @@ fn spin(round: &mut u32) {
 impl Bucket {
     pub(crate) fn new(limit: &Limit) -> Self {
         Bucket {
-            tat: AtomicU64::new(0),
+            tat: Line(AtomicU64::new(0)),
             interval: limit.interval_nanos(),
             capacity: limit.capacity_nanos(),
             burst: limit.max_burst(),
@@ -97,14 +111,18 @@ impl Bucket {
 
     /// Reserves `cost` in this bucket alone, if it can be admitted within
     /// `max_wait` nanoseconds; returns the wait.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn acquire(
         &self,
         now: u64,
         cost: u32,
         max_wait: u64,
     ) -> Result<(u64, Taken), Refused> {
-        let increment = self.check_cost(cost)?;
+        let increment = if cost == 1 {
+            self.interval
+        } else {
+            self.check_cost(cost)?
+        };
         let mut current = self.tat.load(Ordering::Relaxed);
         let mut round = 0;
         loop {
@@ -113,12 +131,14 @@ impl Bucket {
                 current = self.tat.load(Ordering::Relaxed);
                 continue;
             }
-            let at = self.earliest(current, now, increment);
-            let wait = at - now;
+            // Alone, the admission time `a` never exceeds `max(tat, now)`
+            // (the cost fits in the burst), so the new TAT is simply
+            // `max(tat, now) + c·T` and `a = new − B·T`, at the earliest now.
+            let new = current.max(now) + increment;
+            let wait = new.saturating_sub(self.capacity).saturating_sub(now);
             if wait > max_wait {
                 return Err(Refused::RetryAfter(wait));
             }
-            let new = current.max(at) + increment;
             match self
                 .tat
                 .compare_exchange_weak(current, new, Ordering::Relaxed, Ordering::Relaxed)
@@ -222,26 +242,28 @@ impl Bucket {
 /// indices of `buckets` sorted by a global key, the order in which the
 /// buckets are locked (so two overlapping sets can never deadlock).
 ///
-/// Returns the wait and what each bucket recorded (in the order of `buckets`).
-pub(crate) fn acquire_all<const N: usize>(
+/// Returns the wait, and writes what each bucket recorded to `taken` (in
+/// the order of `buckets`).
+#[inline]
+pub(crate) fn acquire_all(
     buckets: &[&Bucket],
     costs: &[u32],
     order: &[usize],
     now: u64,
     max_wait: u64,
-) -> Result<(u64, [Taken; N]), Refused> {
-    debug_assert!(buckets.len() <= N && buckets.len() == costs.len());
-    let mut increments = [0u64; N];
-    for (i, (b, &c)) in buckets.iter().zip(costs).enumerate() {
-        increments[i] = b.check_cost(c)?;
+    taken: &mut [Taken],
+) -> Result<u64, Refused> {
+    debug_assert!(buckets.len() == costs.len() && buckets.len() == order.len());
+    // `new` holds the increment until the commit
+    for (i, b) in buckets.iter().enumerate() {
+        taken[i].new = b.check_cost(costs[i])?;
     }
-    let mut taken = [Taken { old: 0, new: 0 }; N];
     for &i in order {
         taken[i].old = buckets[i].lock();
     }
     let mut at = now;
     for (i, b) in buckets.iter().enumerate() {
-        at = at.max(b.earliest(taken[i].old, now, increments[i]));
+        at = at.max(b.earliest(taken[i].old, now, taken[i].new));
     }
     let wait = at - now;
     if wait > max_wait {
@@ -251,11 +273,11 @@ pub(crate) fn acquire_all<const N: usize>(
         return Err(Refused::RetryAfter(wait));
     }
     for &i in order.iter().rev() {
-        let new = taken[i].old.max(at) + increments[i];
+        let new = taken[i].old.max(at) + taken[i].new;
         taken[i].new = new;
         buckets[i].unlock(new);
     }
-    Ok((wait, taken))
+    Ok(wait)
 }
 
 #[cfg(test)]
@@ -293,7 +315,8 @@ mod tests {
         let costs = vec![cost; chosen.len()];
         // lock in reverse index order: any fixed global order will do
         let order: Vec<usize> = (0..chosen.len()).rev().collect();
-        let (wait, taken) = acquire_all::<8>(&refs, &costs, &order, now, max_wait)?;
+        let mut taken = vec![Taken { old: 0, new: 0 }; chosen.len()];
+        let wait = acquire_all(&refs, &costs, &order, now, max_wait, &mut taken)?;
         Ok((wait, chosen.iter().copied().zip(taken).collect()))
     }
 
@@ -500,7 +523,9 @@ mod tests {
                             let ok = if set.len() == 1 {
                                 refs[0].acquire(0, 1, 0).is_ok()
                             } else {
-                                acquire_all::<8>(&refs, &costs, &order, 0, 0).is_ok()
+                                let mut taken = [Taken { old: 0, new: 0 }; 3];
+                                acquire_all(&refs, &costs, &order, 0, 0, &mut taken[..set.len()])
+                                    .is_ok()
                             };
                             n += usize::from(ok);
                         }

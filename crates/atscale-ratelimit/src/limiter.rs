@@ -9,9 +9,9 @@ use atscale_core::BoxError;
 use crate::MAX_LIMITS;
 use crate::clock::Clock;
 use crate::error::{InvalidLimit, Reason};
-use crate::gcra::Bucket;
+use crate::gcra::{self, Bucket, Refused, Taken};
 use crate::limit::Limit;
-use crate::store::{Claims, MemoryStore};
+use crate::store::{Claims, MemoryStore, Refusal};
 use crate::wait::{self, Queue};
 
 /// A shared handle to one in-memory rate-limit bucket.
@@ -77,10 +77,13 @@ impl Limiter {
     /// [`RateLimited`](atscale_core::RateLimited) with the time until `cost`
     /// would be admitted, or [`InsufficientCapacity`](crate::InsufficientCapacity)
     /// when `cost` exceeds the burst.
+    #[inline(always)]
     pub fn try_acquire(&self, cost: u32) -> Result<(), BoxError> {
-        let mut claims = Claims::new();
-        claims.push(self, cost);
-        wait::try_acquire(&MemoryStore, &claims).expect("the memory store answers at once")
+        let inner = &*self.inner;
+        match inner.bucket.acquire(inner.clock.now(), cost, 0) {
+            Ok(_) => Ok(()),
+            Err(refused) => Err(refused_error(refused)),
+        }
     }
 
     /// Takes `cost`, waiting for it if needed (see [`MultiLimiter::acquire`]).
@@ -122,6 +125,11 @@ impl fmt::Debug for Limiter {
             .field("clock", &self.inner.clock)
             .finish_non_exhaustive()
     }
+}
+
+#[cold]
+fn refused_error(refused: Refused) -> BoxError {
+    Refusal::from(refused).into_error()
 }
 
 /// Checks a set of limiters: non-empty, at most [`MAX_LIMITS`], no
@@ -178,6 +186,8 @@ pub(crate) fn check_set(limiters: &[Limiter]) -> Result<(), InvalidLimit> {
 #[derive(Clone)]
 pub struct MultiLimiter {
     limiters: Arc<[Limiter]>,
+    /// Indices of `limiters` in locking order.
+    order: Arc<[usize]>,
     queue: Queue,
 }
 
@@ -191,8 +201,11 @@ impl MultiLimiter {
     pub fn new(limiters: impl IntoIterator<Item = Limiter>) -> Result<MultiLimiter, InvalidLimit> {
         let limiters: Arc<[Limiter]> = limiters.into_iter().collect();
         check_set(&limiters)?;
+        let mut order: Vec<usize> = (0..limiters.len()).collect();
+        order.sort_by_key(|&i| limiters[i].order_key());
         Ok(MultiLimiter {
             limiters,
+            order: order.into(),
             queue: Queue::new(Duration::MAX, usize::MAX),
         })
     }
@@ -227,8 +240,32 @@ impl MultiLimiter {
     /// [`RateLimited`](atscale_core::RateLimited) with the time until the set
     /// would admit `cost`, or [`InsufficientCapacity`](crate::InsufficientCapacity).
     pub fn try_acquire(&self, cost: u32) -> Result<(), BoxError> {
-        let claims = self.claims(cost);
-        wait::try_acquire(&MemoryStore, &claims).expect("the memory store answers at once")
+        let first = &self.limiters[0];
+        let now = first.clock().now();
+        if self.limiters.len() == 1 {
+            return match first.bucket().acquire(now, cost, 0) {
+                Ok(_) => Ok(()),
+                Err(refused) => Err(refused_error(refused)),
+            };
+        }
+        let mut buckets = [first.bucket(); MAX_LIMITS];
+        for (slot, l) in buckets.iter_mut().zip(self.limiters.iter()) {
+            *slot = l.bucket();
+        }
+        let n = self.limiters.len();
+        let costs = [cost; MAX_LIMITS];
+        let mut taken = [Taken { old: 0, new: 0 }; MAX_LIMITS];
+        match gcra::acquire_all(
+            &buckets[..n],
+            &costs[..n],
+            &self.order,
+            now,
+            0,
+            &mut taken[..n],
+        ) {
+            Ok(_) => Ok(()),
+            Err(refused) => Err(refused_error(refused)),
+        }
     }
 
     /// Takes `cost` from every limiter, waiting for the common admission time.

@@ -70,6 +70,15 @@ impl<B> fmt::Debug for Claims<'_, B> {
     }
 }
 
+#[inline]
+fn nanos(d: Duration) -> u64 {
+    if d.as_secs() < 1 << 33 {
+        d.as_secs() * 1_000_000_000 + u64::from(d.subsec_nanos())
+    } else {
+        u64::MAX
+    }
+}
+
 /// A store's yes: admitted now (`wait` zero) or at `wait` from now, reserved.
 #[derive(Debug)]
 pub struct Grant<R> {
@@ -194,10 +203,11 @@ pub trait Store: Clone + Send + Sync + 'static {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct MemoryStore;
 
-/// What an in-memory reservation recorded in each bucket.
+/// What an in-memory reservation recorded in each bucket (made only for a
+/// request that waits).
 #[derive(Debug)]
 pub struct MemoryReceipt {
-    parts: [Option<(Limiter, Taken)>; MAX_LIMITS],
+    parts: Box<[(Limiter, Taken)]>,
 }
 
 impl MemoryStore {
@@ -206,14 +216,16 @@ impl MemoryStore {
         max_wait: Duration,
     ) -> Result<Grant<MemoryReceipt>, Refusal> {
         let n = claims.len();
-        if n == 0 {
+        let Some((first, first_cost)) = claims.items[0] else {
             return Ok(Grant::new(Duration::ZERO, None));
-        }
-        let max_wait = u64::try_from(max_wait.as_nanos()).unwrap_or(u64::MAX);
-        let (first, first_cost) = claims.get(0);
+        };
+        let max_wait = nanos(max_wait);
         let now = first.clock().now();
         if n == 1 {
             let (wait, taken) = first.bucket().acquire(now, first_cost, max_wait)?;
+            if wait == 0 {
+                return Ok(Grant::new(Duration::ZERO, None));
+            }
             return Ok(Self::grant(wait, claims, &[taken]));
         }
         let mut buckets = [first.bucket(); MAX_LIMITS];
@@ -232,12 +244,14 @@ impl MemoryStore {
             }
             order[j] = i;
         }
-        let (wait, taken) = gcra::acquire_all::<MAX_LIMITS>(
+        let mut taken = [Taken { old: 0, new: 0 }; MAX_LIMITS];
+        let wait = gcra::acquire_all(
             &buckets[..n],
             &costs[..n],
             &order[..n],
             now,
             max_wait,
+            &mut taken[..n],
         )?;
         Ok(Self::grant(wait, claims, &taken[..n]))
     }
@@ -248,10 +262,11 @@ impl MemoryStore {
             // Admitted now: nothing will ever be given back.
             return Grant::new(Duration::ZERO, None);
         }
-        let mut parts = [const { None }; MAX_LIMITS];
-        for (i, t) in taken.iter().enumerate() {
-            parts[i] = Some((claims.get(i).0.clone(), *t));
-        }
+        let parts = taken
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (claims.get(i).0.clone(), *t))
+            .collect();
         Grant::new(Duration::from_nanos(wait), Some(MemoryReceipt { parts }))
     }
 }
@@ -289,7 +304,7 @@ impl Store for MemoryStore {
     }
 
     fn refund(&self, receipt: MemoryReceipt) {
-        for (limiter, taken) in receipt.parts.into_iter().flatten() {
+        for (limiter, taken) in receipt.parts {
             let now = limiter.clock().now();
             limiter.bucket().refund(taken, now);
         }

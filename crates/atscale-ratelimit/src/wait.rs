@@ -195,16 +195,3 @@ pub(crate) async fn acquire<St: Store>(
         Decision::Fail(e) => Err(e),
     }
 }
-
-/// The direct non-waiting acquire.
-pub(crate) fn try_acquire<St: Store>(
-    store: &St,
-    claims: &Claims<'_, St::Bucket>,
-) -> Option<Result<(), BoxError>> {
-    store
-        .try_acquire_now(claims, Duration::ZERO)
-        .map(|answer| match answer {
-            Ok(_) => Ok(()),
-            Err(refusal) => Err(refusal.into_error()),
-        })
-}
