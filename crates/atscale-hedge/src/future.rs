@@ -79,8 +79,8 @@ pub(crate) struct Armed<S: Service<Req>, Req> {
     launched: u8,
     max: u8,
     fire_now: bool,
-    /// No more hedges: the budget said no, the deadline passed, or the
-    /// request would not replay.
+    /// No more hedges: the deadline passed, the request would not replay, or
+    /// the budget said no while nothing was in flight.
     stopped: bool,
     parent: Option<Context>,
     backups: Vec<Backup<S, Req>>,
@@ -245,7 +245,7 @@ where
             let now = Instant::now();
             if armed.fire_now || !running || now >= armed.next_at {
                 let shared = this.shared.as_deref().expect("armed implies shared");
-                launch(armed, shared, now);
+                launch(armed, shared, now, running);
                 continue;
             }
 
@@ -267,7 +267,11 @@ where
 }
 
 /// Sends one hedge, unless the deadline, the budget or the request says no.
-fn launch<S, Req>(armed: &mut Armed<S, Req>, shared: &Shared, now: Instant)
+///
+/// When the budget says no while attempts are still in flight, the request
+/// asks again one delay later: the longer a request has waited, the more
+/// often it asks, so a tight budget goes mostly to the slowest requests.
+fn launch<S, Req>(armed: &mut Armed<S, Req>, shared: &Shared, now: Instant, running: bool)
 where
     S: Service<Req> + Clone,
     Req: Replay + Carrier,
@@ -286,7 +290,11 @@ where
     }
     if !shared.try_hedge(now) {
         event!(attempt = index, "no hedge: budget exhausted");
-        armed.stopped = true;
+        if running && !armed.delay.is_zero() {
+            armed.next_at = now + armed.delay;
+        } else {
+            armed.stopped = true;
+        }
         return;
     }
     let last = index + 1 == armed.max;

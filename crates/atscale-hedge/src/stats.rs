@@ -33,7 +33,9 @@ impl HedgeStats {
         self.shared.counters.won.load(Ordering::Relaxed)
     }
 
-    /// Hedges the delay asked for but the budget refused.
+    /// Times the budget refused a hedge the delay asked for (a request still
+    /// waiting asks again one delay later, so one request may count several
+    /// times).
     pub fn budget_denials(&self) -> u64 {
         self.shared.counters.denied.load(Ordering::Relaxed)
     }

@@ -637,8 +637,38 @@ async fn the_budget_caps_hedges_when_everything_is_slow() {
     // all 400 arrived before the first hedge was due: the window of the last
     // 100 requests allows 5
     assert_eq!(stats.hedges_sent(), 5);
-    assert_eq!(stats.budget_denials(), 395);
+    // the 395 others asked at 10, 20, ... 90 ms and were refused each time
+    assert_eq!(stats.budget_denials(), 395 * 9);
     assert_eq!(backend.seen().len(), 405);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_request_asks_again_when_the_budget_has_room() {
+    // request 0 is slow; copies and all other requests take 1 ms
+    let backend = Backend::new(|n, _| (if n == 0 { ms(500) } else { ms(1) }, Ok(format!("#{n}"))));
+    let layer = HedgeLayer::builder()
+        .delay(Delay::fixed(ms(10)))
+        .budget(Budget::ratio(0.05).window(20).min_per_second(0))
+        .build()
+        .unwrap();
+    let svc = layer.layer(backend.clone());
+    let slow = tokio::spawn(timed(svc.clone().oneshot(Req::new(0))));
+    tokio::task::yield_now().await;
+    // at 10 ms one request has been seen: 5% of 1 is no hedge
+    advance(ms(10)).await;
+    tokio::task::yield_now().await;
+    assert_eq!(layer.stats().budget_denials(), 1);
+    // 19 more requests at once: 5% of 20 is one hedge, taken at the next ask (20 ms)
+    let others: Vec<_> = (1..20)
+        .map(|id| svc.clone().oneshot(Req::new(id)))
+        .collect();
+    for out in futures_join(others).await {
+        out.unwrap();
+    }
+    let (out, took) = slow.await.unwrap();
+    assert_eq!(out.unwrap(), "#20");
+    assert_eq!(took, ms(21));
+    assert_eq!(layer.stats().hedges_sent(), 1);
 }
 
 #[tokio::test(start_paused = true)]
@@ -766,6 +796,34 @@ fn tokio_test_ready<S: Service<Req>>(svc: &mut S) -> Readiness {
 
 fn futures_noop_waker() -> std::task::Waker {
     std::task::Waker::noop().clone()
+}
+
+/// Awaits all futures concurrently (polled together, in one task).
+async fn futures_join<F: Future>(futs: Vec<F>) -> Vec<F::Output> {
+    let handles: Vec<_> = futs.into_iter().map(Box::pin).collect();
+    let mut outs: Vec<Option<F::Output>> = handles.iter().map(|_| None).collect();
+    let mut handles: Vec<Option<Pin<Box<F>>>> = handles.into_iter().map(Some).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (h, out) in handles.iter_mut().zip(outs.iter_mut()) {
+            if let Some(f) = h {
+                match f.as_mut().poll(cx) {
+                    Poll::Ready(v) => {
+                        *out = Some(v);
+                        *h = None;
+                    }
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await;
+    outs.into_iter().map(|o| o.expect("done")).collect()
 }
 
 #[allow(dead_code)]
