@@ -5,7 +5,7 @@ use tower_service::Service;
 
 use crate::future::ResponseFuture;
 use crate::monitor::Monitor;
-use crate::track::{Ticket, Track};
+use crate::track::{Hook, Ticket, Track};
 
 /// Reports each request to a [`Monitor`] and, with the stall watchdog on,
 /// cuts requests that show no progress; from [`HeartbeatLayer`](crate::HeartbeatLayer).
@@ -28,18 +28,41 @@ use crate::track::{Ticket, Track};
 ///
 /// The inner service's errors, boxed, and [`Stalled`](atscale_core::Stalled)
 /// when the watchdog cut the request ([`Kind::Stalled`](atscale_core::Kind::Stalled)).
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Heartbeat<S> {
     inner: S,
     monitor: Monitor,
+    hook: Option<Hook>,
 }
 
 crate::macros::inner_accessors!(Heartbeat);
 
+impl<S: std::fmt::Debug> std::fmt::Debug for Heartbeat<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Heartbeat")
+            .field("inner", &self.inner)
+            .field("monitor", &self.monitor)
+            .finish_non_exhaustive()
+    }
+}
+
 impl<S> Heartbeat<S> {
     /// Wraps `inner`, reporting to `monitor`.
     pub const fn new(inner: S, monitor: Monitor) -> Self {
-        Heartbeat { inner, monitor }
+        Heartbeat {
+            inner,
+            monitor,
+            hook: None,
+        }
+    }
+
+    /// Like [`Heartbeat::new`], also telling `hook` how each request ended.
+    pub(crate) const fn with_hook(inner: S, monitor: Monitor, hook: Hook) -> Self {
+        Heartbeat {
+            inner,
+            monitor,
+            hook: Some(hook),
+        }
     }
 
     /// The monitor this service reports to.
@@ -69,13 +92,13 @@ where
         let shared = &self.monitor.shared;
         match shared.config.stall {
             None => {
-                let ticket = Ticket::new(shared.clone(), None);
+                let ticket = Ticket::new(shared.clone(), None, self.hook.clone());
                 ResponseFuture::plain(self.inner.call(req), ticket)
             }
             Some(stall) => {
                 let cx = req.context().map_or_else(Context::new, Context::child);
                 req.set_context(cx.clone());
-                let ticket = Ticket::new(shared.clone(), Some(cx.clone()));
+                let ticket = Ticket::new(shared.clone(), Some(cx.clone()), self.hook.clone());
                 let progress = ticket.progress_handle();
                 let inner = &mut self.inner;
                 let future = cx

@@ -7,8 +7,9 @@
 //! - every instance the factory builds runs behind a [`Heartbeat`] with the
 //!   stall watchdog on, so no request on any instance can hang;
 //! - the instance is *unhealthy* when [`failures`](StewardBuilder::failures)
-//!   requests in a row failed or stalled on it, or when it has not become
-//!   ready for the stall limit;
+//!   requests in a row failed or stalled on it (judged when each request
+//!   ends: for an `http::Response`, when its body ends; a caller giving up
+//!   counts for nothing), or when it has not become ready for the stall limit;
 //! - an unhealthy instance is replaced by a fresh one from the factory, at
 //!   once the first time, then no sooner than a [`backoff`](StewardBuilder::backoff)
 //!   that doubles with each rebuild (up to [`max_backoff`](StewardBuilder::max_backoff))
@@ -53,23 +54,22 @@
 //! ```
 
 use std::fmt;
-use std::future::Future;
 use std::num::NonZeroU32;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::task::{Context as TaskContext, Poll, ready};
 use std::time::Duration;
 
 use atscale_core::{BoxError, Carrier};
-use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower_service::Service;
 
-use crate::future::ResponseFuture as HeartbeatFuture;
+use crate::future::ResponseFuture;
 use crate::monitor::{Monitor, MonitorBuilder};
+use crate::pulse::Outcome;
 use crate::service::Heartbeat;
-use crate::track::Track;
+use crate::track::{Finished, Track};
 
 /// Builds a [`Steward`]; from [`Steward::builder`].
 #[must_use]
@@ -125,8 +125,8 @@ impl<F> StewardBuilder<F> {
     /// The steward, with a first instance built by the factory now.
     pub fn build<S>(self) -> Steward<S, F>
     where
-        F: Fn() -> S,
-        S: Clone,
+        F: Fn() -> S + Send + Sync + 'static,
+        S: Clone + Send + 'static,
     {
         let monitor = self.monitor.stall(self.stall).build();
         let service = (self.factory)();
@@ -149,7 +149,7 @@ impl<F> StewardBuilder<F> {
             stall: self.stall,
         });
         Steward {
-            service: Heartbeat::new(service, shared.monitor.clone()),
+            service: Shared::watch(&shared, service, 0),
             generation: 0,
             timer: None,
             armed: false,
@@ -225,9 +225,18 @@ enum Verdict {
 
 impl<S, F> Shared<S, F>
 where
-    F: Fn() -> S,
-    S: Clone,
+    F: Fn() -> S + Send + Sync + 'static,
+    S: Clone + Send + 'static,
 {
+    /// Instance `generation`, behind a heartbeat that reports to the steward.
+    fn watch(this: &Arc<Self>, service: S, generation: u64) -> Heartbeat<S> {
+        let listener = Listener {
+            shared: Arc::downgrade(this),
+            generation,
+        };
+        Heartbeat::with_hook(service, this.monitor.clone(), Arc::new(listener))
+    }
+
     fn state(&self) -> MutexGuard<'_, State<S>> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -325,8 +334,8 @@ impl<S, F> Steward<S, F> {
 
 impl<S, F> Steward<S, F>
 where
-    F: Fn() -> S,
-    S: Clone,
+    F: Fn() -> S + Send + Sync + 'static,
+    S: Clone + Send + 'static,
 {
     /// Switches to the shared current instance if it changed.
     fn refresh(&mut self) {
@@ -334,23 +343,48 @@ where
         if self.shared.generation.load(Ordering::SeqCst) != self.generation {
             let (generation, service) = self.shared.current();
             self.generation = generation;
-            self.service = Heartbeat::new(service, self.shared.monitor.clone());
+            self.service = Shared::watch(&self.shared, service, generation);
             self.armed = false;
+        }
+    }
+}
+
+/// Tells the steward how each request on one instance ended (response and
+/// body alike), through the request's ticket.
+struct Listener<S, F> {
+    shared: Weak<Shared<S, F>>,
+    generation: u64,
+}
+
+impl<S, F> Finished for Listener<S, F>
+where
+    F: Fn() -> S + Send + Sync + 'static,
+    S: Clone + Send + 'static,
+{
+    fn finished(&self, outcome: Outcome) {
+        let Some(shared) = self.shared.upgrade() else {
+            return;
+        };
+        match outcome {
+            Outcome::Ok => shared.report(self.generation, true),
+            Outcome::Error | Outcome::Stalled => shared.report(self.generation, false),
+            // a caller giving up says nothing about the instance
+            Outcome::Cancelled => {}
         }
     }
 }
 
 impl<S, F, Req> Service<Req> for Steward<S, F>
 where
-    F: Fn() -> S,
-    S: Service<Req> + Clone,
+    F: Fn() -> S + Send + Sync + 'static,
+    S: Service<Req> + Clone + Send + 'static,
     S::Error: Into<BoxError>,
     S::Response: Track,
     Req: Carrier,
 {
     type Response = <S::Response as Track>::Tracked;
     type Error = BoxError;
-    type Future = ResponseFuture<S::Future, S, F>;
+    type Future = ResponseFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), BoxError>> {
         loop {
@@ -390,11 +424,7 @@ where
 
     fn call(&mut self, req: Req) -> Self::Future {
         self.armed = false;
-        ResponseFuture {
-            inner: self.service.call(req),
-            shared: Some(self.shared.clone()),
-            generation: self.generation,
-        }
+        self.service.call(req)
     }
 }
 
@@ -417,46 +447,5 @@ impl<S, F> fmt::Debug for Steward<S, F> {
             .field("restarts", &self.restarts())
             .field("monitor", &self.shared.monitor)
             .finish_non_exhaustive()
-    }
-}
-
-pin_project! {
-    /// Response future of [`Steward`]: the heartbeat's future, whose outcome
-    /// is reported to the steward when it ends.
-    #[must_use = "futures do nothing unless polled"]
-    pub struct ResponseFuture<Fut, S, F> {
-        #[pin]
-        inner: HeartbeatFuture<Fut>,
-        shared: Option<Arc<Shared<S, F>>>,
-        generation: u64,
-    }
-}
-
-impl<Fut, S, F, T, E> Future for ResponseFuture<Fut, S, F>
-where
-    Fut: Future<Output = Result<T, E>>,
-    E: Into<BoxError>,
-    T: Track,
-    F: Fn() -> S,
-    S: Clone,
-{
-    type Output = Result<T::Tracked, BoxError>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let output = ready!(this.inner.poll(cx));
-        if let Some(shared) = this.shared.take() {
-            shared.report(*this.generation, output.is_ok());
-        }
-        Poll::Ready(output)
-    }
-}
-
-impl<Fut, S, F> fmt::Debug for ResponseFuture<Fut, S, F> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ResponseFuture")
-            .field("inner", &self.inner)
-            .field("generation", &self.generation)
-            .finish()
     }
 }

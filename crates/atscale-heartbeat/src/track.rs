@@ -20,6 +20,7 @@ use crate::pulse::{Outcome, RequestId};
 /// request's [`Context`] if the layer attached one.
 pub struct Ticket {
     shared: Arc<Shared>,
+    hook: Option<Hook>,
     key: usize,
     id: RequestId,
     started: Instant,
@@ -28,10 +29,11 @@ pub struct Ticket {
 }
 
 impl Ticket {
-    pub(crate) fn new(shared: Arc<Shared>, cx: Option<Context>) -> Self {
+    pub(crate) fn new(shared: Arc<Shared>, cx: Option<Context>, hook: Option<Hook>) -> Self {
         let (key, id, started) = shared.start();
         Ticket {
             shared,
+            hook,
             key,
             id,
             started,
@@ -114,6 +116,9 @@ impl Ticket {
             }
         }
         self.shared.finish(self.key, self.id, self.started, outcome);
+        if let Some(hook) = &self.hook {
+            hook.finished(outcome);
+        }
     }
 }
 
@@ -132,6 +137,13 @@ impl fmt::Debug for Ticket {
             .finish_non_exhaustive()
     }
 }
+
+/// Told how each request ended, after the monitor (the steward listens this way).
+pub(crate) trait Finished: Send + Sync {
+    fn finished(&self, outcome: Outcome);
+}
+
+pub(crate) type Hook = Arc<dyn Finished>;
 
 /// The watchdog's verdict when its timer fires.
 pub(crate) enum Watchdog {

@@ -211,3 +211,54 @@ fn a_steward_is_usable_with_infallible_services_too() {
     })
     .build();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_stalled_response_body_counts_and_a_caller_giving_up_does_not() {
+    use http_body_util::{BodyExt, Full, StreamBody};
+    type Body = http_body_util::Either<
+        Full<bytes::Bytes>,
+        StreamBody<
+            futures_util::stream::Pending<Result<http_body::Frame<bytes::Bytes>, Infallible>>,
+        >,
+    >;
+    let built = Arc::new(AtomicU64::new(0));
+    let count = built.clone();
+    let mut steward = Steward::builder(move || {
+        let generation = count.fetch_add(1, Ordering::SeqCst);
+        tower::service_fn(move |req: Req| async move {
+            if req.uri() == "/hang" {
+                std::future::pending::<()>().await;
+            }
+            let body: Body = if generation == 0 {
+                // the head arrives, the body never does
+                http_body_util::Either::Right(StreamBody::new(futures_util::stream::pending()))
+            } else {
+                http_body_util::Either::Left(Full::new(format!("instance {generation}").into()))
+            };
+            Ok::<_, Infallible>(http::Response::new(body))
+        })
+    })
+    .stall(Duration::from_secs(1))
+    .failures(1.try_into().unwrap())
+    .build();
+
+    // a caller that gives up is not the instance's fault
+    let hang = http::Request::builder().uri("/hang").body(()).unwrap();
+    let gave_up = steward.ready().await.unwrap().call(hang);
+    drop(gave_up);
+    assert_eq!(steward.restarts(), 0);
+
+    let response = call(&mut steward).await.unwrap();
+    let err = response.into_body().collect().await.unwrap_err();
+    assert_eq!(Kind::of(&*err), Kind::Stalled);
+    assert_eq!(steward.restarts(), 1, "the body's stall counted");
+
+    let response = call(&mut steward).await.unwrap();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "instance 1");
+    let counts = steward.monitor().counts();
+    assert_eq!(
+        (counts.cancelled(), counts.stalled(), counts.ok()),
+        (1, 1, 1)
+    );
+}
