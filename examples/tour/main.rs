@@ -7,6 +7,8 @@ mod table;
 mod deadline;
 mod error;
 mod heartbeat;
+mod hedge;
+mod ratelimit;
 
 use atscale::core::BoxError;
 use table::Section;
@@ -17,6 +19,8 @@ async fn main() -> Result<(), BoxError> {
         deadline::run().await?,
         error::run().await?,
         heartbeat::run().await?,
+        hedge::run().await?,
+        ratelimit::run().await?,
     ];
     for section in &sections {
         section.print();
