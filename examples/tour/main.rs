@@ -7,6 +7,7 @@ mod table;
 mod deadline;
 mod error;
 mod heartbeat;
+mod ratelimit;
 mod hedge;
 mod ratelimit;
 
@@ -19,6 +20,7 @@ async fn main() -> Result<(), BoxError> {
         deadline::run().await?,
         error::run().await?,
         heartbeat::run().await?,
+        ratelimit::run().await?,
         hedge::run().await?,
         ratelimit::run().await?,
     ];
