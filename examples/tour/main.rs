@@ -7,7 +7,6 @@ mod table;
 mod deadline;
 mod error;
 mod heartbeat;
-mod ratelimit;
 mod hedge;
 mod ratelimit;
 
@@ -20,7 +19,6 @@ async fn main() -> Result<(), BoxError> {
         deadline::run().await?,
         error::run().await?,
         heartbeat::run().await?,
-        ratelimit::run().await?,
         hedge::run().await?,
         ratelimit::run().await?,
     ];
