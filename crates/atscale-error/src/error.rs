@@ -79,7 +79,7 @@ pub(crate) enum Side {
 /// What the layer keeps of a request to say where an error happened.
 ///
 /// Cloning `Method` and `Uri` copies no bytes for requests hyper parsed
-/// (their parts are reference-counted), so the success path allocates nothing.
+/// (their parts are reference-counted), and nothing is boxed on the success path.
 #[derive(Clone, Debug)]
 pub(crate) struct RequestMeta {
     pub(crate) method: Method,
