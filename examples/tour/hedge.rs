@@ -1,4 +1,4 @@
-//! Hedge: a tonic health server on loopback with a slow tail (one call in 20
+//! Hedge: a tonic health server on loopback with a slow tail (one call in 40
 //! stalls for 250 ms). The same calls unhedged, then hedged at the 95th
 //! percentile of recent latencies; then the server slows down for everyone
 //! and the 5% budget keeps the hedges from doubling its load.
@@ -23,7 +23,7 @@ use crate::table::Section;
 
 const CONCURRENCY: usize = 16;
 
-/// The server: every 20th call stalls 250 ms; when `overloaded`, every call
+/// The server: every 40th call stalls 250 ms; when `overloaded`, every call
 /// takes 60 ms. Counts the calls it gets.
 async fn server(
     overloaded: Arc<AtomicBool>,
@@ -38,7 +38,7 @@ async fn server(
             let n = calls.fetch_add(1, Ordering::Relaxed);
             let pause = if overloaded.load(Ordering::Relaxed) {
                 Duration::from_millis(60)
-            } else if n % 20 == 7 {
+            } else if n % 40 == 7 {
                 Duration::from_millis(250)
             } else {
                 Duration::ZERO
@@ -109,7 +109,7 @@ fn summary(latencies: &[Duration]) -> String {
 pub async fn run() -> Result<Section, BoxError> {
     let mut section = Section::new(
         "Hedge",
-        "a tonic server with a slow tail (1 call in 20 stalls 250 ms); backups at the p95 of recent latencies, within 5% extra load",
+        "a tonic server with a slow tail (1 call in 40 stalls 250 ms); backups at the p95 of recent latencies, within 5% extra load",
     );
     let overloaded = Arc::new(AtomicBool::new(false));
     let calls = Arc::new(AtomicU64::new(0));
@@ -126,7 +126,7 @@ pub async fn run() -> Result<Section, BoxError> {
     // is a few bytes) and give the channel a tonic body back.
     let hedge = HedgeLayer::builder()
         .delay(Delay::adaptive().percentile(0.95).min_samples(50))
-        .budget(Budget::ratio(0.05))
+        .budget(Budget::ratio(0.05).window(200))
         .non_idempotent(true) // gRPC calls are POSTs; a health check is safe to repeat
         .build()?;
     let stats = hedge.stats();
@@ -166,7 +166,7 @@ pub async fn run() -> Result<Section, BoxError> {
         summary(&slow),
     );
     section.row(
-        "extra load while slow (budget 5%)",
+        "extra load while slow (budget: 5% of any 200 calls)",
         format!(
             "{} hedges = {:.1}% ({} calls at the server), {} refused by the budget",
             stats.hedges_sent() - sent,
