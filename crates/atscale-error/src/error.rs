@@ -31,7 +31,8 @@ pub use crate::time::Timestamp;
 ///   [`Kind::Upstream`] on the client side;
 /// - when: [`timestamp`](Enriched::timestamp), wall-clock, shown in RFC 3339;
 /// - where: [`service`](Enriched::service), [`method`](Enriched::method),
-///   [`route`](Enriched::route) (or [`rpc`](Enriched::rpc) for gRPC),
+///   [`route`](Enriched::route) and [`path`](Enriched::path) (or
+///   [`rpc`](Enriched::rpc) for gRPC),
 ///   [`target`](Enriched::target) for outgoing calls, the
 ///   [`layer`](Enriched::layer) that failed and the hedge
 ///   [`attempts`](Enriched::attempts);

@@ -168,3 +168,36 @@ async fn internal_details_go_in_debug_info_only_when_asked_for() {
     assert!(details.help().is_none(), "no help link configured");
     assert_eq!(status.message(), "The service failed unexpectedly.");
 }
+
+/// A client-mode error handed back to a gRPC caller keeps its kind and id,
+/// and none of the transport's text.
+#[tokio::test]
+async fn a_client_side_error_becomes_a_status_with_the_same_id() {
+    use atscale_core::BoxError;
+    use tower::{ServiceExt, service_fn};
+
+    let (logs, _guard) = capture_logs();
+    let transport = service_fn(|_req: http::Request<()>| async {
+        Err::<http::Response<()>, BoxError>(format!("reset by peer, {SECRET}").into())
+    });
+    let billing = ServiceBuilder::new()
+        .layer(ErrorEnrichLayer::client("checkout"))
+        .service(transport);
+    let req = http::Request::post("http://billing:8080/charge")
+        .body(())
+        .unwrap();
+    let err = billing.oneshot(req).await.unwrap_err();
+    let id = err.id().to_string();
+
+    let status: tonic::Status = err.into();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(status.message(), "A service this one depends on failed.");
+    let details = status.get_error_details();
+    let info = details.error_info().unwrap();
+    assert_eq!(info.reason, "UPSTREAM");
+    assert_eq!(info.domain, "checkout");
+    assert_eq!(info.metadata["layer"], "upstream");
+    assert_eq!(details.request_info().unwrap().request_id, id);
+    assert!(!format!("{status:?}").contains(SECRET));
+    assert!(logs.by_id(&id).field("chain").unwrap().contains(SECRET));
+}
