@@ -356,6 +356,7 @@ impl Shared {
         }
     }
 
+    #[inline]
     pub(crate) fn start(&self) -> (usize, RequestId, Instant) {
         let now = Instant::now();
         let (key, id) = self.registry().insert(now);
@@ -392,6 +393,7 @@ impl Shared {
         }
     }
 
+    #[inline]
     pub(crate) fn finish(&self, key: usize, id: RequestId, started: Instant, outcome: Outcome) {
         self.registry().remove(key, outcome);
         self.emit(|| Pulse::Finished {

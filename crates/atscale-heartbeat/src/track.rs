@@ -29,6 +29,7 @@ pub struct Ticket {
 }
 
 impl Ticket {
+    #[inline]
     pub(crate) fn new(shared: Arc<Shared>, cx: Option<Context>, hook: Option<Hook>) -> Self {
         let (key, id, started) = shared.start();
         Ticket {
@@ -101,10 +102,12 @@ impl Ticket {
     /// [`Outcome::Stalled`] and [`Outcome::Cancelled`] also cancel the
     /// request's context, so work it spawned with
     /// `atscale_core::spawn_preemptable` stops too.
+    #[inline]
     pub fn finish(mut self, outcome: Outcome) {
         self.end(outcome);
     }
 
+    #[inline]
     fn end(&mut self, outcome: Outcome) {
         if self.done {
             return;
