@@ -17,7 +17,7 @@ pin_project! {
     #[project = InnerProj]
     enum Inner<F> {
         Plain { #[pin] future: F },
-        Watched { #[pin] future: InProgress<Scoped<F>> },
+        Watched { #[pin] future: Scoped<InProgress<F>> },
         Done,
     }
 }
@@ -46,7 +46,7 @@ impl<F> ResponseFuture<F> {
         }
     }
 
-    pub(crate) fn watched(future: InProgress<Scoped<F>>, ticket: Ticket, stall: Duration) -> Self {
+    pub(crate) fn watched(future: Scoped<InProgress<F>>, ticket: Ticket, stall: Duration) -> Self {
         ResponseFuture {
             inner: Inner::Watched { future },
             timer: ticket

@@ -534,8 +534,8 @@ impl Monitor {
         )
     }
 
-    /// Completes once the counters satisfy `condition` (checked now, then at
-    /// every start, progress-free finish, and so on).
+    /// Completes once the counters satisfy `condition`, checked now and then
+    /// each time a request starts or finishes.
     ///
     /// This is the deterministic-test pattern: wait for a signal from the
     /// work itself instead of sleeping and hoping.

@@ -1,17 +1,39 @@
 //! Reporting progress from inside a handler: pulses at each unit of work.
 
+use std::cell::RefCell;
 use std::fmt;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
 
-use tokio::task::futures::TaskLocalFuture;
+use pin_project_lite::pin_project;
 use tokio::time::Instant;
 
 use crate::monitor::Shared;
 use crate::pulse::RequestId;
 
-tokio::task_local! {
-    static CURRENT: Progress;
+thread_local! {
+    /// The handle of the request whose code runs on this thread, set while
+    /// an [`InProgress`] future is polled (or its inner service called).
+    static CURRENT: RefCell<Option<Progress>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` with `slot` swapped into [`CURRENT`], and swaps it back after,
+/// even if `f` panics: no reference counting per poll.
+fn with_current<R>(slot: &mut Option<Progress>, f: impl FnOnce() -> R) -> R {
+    struct Restore<'a>(&'a mut Option<Progress>);
+    impl Drop for Restore<'_> {
+        fn drop(&mut self) {
+            let _ = CURRENT.try_with(|current| std::mem::swap(&mut *current.borrow_mut(), self.0));
+        }
+    }
+    let swapped = CURRENT.try_with(|current| std::mem::swap(&mut *current.borrow_mut(), slot));
+    if swapped.is_err() {
+        return f(); // thread teardown: nothing to scope into
+    }
+    let _restore = Restore(slot);
+    f()
 }
 
 /// A handle through which a handler reports that its request is making
@@ -66,7 +88,10 @@ impl Progress {
     /// The handle of the request this task is serving, if the heartbeat
     /// layer (with the stall watchdog on) is running it.
     pub fn current() -> Option<Progress> {
-        CURRENT.try_with(Progress::clone).ok()
+        CURRENT
+            .try_with(|current| current.borrow().clone())
+            .ok()
+            .flatten()
     }
 
     /// The request.
@@ -81,17 +106,33 @@ impl Progress {
             .progress(self.key, self.id, Instant::now(), true)
     }
 
-    pub(crate) fn scope<F: Future>(self, future: F) -> InProgress<F> {
-        CURRENT.scope(self, future)
-    }
-
-    pub(crate) fn sync_scope<R>(self, f: impl FnOnce() -> R) -> R {
-        CURRENT.sync_scope(self, f)
+    /// Calls `make` (the inner service's `call`) with this handle current,
+    /// and scopes the future it returns with it.
+    pub(crate) fn scope_with<F: Future>(self, make: impl FnOnce() -> F) -> InProgress<F> {
+        let mut progress = Some(self);
+        let future = with_current(&mut progress, make);
+        InProgress { future, progress }
     }
 }
 
-/// A future running with a [`Progress`] handle in scope.
-pub(crate) type InProgress<F> = TaskLocalFuture<Progress, F>;
+pin_project! {
+    /// A future polled with a [`Progress`] handle current.
+    pub(crate) struct InProgress<F> {
+        #[pin]
+        future: F,
+        progress: Option<Progress>,
+    }
+}
+
+impl<F: Future> Future for InProgress<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let future = this.future;
+        with_current(this.progress, || future.poll(cx))
+    }
+}
 
 impl fmt::Debug for Progress {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -101,10 +101,8 @@ where
                 let ticket = Ticket::new(shared.clone(), Some(cx.clone()), self.hook.clone());
                 let progress = ticket.progress_handle();
                 let inner = &mut self.inner;
-                let future = cx
-                    .clone()
-                    .sync_scope(|| progress.clone().sync_scope(|| inner.call(req)));
-                ResponseFuture::watched(progress.scope(cx.scope(future)), ticket, stall)
+                let future = cx.scope_with(|| progress.scope_with(|| inner.call(req)));
+                ResponseFuture::watched(future, ticket, stall)
             }
         }
     }

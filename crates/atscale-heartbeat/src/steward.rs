@@ -219,8 +219,8 @@ struct State<S> {
 enum Verdict {
     /// A new instance is in place (or the reporter's instance was already replaced).
     Replaced,
-    /// Still the same instance: nothing to do, or held back until this instant.
-    Kept(Option<Instant>),
+    /// Still the same instance: the backoff holds the rebuild back until this instant.
+    HeldUntil(Instant),
 }
 
 impl<S, F> Shared<S, F>
@@ -251,7 +251,7 @@ where
         let now = Instant::now();
         if now < state.not_before {
             self.wanted.store(true, Ordering::SeqCst);
-            return Verdict::Kept(Some(state.not_before));
+            return Verdict::HeldUntil(state.not_before);
         }
         state.service = (self.factory)();
         state.generation += 1;
@@ -415,8 +415,7 @@ where
             ready!(timer.as_mut().poll(cx));
             match self.shared.stuck(self.generation) {
                 Verdict::Replaced => continue,
-                Verdict::Kept(Some(until)) => timer.as_mut().reset(until),
-                Verdict::Kept(None) => timer.as_mut().reset(Instant::now() + stall),
+                Verdict::HeldUntil(until) => timer.as_mut().reset(until),
             }
             ready!(timer.as_mut().poll(cx));
         }
