@@ -91,6 +91,7 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
+    #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
         let shared = &*self.shared;
         let keyed = match shared.key.bucket(&req) {

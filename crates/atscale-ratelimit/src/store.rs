@@ -29,6 +29,7 @@ impl<'a, B> Claims<'a, B> {
     }
 
     /// Adds `cost` in `bucket`; `false` (and nothing added) when full.
+    #[inline]
     pub fn push(&mut self, bucket: &'a B, cost: u32) -> bool {
         if self.len == MAX_LIMITS {
             return false;
@@ -211,6 +212,7 @@ pub struct MemoryReceipt {
 }
 
 impl MemoryStore {
+    #[inline]
     pub(crate) fn reserve(
         claims: &Claims<'_, Limiter>,
         max_wait: Duration,
