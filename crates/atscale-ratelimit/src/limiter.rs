@@ -9,7 +9,7 @@ use atscale_core::BoxError;
 use crate::MAX_LIMITS;
 use crate::clock::Clock;
 use crate::error::{InvalidLimit, Reason};
-use crate::gcra::{self, Bucket, Refused, Taken};
+use crate::gcra::{self, Bucket, Refused};
 use crate::limit::Limit;
 use crate::store::{Claims, MemoryStore, Refusal};
 use crate::wait::{self, Queue};
@@ -186,8 +186,10 @@ pub(crate) fn check_set(limiters: &[Limiter]) -> Result<(), InvalidLimit> {
 #[derive(Clone)]
 pub struct MultiLimiter {
     limiters: Arc<[Limiter]>,
-    /// Indices of `limiters` in locking order.
-    order: Arc<[usize]>,
+    /// The same limiters, in locking order.
+    sorted: Arc<[Limiter]>,
+    /// The smallest burst among them.
+    min_burst: u32,
     queue: Queue,
 }
 
@@ -201,11 +203,13 @@ impl MultiLimiter {
     pub fn new(limiters: impl IntoIterator<Item = Limiter>) -> Result<MultiLimiter, InvalidLimit> {
         let limiters: Arc<[Limiter]> = limiters.into_iter().collect();
         check_set(&limiters)?;
-        let mut order: Vec<usize> = (0..limiters.len()).collect();
-        order.sort_by_key(|&i| limiters[i].order_key());
+        let mut sorted = limiters.to_vec();
+        sorted.sort_by_key(Limiter::order_key);
+        let min_burst = limiters.iter().map(|l| l.limit().max_burst()).min();
         Ok(MultiLimiter {
             limiters,
-            order: order.into(),
+            sorted: sorted.into(),
+            min_burst: min_burst.unwrap_or(0),
             queue: Queue::new(Duration::MAX, usize::MAX),
         })
     }
@@ -240,32 +244,22 @@ impl MultiLimiter {
     /// [`RateLimited`](atscale_core::RateLimited) with the time until the set
     /// would admit `cost`, or [`InsufficientCapacity`](crate::InsufficientCapacity).
     pub fn try_acquire(&self, cost: u32) -> Result<(), BoxError> {
-        let first = &self.limiters[0];
-        let now = first.clock().now();
-        if self.limiters.len() == 1 {
-            return match first.bucket().acquire(now, cost, 0) {
-                Ok(_) => Ok(()),
-                Err(refused) => Err(refused_error(refused)),
-            };
+        if cost > self.min_burst {
+            return Err(self.too_big(cost));
         }
-        let mut buckets = [first.bucket(); MAX_LIMITS];
-        for (slot, l) in buckets.iter_mut().zip(self.limiters.iter()) {
-            *slot = l.bucket();
-        }
-        let n = self.limiters.len();
-        let costs = [cost; MAX_LIMITS];
-        let mut taken = [Taken { old: 0, new: 0 }; MAX_LIMITS];
-        match gcra::acquire_all(
-            &buckets[..n],
-            &costs[..n],
-            &self.order,
-            now,
-            0,
-            &mut taken[..n],
-        ) {
-            Ok(_) => Ok(()),
+        let now = self.sorted[0].clock().now();
+        match gcra::try_acquire_sorted(&self.sorted, Limiter::bucket, cost, now) {
+            Ok(()) => Ok(()),
             Err(refused) => Err(refused_error(refused)),
         }
+    }
+
+    #[cold]
+    fn too_big(&self, cost: u32) -> BoxError {
+        self.sorted
+            .iter()
+            .find_map(|l| l.bucket().check_cost(cost).err())
+            .map_or_else(|| "cost exceeds a burst".into(), refused_error)
     }
 
     /// Takes `cost` from every limiter, waiting for the common admission time.

@@ -197,9 +197,10 @@ pub trait Store: Clone + Send + Sync + 'static {
 /// every clone of a [`Limiter`].
 ///
 /// One bucket is reserved by a compare-and-swap on its state word; several
-/// by setting a lock bit in each (in a global order, so overlapping sets
-/// cannot deadlock), computing their common admission time, and writing them
-/// all back. No allocation, no boxing; a waiting request keeps a
+/// by locking each (an atomic exchange that also reads its state, in a
+/// global order, so overlapping sets cannot deadlock), computing their
+/// common admission time, and writing them all back. Nothing is allocated
+/// for a request admitted at once; a waiting request keeps a
 /// [`MemoryReceipt`] of what it reserved.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct MemoryStore;

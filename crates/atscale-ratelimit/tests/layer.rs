@@ -347,6 +347,21 @@ async fn costs_are_charged_and_checked() -> Result<(), BoxError> {
     assert_eq!((too_big.cost(), too_big.burst()), (1001, 1000));
     assert_eq!(Kind::of(&*err), Kind::Internal);
     svc.call(sized(400)).await?;
+
+    // The same checks without a layer.
+    let bytes = limiter(&clock, Limit::new(1000, Duration::from_secs(1)));
+    let packets = limiter(&clock, Limit::per_second(10));
+    let set = atscale_ratelimit::MultiLimiter::new([bytes, packets])?;
+    let err = set.try_acquire(11).unwrap_err();
+    assert_eq!(find::<InsufficientCapacity>(&*err).unwrap().burst(), 10);
+    let err = set.acquire(11).await.unwrap_err();
+    assert!(err.is::<InsufficientCapacity>(), "{err}");
+    set.try_acquire(10)?;
+    let err = set.try_acquire(1).unwrap_err();
+    assert_eq!(
+        find::<RateLimited>(&*err).unwrap().retry_after(),
+        Duration::from_millis(100)
+    );
     Ok(())
 }
 
