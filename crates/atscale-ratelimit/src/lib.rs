@@ -134,6 +134,14 @@
 //! → **RateLimit** → Hedge → transport. Put it outside concurrency limits: a
 //! waiting request holds the inner service it readied.
 //!
+//! # Timing
+//!
+//! Waits are slept on tokio's timer, whose resolution is one millisecond: a
+//! waiting request is called up to about a millisecond after its admission
+//! time, never before it. Admission times themselves are exact to the
+//! nanosecond, so the rate holds over any span (see the accuracy figures in
+//! `benches/README.md`).
+//!
 //! # Testing
 //!
 //! Limiters run on a fast TSC clock by default ([`Clock::quanta`]), which
