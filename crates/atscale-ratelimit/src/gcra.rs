@@ -224,9 +224,14 @@ impl Bucket {
         tat != LOCKED && tat <= now
     }
 
-    /// When the bucket will be fresh again (nanoseconds since the epoch).
-    pub(crate) fn fresh_at(&self) -> u64 {
-        self.tat.load(Ordering::Relaxed)
+    /// When the bucket will be fresh again (nanoseconds since the epoch),
+    /// as far as can be told at `now` (a bucket locked by a reservation in
+    /// progress: a millisecond from now, to look again).
+    pub(crate) fn fresh_at(&self, now: u64) -> u64 {
+        match self.tat.load(Ordering::Relaxed) {
+            LOCKED => now + 1_000_000,
+            tat => tat,
+        }
     }
 
     #[cfg(test)]

@@ -185,7 +185,11 @@ impl<K: Hash + Eq> Shard<K> {
         self.next_sweep = if freed >= self.cap.div_ceil(8) || self.map.is_empty() {
             0
         } else {
-            let mut times: Vec<u64> = self.map.values().map(|l| l.bucket().fresh_at()).collect();
+            let mut times: Vec<u64> = self
+                .map
+                .values()
+                .map(|l| l.bucket().fresh_at(now))
+                .collect();
             let nth = (self.cap.div_ceil(8) - freed).min(times.len()) - 1;
             let (_, t, _) = times.select_nth_unstable(nth);
             (*t).max(now + 1)

@@ -155,3 +155,29 @@ async fn a_full_table_is_overloaded_through_the_layer_and_quotas_apply() -> Resu
     assert_eq!(Kind::of(&*err), Kind::Overloaded);
     Ok(())
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_full_shard_is_swept_once_an_eighth_of_it_has_refilled() -> Result<(), BoxError> {
+    let table = KeyedLimiter::builder(Limit::per_minute(1)?)
+        .max_keys(16) // one shard; an eighth of it is two keys
+        .clock(Clock::tokio())
+        .build()?;
+    // Sixteen busy keys, taken at 0 s, 1 s, … 15 s: fresh again at 60 s, 61 s, …
+    for key in 0..16u32 {
+        table.get(key)?.try_acquire(1)?;
+        tokio::time::advance(Duration::from_secs(1)).await;
+    }
+    // Full of busy keys: a new key is refused, and the table holds off new
+    // keys until two of the old ones will have refilled (61 s).
+    assert!(table.get(100).is_err());
+    tokio::time::advance(Duration::from_secs(60 - 16)).await; // 60 s: key 0 is fresh
+    assert!(table.get(100).is_err(), "held off until 61 s");
+    tokio::time::advance(Duration::from_secs(1)).await; // 61 s: keys 0 and 1
+    table.get(100)?.try_acquire(1)?;
+    table.get(101)?.try_acquire(1)?;
+    assert!(table.get(102).is_err(), "key 2 refills at 62 s");
+    assert_eq!(table.len(), 16);
+    // The keys that stayed kept their state: key 2 is still limited.
+    assert!(table.get(2)?.try_acquire(1).is_err());
+    Ok(())
+}
