@@ -11,8 +11,9 @@
 //! | [`error`] | `ErrorEnrichLayer` | every failure as one well-formed error |
 //!
 //! Each module is the crate of the same name (`atscale-deadline`, …),
-//! behind a feature of the same name; the `full` feature (on by default)
-//! brings them all.
+//! behind a feature of the same name. The `axum` and `tonic` features turn
+//! on each crate's integration with them; `full` (on by default) brings
+//! everything.
 //!
 //! # Example
 //!
@@ -67,6 +68,18 @@ pub mod prelude {
 
     #[cfg(feature = "deadline")]
     pub use atscale_deadline::DeadlineLayer;
+
+    #[cfg(feature = "ratelimit")]
+    pub use atscale_ratelimit::{KeyedLimiter, Limit, Limiter, MultiLimiter, PeerIp, RateLimitLayer};
+
+    #[cfg(feature = "hedge")]
+    pub use atscale_hedge::{HedgeLayer, HedgeStats};
+
+    #[cfg(feature = "heartbeat")]
+    pub use atscale_heartbeat::{HeartbeatLayer, Monitor, Steward};
+
+    #[cfg(feature = "error")]
+    pub use atscale_error::{Enriched, ErrorEnrichLayer};
 }
 
 /// The README's examples, compiled as doctests so they cannot rot.
