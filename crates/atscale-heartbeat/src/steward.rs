@@ -16,7 +16,10 @@
 //!   and resets when a request succeeds;
 //! - requests already in flight on the old instance keep running on it and
 //!   end as they would (or are cut by the watchdog); new requests go to the
-//!   new instance. Every clone of the steward switches together.
+//!   new instance. Every clone of the steward switches at its next
+//!   `poll_ready`, and a new or cloned handle holds no instance until then,
+//!   so handles kept as templates (an axum router's) never keep a replaced
+//!   instance alive.
 //!
 //! # Example
 //!
@@ -126,7 +129,7 @@ impl<F> StewardBuilder<F> {
     pub fn build<S>(self) -> Steward<S, F>
     where
         F: Fn() -> S + Send + Sync + 'static,
-        S: Clone + Send + 'static,
+        S: Send + 'static,
     {
         let monitor = self.monitor.stall(self.stall).build();
         let service = (self.factory)();
@@ -139,7 +142,7 @@ impl<F> StewardBuilder<F> {
             restarts: AtomicU64::new(0),
             wanted: AtomicBool::new(false),
             state: Mutex::new(State {
-                service: service.clone(),
+                service,
                 generation: 0,
                 failures_in_a_row: 0,
                 backoff: self.backoff,
@@ -149,7 +152,7 @@ impl<F> StewardBuilder<F> {
             stall: self.stall,
         });
         Steward {
-            service: Shared::watch(&shared, service, 0),
+            service: None,
             generation: 0,
             timer: None,
             armed: false,
@@ -183,9 +186,17 @@ impl<F> fmt::Debug for StewardBuilder<F> {
 ///
 /// The instance's errors, boxed, and [`Stalled`](atscale_core::Stalled) for
 /// requests the watchdog cut, as with [`Heartbeat`].
+///
+/// # Panics
+///
+/// `call` panics if `poll_ready` has not returned `Ready(Ok(()))` on this
+/// handle before, as the `Service` contract requires.
 pub struct Steward<S, F> {
     shared: Arc<Shared<S, F>>,
-    service: Heartbeat<S>,
+    /// The instance this handle uses, taken from the shared slot at
+    /// `poll_ready`; a new or cloned handle holds none, so idle handles never
+    /// keep a replaced instance alive.
+    service: Option<Heartbeat<S>>,
     generation: u64,
     /// The readiness watchdog: boxed once per steward clone, then reset.
     timer: Option<Pin<Box<Sleep>>>,
@@ -326,9 +337,9 @@ impl<S, F> Steward<S, F> {
         &self.shared.monitor
     }
 
-    /// The current instance, as this clone of the steward holds it.
-    pub fn get_ref(&self) -> &S {
-        self.service.get_ref()
+    /// The instance this handle holds: the one it last polled ready, if any.
+    pub fn get_ref(&self) -> Option<&S> {
+        self.service.as_ref().map(Heartbeat::get_ref)
     }
 }
 
@@ -337,15 +348,19 @@ where
     F: Fn() -> S + Send + Sync + 'static,
     S: Clone + Send + 'static,
 {
-    /// Switches to the shared current instance if it changed.
-    fn refresh(&mut self) {
+    /// Takes the shared current instance if this handle holds none or an
+    /// older one.
+    fn refresh(&mut self) -> &mut Heartbeat<S> {
         self.shared.due();
-        if self.shared.generation.load(Ordering::SeqCst) != self.generation {
+        let stale = self.service.is_none()
+            || self.shared.generation.load(Ordering::SeqCst) != self.generation;
+        if stale {
             let (generation, service) = self.shared.current();
             self.generation = generation;
-            self.service = Shared::watch(&self.shared, service, generation);
             self.armed = false;
+            self.service = Some(Shared::watch(&self.shared, service, generation));
         }
+        self.service.as_mut().expect("just refreshed")
     }
 }
 
@@ -388,8 +403,7 @@ where
 
     fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), BoxError>> {
         loop {
-            self.refresh();
-            match self.service.poll_ready(cx) {
+            match self.refresh().poll_ready(cx) {
                 Poll::Ready(Ok(())) => {
                     self.armed = false;
                     return Poll::Ready(Ok(()));
@@ -423,15 +437,18 @@ where
 
     fn call(&mut self, req: Req) -> Self::Future {
         self.armed = false;
-        self.service.call(req)
+        self.service
+            .as_mut()
+            .expect("Steward::call before poll_ready returned Ready")
+            .call(req)
     }
 }
 
-impl<S: Clone, F> Clone for Steward<S, F> {
+impl<S, F> Clone for Steward<S, F> {
     fn clone(&self) -> Self {
         Steward {
             shared: self.shared.clone(),
-            service: self.service.clone(),
+            service: None,
             generation: self.generation,
             timer: None,
             armed: false,
