@@ -3,7 +3,8 @@
 use std::pin::Pin;
 use std::task::{Context as TaskContext, Poll};
 
-use atscale_core::{BoxError, Stalled};
+use atscale_core::{BoxError, Kind, Stalled};
+use http::{HeaderMap, HeaderValue};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
@@ -21,7 +22,11 @@ pin_project! {
     ///
     /// With the stall watchdog on, a body that produces no frame for the
     /// limit is cut: the inner body is dropped, the request's context is
-    /// cancelled, and the body fails with [`Stalled`].
+    /// cancelled, and the body fails with [`Stalled`] — except for a gRPC
+    /// response (`content-type: application/grpc…`), which ends instead with
+    /// trailers carrying `grpc-status: 14` (`UNAVAILABLE`, the code of
+    /// [`Kind::Stalled`]) and the stall as `grpc-message`, so the client sees
+    /// a proper status rather than a broken stream.
     #[derive(Debug)]
     pub struct TrackedBody<B> {
         #[pin]
@@ -29,11 +34,12 @@ pin_project! {
         #[pin]
         timer: Option<Sleep>,
         ticket: Option<Ticket>,
+        grpc: bool,
     }
 }
 
 impl<B: Body> TrackedBody<B> {
-    pub(crate) fn new(inner: B, mut ticket: Ticket) -> Self {
+    pub(crate) fn new(inner: B, mut ticket: Ticket, grpc: bool) -> Self {
         let now = Instant::now();
         ticket.touch(now);
         let ticket = if inner.is_end_stream() {
@@ -51,6 +57,7 @@ impl<B: Body> TrackedBody<B> {
             inner: Some(inner),
             timer,
             ticket,
+            grpc,
         }
     }
 }
@@ -121,7 +128,11 @@ where
                 this.inner.set(None);
                 this.timer.set(None);
                 Self::finish(this.ticket, Outcome::Stalled);
-                Poll::Ready(Some(Err(Box::new(Stalled::new(idle)))))
+                let stalled = Stalled::new(idle);
+                if *this.grpc {
+                    return Poll::Ready(Some(Ok(Frame::trailers(grpc_trailers(&stalled)))));
+                }
+                Poll::Ready(Some(Err(Box::new(stalled))))
             }
         }
     }
@@ -134,5 +145,58 @@ where
         self.inner
             .as_ref()
             .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+    }
+}
+
+/// Whether `headers` are those of a gRPC response.
+pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// The trailers that end a stalled gRPC stream: `UNAVAILABLE` and the error's text.
+fn grpc_trailers(stalled: &Stalled) -> HeaderMap {
+    let mut trailers = HeaderMap::with_capacity(2);
+    let code = Kind::Stalled.grpc_code() as i32;
+    trailers.insert("grpc-status", HeaderValue::from(code));
+    let message = percent_encode(&stalled.to_string());
+    if let Ok(message) = HeaderValue::from_str(&message) {
+        trailers.insert("grpc-message", message);
+    }
+    trailers
+}
+
+/// `grpc-message` encoding: printable ASCII stays, anything else and `%` become `%XX`.
+fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if (0x20..=0x7e).contains(&byte) && byte != b'%' {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_messages_are_percent_encoded() {
+        assert_eq!(
+            percent_encode("stalled: no progress for 2s"),
+            "stalled: no progress for 2s"
+        );
+        assert_eq!(percent_encode("1.5\u{b5}s 100%"), "1.5%C2%B5s 100%25");
+    }
+
+    #[test]
+    fn stalled_grpc_trailers_say_unavailable() {
+        let trailers = grpc_trailers(&Stalled::new(std::time::Duration::from_secs(2)));
+        assert_eq!(trailers["grpc-status"], "14");
+        assert_eq!(trailers["grpc-message"], "stalled: no progress for 2s");
     }
 }

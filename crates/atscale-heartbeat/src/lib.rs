@@ -82,7 +82,9 @@
 //! service's errors, and [`Stalled`](atscale_core::Stalled) (classified by
 //! [`Kind::of`](atscale_core::Kind::of) as `Kind::Stalled`: HTTP 503, gRPC
 //! `UNAVAILABLE`) for a request cut by the watchdog. A [`TrackedBody`] fails
-//! with the same `Stalled` when the stream stalls.
+//! with the same `Stalled` when the stream stalls; a gRPC response body ends
+//! instead with trailers `grpc-status: 14` and the stall as `grpc-message`,
+//! so a tonic client gets `Code::Unavailable` rather than a broken stream.
 //!
 //! # Ordering
 //!

@@ -105,7 +105,9 @@ impl MonitorBuilder {
     /// `stall`, or whose streaming body produces no frame for `stall`, is cut
     /// with [`Stalled`](atscale_core::Stalled). Off by default.
     ///
-    /// A zero duration turns the watchdog off, since nothing could ever pass it.
+    /// Progress at exactly the limit is in time: the work is polled before
+    /// the watchdog, and work that is ready wins. A zero duration turns the
+    /// watchdog off, since nothing could ever pass it.
     pub fn stall(mut self, stall: Duration) -> Self {
         self.config.stall = (!stall.is_zero()).then_some(stall);
         self

@@ -195,7 +195,8 @@ where
     type Tracked = http::Response<TrackedBody<B>>;
 
     fn track(self, ticket: Ticket) -> Self::Tracked {
-        self.map(|body| TrackedBody::new(body, ticket))
+        let grpc = crate::body::is_grpc(self.headers());
+        self.map(|body| TrackedBody::new(body, ticket, grpc))
     }
 }
 
