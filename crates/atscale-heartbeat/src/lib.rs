@@ -6,7 +6,8 @@
 //! unit of work that reports to a [`Monitor`]:
 //!
 //! - **pulses per unit of work**: a request [started](Pulse::Started), made
-//!   [progress](Pulse::Progress) (each frame of a streaming response body),
+//!   [progress](Pulse::Progress) (each frame of a streaming response body,
+//!   and each unit of work a handler reports through [`Progress`]),
 //!   [finished](Pulse::Finished) with an [`Outcome`] (ok, error, cancelled,
 //!   stalled);
 //! - **pulses at an interval** ([`Pulse::Beat`]) while work is in flight, and
