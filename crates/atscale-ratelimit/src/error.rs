@@ -69,6 +69,14 @@ impl InvalidLimit {
     }
 }
 
+impl From<Reason> for InvalidLimit {
+    /// The error for `reason` (for a [`Store`](crate::Store) outside this
+    /// crate that validates its own buckets).
+    fn from(reason: Reason) -> Self {
+        InvalidLimit::new(reason)
+    }
+}
+
 impl fmt::Display for InvalidLimit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let why = match self.reason {
@@ -108,7 +116,9 @@ pub struct InsufficientCapacity {
 }
 
 impl InsufficientCapacity {
-    pub(crate) const fn new(cost: u32, burst: u32) -> Self {
+    /// A request of `cost` against a limit whose burst is `burst` (for a
+    /// [`Store`](crate::Store) outside this crate).
+    pub const fn new(cost: u32, burst: u32) -> Self {
         InsufficientCapacity { cost, burst }
     }
 

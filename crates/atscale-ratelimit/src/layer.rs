@@ -231,6 +231,21 @@ impl<K, W, St: Store> RateLimitBuilder<K, W, St> {
         }
     }
 
+    /// Adds a keyed limit given as a [`KeyPart`](crate::KeyPart): the keyed
+    /// limit of another store (a distributed store's table of buckets).
+    /// [`RateLimitBuilder::keyed`] is the in-memory one.
+    pub fn key_part<K2>(self, part: K2) -> RateLimitBuilder<K2, W, St> {
+        RateLimitBuilder {
+            store: self.store,
+            limiters: self.limiters,
+            key: part,
+            cost: self.cost,
+            mode: self.mode,
+            max_wait: self.max_wait,
+            max_waiters: self.max_waiters,
+        }
+    }
+
     /// A fixed cost per request (1 by default), checked against the bursts.
     pub fn cost(self, cost: u32) -> RateLimitBuilder<K, u32, St> {
         self.with_cost(cost)

@@ -118,7 +118,20 @@ where
         };
         let (max_wait, full) = shared.queue.allowed(cx);
         let Some(answer) = shared.store.try_acquire_now(&claims, max_wait) else {
-            let acquire = shared.store.acquire(&claims, max_wait);
+            // A store that goes asynchronous bounds its round trip by the
+            // request's context, in reject mode too.
+            let current;
+            let rcx = match cx {
+                Some(cx) => Some(cx),
+                None => match req.context() {
+                    Some(cx) => Some(cx),
+                    None => {
+                        current = Context::current();
+                        current.as_ref()
+                    }
+                },
+            };
+            let acquire = shared.store.acquire_within(&claims, max_wait, rcx);
             let inner = take_ready(&mut self.inner);
             return ResponseFuture::acquiring(
                 acquire,

@@ -4,7 +4,7 @@ use std::fmt;
 use std::future::{Future, Ready, ready};
 use std::time::Duration;
 
-use atscale_core::{BoxError, RateLimited};
+use atscale_core::{BoxError, Context, RateLimited};
 
 use crate::MAX_LIMITS;
 use crate::error::{InsufficientCapacity, InvalidLimit, Reason};
@@ -160,6 +160,21 @@ pub trait Store: Clone + Send + Sync + 'static {
 
     /// Reserves every claim, all or none (see the trait docs).
     fn acquire(&self, claims: &Claims<'_, Self::Bucket>, max_wait: Duration) -> Self::Acquire;
+
+    /// Like [`Store::acquire`], for a request whose [`Context`] is `cx`: a
+    /// remote store bounds its round trip by the context's deadline and
+    /// cancellation. The layer calls this one (with the request's context,
+    /// or [`Context::current`]); the default ignores `cx` and calls
+    /// [`Store::acquire`].
+    fn acquire_within(
+        &self,
+        claims: &Claims<'_, Self::Bucket>,
+        max_wait: Duration,
+        cx: Option<&Context>,
+    ) -> Self::Acquire {
+        let _ = cx;
+        self.acquire(claims, max_wait)
+    }
 
     /// Like [`Store::acquire`] when the store can answer at once; `None` when
     /// it must go asynchronous (the default).

@@ -187,7 +187,7 @@ pub(crate) async fn acquire<St: Store>(
     let (max_wait, full) = queue.allowed(cx.as_ref());
     let answer = match store.try_acquire_now(claims, max_wait) {
         Some(answer) => answer,
-        None => store.acquire(claims, max_wait).await,
+        None => store.acquire_within(claims, max_wait, cx.as_ref()).await,
     };
     match decide(store, answer, queue, full, cx.as_ref()) {
         Decision::Go => Ok(()),
