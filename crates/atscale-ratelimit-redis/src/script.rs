@@ -100,7 +100,10 @@ return reply
 pub(crate) static ACQUIRE: LazyLock<Script> = LazyLock::new(|| Script::new(ACQUIRE_LUA));
 pub(crate) static REFUND: LazyLock<Script> = LazyLock::new(|| Script::new(REFUND_LUA));
 
-/// The key of a bucket's list of cancelled reservations.
+/// The key of a bucket's list of cancelled reservations: the bucket's key
+/// behind a fixed head, so that no bucket key (whose head is the store's
+/// prefix, and whose tail a client may choose through a keyed limit) can
+/// ever name it.
 pub(crate) fn cancelled_key(bucket: &str) -> String {
-    format!("{bucket}:cancelled")
+    format!("cancelled:{bucket}")
 }

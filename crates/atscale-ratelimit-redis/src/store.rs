@@ -465,6 +465,10 @@ type Answer = Result<Grant<RedisReceipt>, Refusal>;
 /// The script runs in a task of its own, so that an answer arriving after
 /// this future was dropped (or gave up at the timeout) is still read, and a
 /// reservation it made given back.
+///
+/// # Panics
+///
+/// When polled outside a tokio runtime (the task needs one).
 pub struct Acquire {
     inner: Pin<Box<dyn Future<Output = Answer> + Send>>,
 }

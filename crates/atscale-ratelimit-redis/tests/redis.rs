@@ -380,6 +380,44 @@ async fn a_stuck_redis_is_bounded_by_the_timeout_and_by_the_deadline() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reservation_answered_after_the_timeout_is_given_back() {
+    let server = RedisServer::start().await;
+    let store = RedisStore::builder(server.url())
+        .timeout(Duration::from_millis(100))
+        .fault_policy(FaultPolicy::FailClosed)
+        .build()
+        .unwrap();
+    let l = store
+        .limiter("late", Limit::per_second(1).unwrap())
+        .unwrap();
+    let probe = layered(
+        &store,
+        &[store
+            .limiter("late-probe", Limit::per_second(1000).unwrap())
+            .unwrap()],
+        true,
+    );
+    call(&probe).await.unwrap(); // connected, script loaded
+    let svc = layered(&store, std::slice::from_ref(&l), true);
+
+    server.pause();
+    let e = call(&svc).await.unwrap_err();
+    assert!(e.is::<StoreUnavailable>(), "{e}");
+    // Redis runs the script when it resumes and reserves the only slot;
+    // the answer finds its caller gone, and the slot is given back.
+    server.resume();
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    for _ in 0..300 {
+        tick.tick().await;
+        if store.stats().refunds == 1 {
+            break;
+        }
+    }
+    assert_eq!(store.stats().refunds, 1, "{:?}", store.stats());
+    call(&svc).await.expect("the slot was given back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_books_two_limits_hold_across_two_instances() {
     // The book's API limits (2/s and 10/min), scaled so that both bind
     // within 3 s: 50/s with a burst of 10, and 100 per 10 s (10/s
