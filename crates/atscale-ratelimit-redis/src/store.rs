@@ -549,6 +549,12 @@ impl RedisStore {
                 let by_deadline = deadline.is_some_and(|d| d.instant() < bound);
                 if let Some(d) = deadline.filter(|_| by_deadline) {
                     bound = d.instant();
+                    if d.is_expired_at(start) {
+                        // Nothing to ask Redis for: the request is over.
+                        bump(&store.inner.counters.deadline_exceeded);
+                        let err = DeadlineExceeded::at(d, start);
+                        return Err(Refusal::Store(Box::new(err)));
+                    }
                 }
                 let (tx, rx) = oneshot::channel();
                 let sent = local_now();

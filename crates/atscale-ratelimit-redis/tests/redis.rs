@@ -377,6 +377,16 @@ async fn a_stuck_redis_is_bounded_by_the_timeout_and_by_the_deadline() {
         "a deadline is not a fault of the store"
     );
     server.resume();
+
+    // A deadline already past: no round trip at all.
+    let trips = store.stats().round_trips;
+    let cx = Context::new().with_budget(Duration::ZERO, atscale_core::Origin::Local);
+    let mut req = http::Request::new(());
+    atscale_core::Carrier::set_context(&mut req, cx);
+    let e = svc.clone().oneshot(req).await.unwrap_err();
+    assert_eq!(Kind::of(&*e), Kind::DeadlineExceeded, "{e}");
+    assert_eq!(store.stats().round_trips, trips);
+    assert_eq!(store.stats().deadline_exceeded, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
