@@ -123,6 +123,20 @@
 //! round trip: under a flood, after one refusal a process stops asking
 //! Redis until the bucket may have room. See that method for its accuracy.
 //!
+//! # Differences from the in-process store
+//!
+//! - Each admission is a round trip (about 50 µs on loopback, see
+//!   `benches/README.md`) instead of a few nanoseconds; a request that must
+//!   wait still costs one round trip.
+//! - Time has microsecond resolution (intervals rounded up), and admission
+//!   comes up to half a round trip after the computed time.
+//! - Refunds are sent asynchronously: a waiter that leaves gives its slot
+//!   back a round trip later.
+//! - Redis being down or slow is a state of its own, decided by the
+//!   [`FaultPolicy`].
+//! - Keyed buckets live only in Redis (no local table, no eviction: their
+//!   keys expire).
+//!
 //! # Redis deployment
 //!
 //! One Redis server (or a primary with replicas; a failover loses at most
