@@ -62,6 +62,32 @@ pub use atscale_heartbeat as heartbeat;
 #[cfg_attr(docsrs, doc(cfg(feature = "error")))]
 pub use atscale_error as error;
 
+mod builder;
+pub use builder::ServiceBuilderExt;
+
+#[cfg(all(
+    feature = "deadline",
+    feature = "error",
+    feature = "heartbeat",
+    feature = "ratelimit",
+    feature = "hedge"
+))]
+#[cfg_attr(
+    docsrs,
+    doc(cfg(all(
+        feature = "deadline",
+        feature = "error",
+        feature = "heartbeat",
+        feature = "ratelimit",
+        feature = "hedge"
+    )))
+)]
+pub mod stack;
+
+#[cfg(feature = "tonic")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tonic")))]
+pub mod remote;
+
 /// The types most stacks need, in one import.
 pub mod prelude {
     pub use atscale_core::{BoxError, Carrier, Context, Deadline, Kind, Origin, find};
@@ -70,7 +96,9 @@ pub mod prelude {
     pub use atscale_deadline::DeadlineLayer;
 
     #[cfg(feature = "ratelimit")]
-    pub use atscale_ratelimit::{KeyedLimiter, Limit, Limiter, MultiLimiter, PeerIp, RateLimitLayer};
+    pub use atscale_ratelimit::{
+        KeyedLimiter, Limit, Limiter, MultiLimiter, PeerIp, RateLimitLayer,
+    };
 
     #[cfg(feature = "hedge")]
     pub use atscale_hedge::{HedgeLayer, HedgeStats};

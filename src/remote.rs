@@ -1,0 +1,276 @@
+//! Failures a downstream gRPC service answered, back in the shared vocabulary.
+//!
+//! A server running the recommended stack answers each failure as a
+//! trailers-only gRPC response: `grpc-status` in the response head, rich
+//! details in `grpc-status-details-bin` (see `atscale::error`). For the
+//! client that is a successful HTTP response, so without help its own layers
+//! see no error at all, and a gateway could not tell a downstream deadline
+//! from a bug. [`GrpcErrorsLayer`] (part of
+//! [`ClientStack`](crate::stack::ClientStack)) turns such responses into
+//! [`RemoteFailure`] errors whose `source()` chain holds the vocabulary type
+//! of the downstream kind, so:
+//!
+//! - the client's own layers see an error (the heartbeat counts it, a hedge
+//!   returns it) and the client-mode ErrorEnrich logs it with an id;
+//! - a tonic generated client still returns the downstream `Status` (tonic
+//!   finds it in the chain), with the whole chain as its `source()`;
+//! - returned from a handler (`Err(status.into())`) under a server-mode
+//!   ErrorEnrich, the failure keeps its kind: a downstream deadline is a 504
+//!   (or `DEADLINE_EXCEEDED`), a downstream rate limit a 429 with the same
+//!   `Retry-After`, and the log line names the downstream service, its error
+//!   id and the layer that failed there, while the caller sees only the
+//!   user-safe message.
+
+use std::error::Error;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll, ready};
+use std::time::{Duration, Instant};
+
+use atscale_core::{
+    BoxError, Cancelled, DeadlineExceeded, Kind, MalformedDeadline, Origin, Overloaded,
+    RateLimited, Stalled,
+};
+use pin_project_lite::pin_project;
+use tonic::{Code, Status};
+use tonic_types::StatusExt;
+use tower_layer::Layer;
+use tower_service::Service;
+
+/// A failure a downstream service answered as a gRPC status.
+///
+/// Made by [`GrpcErrorsLayer`] from a trailers-only error response, or by
+/// [`RemoteFailure::new`] from a `Status` in hand. Its `source()` is the
+/// [`Status`] itself, whose source in turn is the vocabulary error standing
+/// for the downstream kind (when the code maps to one):
+///
+/// | code | vocabulary | from the details |
+/// | --- | --- | --- |
+/// | `DEADLINE_EXCEEDED` | [`DeadlineExceeded`] | `deadline_origin`: the downstream's own budget is `local`, an inherited one `parent` |
+/// | `RESOURCE_EXHAUSTED` | [`RateLimited`] | the `RetryInfo` delay (1 s when absent) |
+/// | `UNAVAILABLE` with reason `STALLED` | [`Stalled`] | |
+/// | `UNAVAILABLE` otherwise | [`Overloaded`] | |
+/// | `CANCELLED` | [`Cancelled`] | |
+/// | `INVALID_ARGUMENT` with reason `BAD_REQUEST` | [`MalformedDeadline`] | the header was ours: the caller's request was bad |
+/// | anything else | none: `Kind::Upstream` on a client, `Kind::Internal` on a server | |
+///
+/// The budget and elapsed time of the [`DeadlineExceeded`] are the caller's
+/// view (how long the call ran): the downstream's own budget does not cross
+/// the wire.
+///
+/// `Display` names the downstream service (the `ErrorInfo` domain), the
+/// code, the layer that failed there and its error id; it never holds the
+/// downstream's message, which was already user-safe and stays in the
+/// `Status`.
+#[derive(Debug)]
+pub struct RemoteFailure {
+    service: Option<String>,
+    layer: Option<String>,
+    id: Option<String>,
+    status: Status,
+}
+
+impl RemoteFailure {
+    /// Reads `status` (its code and rich details); `elapsed` is how long the
+    /// call took, used as the budget of a [`DeadlineExceeded`].
+    pub fn new(mut status: Status, elapsed: Duration) -> Self {
+        let details = status.get_error_details();
+        let info = details.error_info();
+        let reason = info.map(|i| i.reason.as_str());
+        let meta = |key: &str| info.and_then(|i| i.metadata.get(key)).cloned();
+        let vocabulary: Option<Arc<dyn Error + Send + Sync>> = match status.code() {
+            Code::DeadlineExceeded => {
+                let origin = match meta("deadline_origin").as_deref() {
+                    Some("local") | None => Origin::Local,
+                    Some(_) => Origin::Parent,
+                };
+                Some(Arc::new(DeadlineExceeded::new(elapsed, elapsed, origin)))
+            }
+            Code::ResourceExhausted => {
+                let after = details
+                    .retry_info()
+                    .and_then(|r| r.retry_delay)
+                    .unwrap_or(Duration::from_secs(1));
+                Some(Arc::new(RateLimited::new(after)))
+            }
+            Code::Unavailable if reason == Some("STALLED") => {
+                Some(Arc::new(Stalled::new(Duration::ZERO)))
+            }
+            Code::Unavailable => Some(Arc::new(Overloaded::new())),
+            Code::Cancelled => Some(Arc::new(Cancelled::new())),
+            Code::InvalidArgument if reason == Some("BAD_REQUEST") => Some(Arc::new(
+                MalformedDeadline::new("grpc-timeout", "rejected downstream"),
+            )),
+            _ => None,
+        };
+        let service = info.map(|i| i.domain.clone());
+        let layer = meta("layer");
+        let id = details
+            .request_info()
+            .map(|r| r.request_id.clone())
+            .or_else(|| meta("error_id"));
+        if let Some(source) = vocabulary {
+            status.set_source(source);
+        }
+        RemoteFailure {
+            service,
+            layer,
+            id,
+            status,
+        }
+    }
+
+    /// The downstream service that failed (its `ErrorInfo` domain), when it said.
+    pub fn service(&self) -> Option<&str> {
+        self.service.as_deref()
+    }
+
+    /// The layer that failed downstream (`deadline`, `ratelimit`, …), when it said.
+    pub fn layer(&self) -> Option<&str> {
+        self.layer.as_deref()
+    }
+
+    /// The downstream error id, to find its log line there.
+    pub fn error_id(&self) -> Option<&str> {
+        self.id.as_deref()
+    }
+
+    /// The status as the downstream answered it.
+    pub fn status(&self) -> &Status {
+        &self.status
+    }
+
+    /// The kind the failure has in the shared vocabulary, if any.
+    pub fn kind(&self) -> Option<Kind> {
+        Kind::find(self)
+    }
+}
+
+impl fmt::Display for RemoteFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut s = format!(
+            "{} answered {:?}",
+            self.service.as_deref().unwrap_or("a downstream service"),
+            self.status.code()
+        );
+        if let Some(layer) = &self.layer {
+            s.push_str(&format!(" from its {layer} layer"));
+        }
+        if let Some(id) = &self.id {
+            s.push_str(&format!(" (error id {id})"));
+        }
+        f.pad(&s)
+    }
+}
+
+impl Error for RemoteFailure {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        Some(&self.status)
+    }
+}
+
+/// Turns trailers-only gRPC error responses into [`RemoteFailure`] errors;
+/// see the [module docs](self).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GrpcErrorsLayer {
+    _priv: (),
+}
+
+impl GrpcErrorsLayer {
+    /// The layer.
+    pub const fn new() -> Self {
+        GrpcErrorsLayer { _priv: () }
+    }
+}
+
+impl<S> Layer<S> for GrpcErrorsLayer {
+    type Service = GrpcErrors<S>;
+
+    fn layer(&self, inner: S) -> GrpcErrors<S> {
+        GrpcErrors { inner }
+    }
+}
+
+/// Fails a call whose response head carries a non-zero `grpc-status` with a
+/// [`RemoteFailure`]; made by [`GrpcErrorsLayer`].
+///
+/// Only trailers-only responses are seen (the form a failing atscale server,
+/// and most gRPC servers, answer errors before any message with); a status
+/// in the trailers of a streamed response is left to the gRPC client.
+///
+/// # Backpressure
+///
+/// `poll_ready` delegates to the inner service.
+#[derive(Clone, Debug)]
+pub struct GrpcErrors<S> {
+    inner: S,
+}
+
+impl<S> GrpcErrors<S> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes `self`, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, ReqB, ResB> Service<http::Request<ReqB>> for GrpcErrors<S>
+where
+    S: Service<http::Request<ReqB>, Response = http::Response<ResB>>,
+    S::Error: Into<BoxError>,
+{
+    type Response = http::Response<ResB>;
+    type Error = BoxError;
+    type Future = GrpcErrorsFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: http::Request<ReqB>) -> Self::Future {
+        GrpcErrorsFuture {
+            inner: self.inner.call(req),
+            started: Instant::now(),
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of [`GrpcErrors`].
+    #[derive(Debug)]
+    pub struct GrpcErrorsFuture<F> {
+        #[pin]
+        inner: F,
+        started: Instant,
+    }
+}
+
+impl<F, ResB, E> Future for GrpcErrorsFuture<F>
+where
+    F: Future<Output = Result<http::Response<ResB>, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<http::Response<ResB>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let res = ready!(this.inner.poll(cx)).map_err(Into::into)?;
+        match Status::from_header_map(res.headers()) {
+            Some(status) if status.code() != Code::Ok => Poll::Ready(Err(Box::new(
+                RemoteFailure::new(status, this.started.elapsed()),
+            ))),
+            _ => Poll::Ready(Ok(res)),
+        }
+    }
+}

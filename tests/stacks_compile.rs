@@ -1,0 +1,217 @@
+//! The recommended stacks where users put them: `axum::Router::layer`,
+//! `tonic::transport::Server::builder().layer`, and a tonic generated
+//! client (tonic-health's `HealthClient`) over a layered `Channel`, alone
+//! and across replicas. Each is also served and called once on loopback,
+//! so the types are not only accepted but work.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use atscale::ServiceBuilderExt;
+use atscale::prelude::*;
+use atscale::stack::{self, ClientStack, ServerStack};
+use axum::Router;
+use axum::routing::get;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Channel, Server};
+use tonic_health::ServingStatus;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus as Wire;
+use tonic_health::pb::health_client::HealthClient;
+use tower::{Layer, ServiceBuilder};
+
+fn assert_layer<T: Clone + std::fmt::Debug + Send + Sync + 'static>(_: &T) {}
+
+#[test]
+fn the_stacks_are_clone_debug_send_sync() {
+    let server = stack::server("svc", Duration::from_secs(1));
+    assert_layer(&server);
+    let limited = server.with_rate_limit(RateLimitLayer::new(Limiter::new(
+        Limit::per_second(1).unwrap(),
+    )));
+    assert_layer(&limited);
+    let client = stack::client("svc", Duration::from_secs(1));
+    assert_layer(&client);
+    let hedged = client.with_hedge(HedgeLayer::fixed(Duration::from_millis(5)));
+    assert_layer(&hedged);
+}
+
+#[tokio::test]
+async fn axum_router_layer_takes_the_server_stack() {
+    let one_per_minute = Limiter::new(Limit::per_minute(1).unwrap());
+    let server = ServerStack::new("axum-compile", Duration::from_secs(2))
+        .with_rate_limit(RateLimitLayer::reject(one_per_minute));
+    let monitor = server.monitor().clone();
+    // No HandleErrorLayer: the stack's error type is Infallible.
+    let app: Router = Router::new()
+        .route("/", get(|| async { "hello" }))
+        .layer(server);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let http = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    let get = || http.get(format!("http://{addr}/").parse().unwrap());
+    let ok = get().await.unwrap();
+    assert_eq!(ok.status(), 200);
+    assert_eq!(ok.into_body().collect().await.unwrap().to_bytes(), "hello");
+    let limited = get().await.unwrap();
+    assert_eq!(limited.status(), 429);
+    assert!(limited.headers().contains_key("retry-after"));
+    assert_eq!(
+        limited.headers()["content-type"],
+        "application/problem+json"
+    );
+    // The heartbeat sits outside the rate limit: it saw both requests.
+    monitor.wait_finished(2).await;
+    assert_eq!(monitor.counts().error(), 1);
+}
+
+#[tokio::test]
+async fn axum_router_layer_takes_a_hand_built_stack_in_the_recommended_order() {
+    let monitor = Monitor::new();
+    let app: Router = Router::new().route("/", get(|| async { "hi" })).layer(
+        ServiceBuilder::new()
+            .enrich_errors(ErrorEnrichLayer::new("hand-built"))
+            .deadline(DeadlineLayer::server(Duration::from_secs(1)))
+            .heartbeat(&monitor)
+            .multi_rate_limit(RateLimitLayer::new(Limiter::new(
+                Limit::per_second(10).unwrap(),
+            ))),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let http = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    let res = http
+        .get(format!("http://{addr}/").parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    monitor.wait_finished(1).await;
+}
+
+/// A tonic-health server behind the recommended server stack.
+async fn health_server(stack: ServerStack) -> SocketAddr {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("", ServingStatus::Serving)
+        .await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = Server::builder()
+        .layer(stack)
+        .add_service(health)
+        .serve_with_incoming(TcpIncoming::from(listener));
+    tokio::spawn(async move {
+        // Keep the reporter alive as long as the server.
+        let _reporter = reporter;
+        server.await.unwrap()
+    });
+    addr
+}
+
+async fn channel(addr: SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+async fn check<T>(client: &mut HealthClient<T>) -> Result<Wire, tonic::Status>
+where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<BoxError>,
+    T::ResponseBody: http_body::Body<Data = Bytes> + Send + 'static,
+    <T::ResponseBody as http_body::Body>::Error: Into<BoxError> + Send,
+{
+    let req = HealthCheckRequest {
+        service: String::new(),
+    };
+    Ok(client.check(req).await?.into_inner().status())
+}
+
+#[tokio::test]
+async fn tonic_server_and_generated_client_take_the_stacks() {
+    let server = stack::server("health", Duration::from_secs(2));
+    let served = server.monitor().clone();
+    let addr = health_server(server).await;
+
+    let client = stack::client("caller", Duration::from_secs(1));
+    let calls = client.monitor().clone();
+    let mut health = HealthClient::new(client.layer(channel(addr).await));
+    assert_eq!(check(&mut health).await.unwrap(), Wire::Serving);
+    served.wait_finished(1).await;
+    calls.wait_finished(1).await;
+    assert_eq!(served.counts().ok(), 1);
+}
+
+#[tokio::test]
+async fn a_generated_client_takes_the_hedged_stack_alone_and_across_replicas() {
+    let a = health_server(stack::server("a", Duration::from_secs(2))).await;
+    let b = health_server(stack::server("b", Duration::from_secs(2))).await;
+    let client = ClientStack::new("caller", Duration::from_secs(1))
+        .with_rate_limit(RateLimitLayer::new(Limiter::new(
+            Limit::per_second(100).unwrap(),
+        )))
+        .with_hedge(
+            HedgeLayer::builder()
+                .delay(atscale::hedge::Delay::fixed(Duration::from_millis(200)))
+                .non_idempotent(true)
+                .build()
+                .unwrap(),
+        );
+
+    let mut one = HealthClient::new(client.layer(channel(a).await));
+    assert_eq!(check(&mut one).await.unwrap(), Wire::Serving);
+
+    let replicas = client
+        .replicas(vec![channel(a).await, channel(b).await])
+        .unwrap();
+    let mut both = HealthClient::new(replicas);
+    for _ in 0..2 {
+        assert_eq!(check(&mut both).await.unwrap(), Wire::Serving);
+    }
+    client.monitor().wait_finished(3).await;
+}
+
+#[tokio::test]
+async fn a_downstream_failure_comes_back_as_its_status_and_its_kind() {
+    // A server whose rate limit refuses the second call.
+    let server = stack::server("limited", Duration::from_secs(2)).with_rate_limit(
+        RateLimitLayer::reject(Limiter::new(Limit::per_minute(1).unwrap())),
+    );
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("", ServingStatus::Serving)
+        .await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let serve = Server::builder()
+        .layer(server)
+        .add_service(health)
+        .serve_with_incoming(TcpIncoming::from(listener));
+    tokio::spawn(serve);
+
+    let client = stack::client("caller", Duration::from_secs(1));
+    let mut health = HealthClient::new(client.layer(channel(addr).await));
+    check(&mut health).await.unwrap();
+    let status = check(&mut health).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+    // tonic found the downstream status in the chain; the chain keeps the kind.
+    let chain = std::error::Error::source(&status).expect("the client stack's error");
+    assert_eq!(Kind::of(chain), Kind::RateLimited);
+    let remote = atscale::core::find::<atscale::remote::RemoteFailure>(chain).unwrap();
+    assert_eq!(remote.service(), Some("limited"));
+    assert_eq!(remote.layer(), Some("ratelimit"));
+    assert_eq!(remote.error_id().map(str::len), Some(32));
+    let limited = atscale::core::find::<atscale::core::RateLimited>(chain).unwrap();
+    assert!(limited.retry_after() > Duration::from_secs(1));
+    assert_eq!(client.monitor().counts().error(), 1);
+}
