@@ -50,6 +50,10 @@ pub use atscale_deadline as deadline;
 #[cfg_attr(docsrs, doc(cfg(feature = "ratelimit")))]
 pub use atscale_ratelimit as ratelimit;
 
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use atscale_ratelimit_redis as ratelimit_redis;
+
 #[cfg(feature = "hedge")]
 #[cfg_attr(docsrs, doc(cfg(feature = "hedge")))]
 pub use atscale_hedge as hedge;
