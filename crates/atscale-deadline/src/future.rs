@@ -4,7 +4,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context as TaskContext, Poll};
 
-use atscale_core::{BoxError, CancelOnDrop, Deadline, DeadlineExceeded, Scoped};
+use atscale_core::{BoxError, Deadline, DeadlineExceeded, Scoped};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
@@ -19,6 +19,15 @@ pin_project! {
         #[pin]
         state: State<F>,
     }
+
+    impl<F> PinnedDrop for ResponseFuture<F> {
+        fn drop(this: Pin<&mut Self>) {
+            // Dropped before completing: the caller gave up on the request.
+            if let StateProj::Running { inner, .. } = this.project().state.project() {
+                inner.context().cancel();
+            }
+        }
+    }
 }
 
 pin_project! {
@@ -26,7 +35,8 @@ pin_project! {
     #[derive(Debug)]
     enum State<F> {
         Running {
-            // The inner future, polled inside the request's task-local context.
+            // The inner future, polled inside the request's context (which
+            // it holds, so cancelling needs no second handle).
             #[pin]
             inner: Scoped<F>,
             // Armed only once the inner future is pending: a request that
@@ -34,27 +44,21 @@ pin_project! {
             #[pin]
             timer: Option<Sleep>,
             deadline: Option<Deadline>,
-            // Cancels the context if the request ends any way but success.
-            guard: Option<CancelOnDrop>,
         },
         Failed {
             error: Option<BoxError>,
         },
+        Done,
     }
 }
 
 impl<F> ResponseFuture<F> {
-    pub(crate) fn running(
-        inner: Scoped<F>,
-        deadline: Option<Deadline>,
-        guard: CancelOnDrop,
-    ) -> Self {
+    pub(crate) fn running(inner: Scoped<F>, deadline: Option<Deadline>) -> Self {
         ResponseFuture {
             state: State::Running {
                 inner,
                 timer: None,
                 deadline,
-                guard: Some(guard),
             },
         }
     }
@@ -75,46 +79,43 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
         let mut state = self.project().state;
-        let expired = match state.as_mut().project() {
+        let outcome = match state.as_mut().project() {
             StateProj::Failed { error } => {
                 return Poll::Ready(Err(error.take().expect("polled after completion")));
             }
+            StateProj::Done => panic!("polled after completion"),
             StateProj::Running {
-                inner,
+                mut inner,
                 mut timer,
                 deadline,
-                guard,
-            } => {
-                if let Poll::Ready(result) = inner.poll(cx) {
-                    return Poll::Ready(match result {
-                        Ok(response) => {
-                            // Success: a streaming body may still be running under the context.
-                            if let Some(guard) = guard.take() {
-                                guard.disarm();
-                            }
-                            Ok(response)
+            } => match inner.as_mut().poll(cx) {
+                // Success leaves the context alone: a streaming body may
+                // still be produced under it.
+                Poll::Ready(Ok(response)) => Ok(response),
+                // An error ends the request: stop whatever it started.
+                Poll::Ready(Err(error)) => {
+                    inner.context().cancel();
+                    Err(error.into())
+                }
+                Poll::Pending => {
+                    let Some(deadline) = *deadline else {
+                        return Poll::Pending;
+                    };
+                    if timer.is_none() {
+                        timer.set(Some(tokio::time::sleep_until(deadline.instant())));
+                    }
+                    match timer.as_pin_mut().map(|sleep| sleep.poll(cx)) {
+                        Some(Poll::Ready(())) => {
+                            // Expired: cancel the context; the inner future is dropped below.
+                            inner.context().cancel();
+                            Err(DeadlineExceeded::at(deadline, Instant::now()).into())
                         }
-                        Err(error) => {
-                            drop(guard.take());
-                            Err(error.into())
-                        }
-                    });
+                        _ => return Poll::Pending,
+                    }
                 }
-                let Some(deadline) = *deadline else {
-                    return Poll::Pending;
-                };
-                if timer.is_none() {
-                    timer.set(Some(tokio::time::sleep_until(deadline.instant())));
-                }
-                match timer.as_pin_mut().map(|sleep| sleep.poll(cx)) {
-                    Some(Poll::Ready(())) => deadline,
-                    _ => return Poll::Pending,
-                }
-            }
+            },
         };
-        // Expired: drop the inner future and cancel the context (the guard) now.
-        let error = DeadlineExceeded::at(expired, Instant::now());
-        state.set(State::Failed { error: None });
-        Poll::Ready(Err(error.into()))
+        state.set(State::Done);
+        Poll::Ready(outcome)
     }
 }

@@ -87,9 +87,8 @@ where
             }
         }
         req.set_context(cx.clone());
-        let guard = cx.cancel_on_drop();
         let inner = cx.scope_with(|| self.inner.call(req));
-        ResponseFuture::running(inner, deadline, guard)
+        ResponseFuture::running(inner, deadline)
     }
 }
 
