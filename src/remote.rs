@@ -51,10 +51,10 @@ use tower_service::Service;
 /// | `DEADLINE_EXCEEDED` | [`DeadlineExceeded`] | `deadline_origin`: the downstream's own budget is `local`, an inherited one `parent` |
 /// | `RESOURCE_EXHAUSTED` | [`RateLimited`] | the `RetryInfo` delay (1 s when absent) |
 /// | `UNAVAILABLE` with reason `STALLED` | [`Stalled`] | |
-/// | `UNAVAILABLE` otherwise | [`Overloaded`] | |
+/// | `UNAVAILABLE` with reason `OVERLOADED` | [`Overloaded`] | |
 /// | `CANCELLED` | [`Cancelled`] | |
 /// | `INVALID_ARGUMENT` with reason `BAD_REQUEST` | [`MalformedDeadline`] | the header was ours: the caller's request was bad |
-/// | anything else | none: `Kind::Upstream` on a client, `Kind::Internal` on a server | |
+/// | anything else (an internal error, an upstream failure or exhausted hedge downstream, a server that is not atscale's) | none: the client stack makes it `Kind::Upstream` (502), and keeps that kind up through a server-mode ErrorEnrich | |
 ///
 /// The budget and elapsed time of the [`DeadlineExceeded`] are the caller's
 /// view (how long the call ran): the downstream's own budget does not cross
@@ -80,29 +80,30 @@ impl RemoteFailure {
         let info = details.error_info();
         let reason = info.map(|i| i.reason.as_str());
         let meta = |key: &str| info.and_then(|i| i.metadata.get(key)).cloned();
-        let vocabulary: Option<Arc<dyn Error + Send + Sync>> = match status.code() {
-            Code::DeadlineExceeded => {
+        // An atscale server names the kind in `ErrorInfo.reason`; any other
+        // server only gives the code.
+        let vocabulary: Option<Arc<dyn Error + Send + Sync>> = match (status.code(), reason) {
+            (Code::DeadlineExceeded, _) => {
                 let origin = match meta("deadline_origin").as_deref() {
                     Some("local") | None => Origin::Local,
                     Some(_) => Origin::Parent,
                 };
                 Some(Arc::new(DeadlineExceeded::new(elapsed, elapsed, origin)))
             }
-            Code::ResourceExhausted => {
+            (Code::ResourceExhausted, _) => {
                 let after = details
                     .retry_info()
                     .and_then(|r| r.retry_delay)
                     .unwrap_or(Duration::from_secs(1));
                 Some(Arc::new(RateLimited::new(after)))
             }
-            Code::Unavailable if reason == Some("STALLED") => {
-                Some(Arc::new(Stalled::new(Duration::ZERO)))
-            }
-            Code::Unavailable => Some(Arc::new(Overloaded::new())),
-            Code::Cancelled => Some(Arc::new(Cancelled::new())),
-            Code::InvalidArgument if reason == Some("BAD_REQUEST") => Some(Arc::new(
-                MalformedDeadline::new("grpc-timeout", "rejected downstream"),
-            )),
+            (Code::Unavailable, Some("STALLED")) => Some(Arc::new(Stalled::new(Duration::ZERO))),
+            (Code::Unavailable, Some("OVERLOADED")) => Some(Arc::new(Overloaded::new())),
+            (Code::Cancelled, _) => Some(Arc::new(Cancelled::new())),
+            (Code::InvalidArgument, Some("BAD_REQUEST")) => Some(Arc::new(MalformedDeadline::new(
+                "grpc-timeout",
+                "rejected downstream",
+            ))),
             _ => None,
         };
         let service = info.map(|i| i.domain.clone());
