@@ -392,13 +392,16 @@ impl<B> RequestKey<http::Request<B>> for PeerIp {
 
     fn key(&self, req: &http::Request<B>) -> Option<IpAddr> {
         if let Some(name) = &self.header {
+            // Only the last entry of the last line: when that one is not
+            // readable, an entry further left (written by the client) must
+            // not take its place.
             let forwarded = req
                 .headers()
                 .get_all(name)
                 .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(','))
                 .next_back()
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.rsplit(',').next())
                 .and_then(|ip| ip.trim().parse().ok());
             if forwarded.is_some() {
                 return forwarded;
