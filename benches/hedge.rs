@@ -803,8 +803,8 @@ where
             Duration::from_secs(1),
         )
     };
-    // A histogram already holding 1 s latencies, and a period that never
-    // rotates it away: armed, with a delay that never fires.
+    // A histogram already holding 20 ms latencies (as in the scenarios), and a
+    // period that never rotates it away: armed, with a delay that never fires.
     let tower_armed = || {
         tower::hedge::Hedge::new_with_mock_latencies(
             inner.clone(),
@@ -812,7 +812,7 @@ where
             1,
             0.9,
             Duration::from_secs(100_000),
-            &[1000; 100],
+            &[20; 100],
         )
     };
     let resilience = tower_resilience_hedge::HedgeLayer::builder()
@@ -829,12 +829,12 @@ where
 
     let run = |case: usize, iters: u64| -> f64 {
         let elapsed = match case {
-            0 => rt.block_on(tokio::spawn(iterate(inner.clone(), iters))),
-            1 => rt.block_on(tokio::spawn(iterate(tower_unarmed(), iters))),
-            2 => rt.block_on(tokio::spawn(iterate(tower_armed(), iters))),
-            3 => rt.block_on(tokio::spawn(iterate(resilience.clone(), iters))),
-            4 => rt.block_on(tokio::spawn(iterate(ours_unarmed.clone(), iters))),
-            _ => rt.block_on(tokio::spawn(iterate(ours_armed.clone(), iters))),
+            0 => rt.block_on(rt.spawn(iterate(inner.clone(), iters))),
+            1 => rt.block_on(rt.spawn(iterate(tower_unarmed(), iters))),
+            2 => rt.block_on(rt.spawn(iterate(tower_armed(), iters))),
+            3 => rt.block_on(rt.spawn(iterate(resilience.clone(), iters))),
+            4 => rt.block_on(rt.spawn(iterate(ours_unarmed.clone(), iters))),
+            _ => rt.block_on(rt.spawn(iterate(ours_armed.clone(), iters))),
         }
         .expect("task");
         elapsed.as_nanos() as f64 / iters as f64
@@ -945,7 +945,6 @@ fn main() {
     let what = std::env::var("HEDGE_BENCH").unwrap_or_else(|_| "all".into());
     let only = std::env::var("HEDGE_SCENARIO").ok();
     let sequential = std::env::var_os("HEDGE_SEQUENTIAL").is_some();
-    let mut out = String::new();
     if what == "all" || what == "scenarios" || only.is_some() {
         let mut results = Vec::new();
         for scenario in Scenario::ALL {
@@ -959,7 +958,9 @@ fn main() {
                 scenario.name(),
                 started.elapsed().as_secs_f64()
             );
-            report(scenario, &runs, &mut out);
+            let mut section = String::new();
+            report(scenario, &runs, &mut section);
+            println!("{section}");
             results.push((scenario, runs));
         }
         if only.is_none() {
@@ -969,7 +970,8 @@ fn main() {
         }
     }
     if (what == "all" && only.is_none()) || what == "overhead" {
-        overhead(&mut out);
+        let mut section = String::new();
+        overhead(&mut section);
+        println!("{section}");
     }
-    println!("{out}");
 }

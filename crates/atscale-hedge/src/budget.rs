@@ -1,38 +1,42 @@
 //! The hedge budget: a sliding window counted in requests, so the allowance
 //! follows the traffic and cannot be borrowed from before a latency shift.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use tokio::time::Instant;
 
-/// Request start times are noted once per `window / SLOTS` requests, to
-/// measure how long the window took (for the per-second floor).
+/// Request start times are noted once per slot (`window / SLOTS` requests,
+/// rounded up to a power of two), to measure how long the window took (for
+/// the per-second floor).
 const SLOTS: u64 = 10;
 
 /// Shared by every clone of a hedged service.
 ///
 /// The hot path (once per request) is [`HedgeBudget::arrive`]: one atomic
-/// add, and one store every `window / 10` requests. The ledger of hedges sent
-/// sits behind a short lock taken only when a hedge is about to be sent.
+/// add, and one store per slot. The ledger of hedges sent sits behind a
+/// short lock taken only when a hedge is about to be sent.
 ///
-/// Invariant: each hedge is charged to the position of the latest request
-/// (its arrival count), and is granted only while fewer than the allowance
-/// were charged to the last `window` positions. So *every* run of `window`
-/// consecutive requests — aligned or not — carries at most one allowance of
-/// hedges: when the last of them was granted, the check saw all the others.
+/// Each request has a position (its arrival count), and each hedge is
+/// charged to the position of the request it copies. A hedge is granted only
+/// if, with it, every run of `window` consecutive positions that contains
+/// its request holds at most one allowance of hedges — so every run of
+/// `window` consecutive requests, aligned or not, and whenever its hedges were
+/// sent (a request refused at first asks again later), stays within the
+/// budget. The share is also checked against the requests actually seen so
+/// far, so a service that just started cannot borrow from requests to come.
 #[derive(Debug)]
 pub(crate) struct HedgeBudget {
     ratio_ppm: u64,
     min_per_second: u64,
     window: u64,
-    slot_len: u64,
+    /// Slots are a power of two long, so the hot path masks instead of dividing.
+    slot_shift: u32,
     origin: Instant,
     arrivals: AtomicU64,
     slot_started: [AtomicU64; SLOTS as usize],
-    /// Positions of the hedges granted within the window, oldest first.
-    ledger: Mutex<VecDeque<u64>>,
+    /// Positions charged with a hedge, sorted (a few windows' worth).
+    ledger: Mutex<Vec<u64>>,
 }
 
 impl HedgeBudget {
@@ -42,11 +46,11 @@ impl HedgeBudget {
             ratio_ppm: (ratio * 1_000_000.0).round() as u64,
             min_per_second: u64::from(min_per_second),
             window,
-            slot_len: window / SLOTS,
+            slot_shift: (window / SLOTS).next_power_of_two().trailing_zeros(),
             origin: Instant::now(),
             arrivals: AtomicU64::new(0),
             slot_started: Default::default(),
-            ledger: Mutex::new(VecDeque::new()),
+            ledger: Mutex::new(Vec::new()),
         }
     }
 
@@ -54,13 +58,15 @@ impl HedgeBudget {
         u64::try_from(now.saturating_duration_since(self.origin).as_nanos()).unwrap_or(u64::MAX)
     }
 
-    /// Counts one request.
-    pub(crate) fn arrive(&self, now: Instant) {
+    /// Counts one request; returns its position. Reads the clock (`now`)
+    /// only when the request starts a slot.
+    pub(crate) fn arrive(&self, now: impl FnOnce() -> Instant) -> u64 {
         let n = self.arrivals.fetch_add(1, Ordering::Relaxed);
-        if n % self.slot_len == 0 {
-            let slot = n / self.slot_len;
-            self.slot_started[(slot % SLOTS) as usize].store(self.nanos(now), Ordering::Relaxed);
+        if n & ((1 << self.slot_shift) - 1) == 0 {
+            let slot = n >> self.slot_shift;
+            self.slot_started[(slot % SLOTS) as usize].store(self.nanos(now()), Ordering::Relaxed);
         }
+        n
     }
 
     /// Requests counted so far.
@@ -68,31 +74,54 @@ impl HedgeBudget {
         self.arrivals.load(Ordering::Relaxed)
     }
 
-    /// Takes one hedge from the budget, if the budget has one.
-    pub(crate) fn try_acquire(&self, now: Instant) -> bool {
+    /// Takes one hedge from the budget for the request at `position`, if the
+    /// budget has one.
+    pub(crate) fn try_acquire(&self, position: u64, now: Instant) -> bool {
         let mut ledger = self.ledger.lock().unwrap_or_else(PoisonError::into_inner);
-        // Read under the lock, so positions enter the ledger in order.
+        let w = self.window;
         let latest = self.arrivals.load(Ordering::Relaxed).max(1) - 1;
-        let lowest = (latest + 1).saturating_sub(self.window);
+        let position = position.min(latest);
+        // Requests older than this are not hedged any more, and positions
+        // older than that are forgotten: they share no window with a request
+        // that may still be hedged.
+        if position + 3 * w < latest {
+            return false;
+        }
+        let forget = ledger.partition_point(|&p| p + 4 * w < latest);
+        ledger.drain(..forget);
+
+        let lowest = (latest + 1).saturating_sub(w);
         let by_ratio = (latest + 1 - lowest) * self.ratio_ppm / 1_000_000;
-        let started =
-            self.slot_started[((lowest / self.slot_len) % SLOTS) as usize].load(Ordering::Relaxed);
+        let started = self.slot_started[((lowest >> self.slot_shift) % SLOTS) as usize]
+            .load(Ordering::Relaxed);
         let span = self.nanos(now).saturating_sub(started).max(1_000_000_000);
         let by_time =
             u64::try_from(u128::from(self.min_per_second) * u128::from(span) / 1_000_000_000)
                 .unwrap_or(u64::MAX);
-        // At most one hedge per request on average, whatever the floor says.
-        let allowance = by_ratio.max(by_time).min(self.window);
 
-        while ledger.front().is_some_and(|&p| p < lowest) {
-            ledger.pop_front();
+        // The requests seen so far: the last `window` of them carry less than
+        // their share (or the per-second floor).
+        let recent = (ledger.len() - ledger.partition_point(|&p| p < lowest)) as u64;
+        if recent >= by_ratio.max(by_time).min(w) {
+            return false;
         }
-        if (ledger.len() as u64) < allowance {
-            ledger.push_back(latest);
-            true
-        } else {
-            false
+        // Every run of `window` positions around this request, with it.
+        let cap = (w * self.ratio_ppm / 1_000_000).max(by_time).min(w);
+        let at = ledger.partition_point(|&p| p <= position);
+        let first = ledger.partition_point(|&p| p + w <= position); // p >= position - w + 1
+        let count_from = |start: u64| {
+            // hedges in [start, start + w), counting the new one
+            let lo = ledger.partition_point(|&p| p < start);
+            let hi = ledger.partition_point(|&p| p < start + w);
+            (hi - lo) as u64 + 1
+        };
+        let crowded =
+            (first..at).any(|i| count_from(ledger[i]) > cap) || count_from(position) > cap;
+        if crowded {
+            return false;
         }
+        ledger.insert(at, position);
+        true
     }
 }
 
@@ -104,7 +133,7 @@ mod tests {
 
     fn arrive(b: &HedgeBudget, n: u64) {
         for _ in 0..n {
-            b.arrive(Instant::now());
+            b.arrive(Instant::now);
         }
     }
 
@@ -112,15 +141,19 @@ mod tests {
     async fn a_window_never_holds_more_than_its_share() {
         let b = HedgeBudget::new(0.05, 0, 1000);
         arrive(&b, 1000);
-        let granted = (0..200).filter(|_| b.try_acquire(Instant::now())).count();
+        let granted = (0..200)
+            .filter(|_| b.try_acquire(u64::MAX, Instant::now()))
+            .count();
         assert_eq!(granted, 50);
         // the next 999 requests bring no new allowance: the window still holds the 50
         arrive(&b, 999);
-        assert!(!b.try_acquire(Instant::now()));
+        assert!(!b.try_acquire(u64::MAX, Instant::now()));
         // once the request they were charged to leaves the window, hedges resume
         arrive(&b, 1);
         assert_eq!(
-            (0..200).filter(|_| b.try_acquire(Instant::now())).count(),
+            (0..200)
+                .filter(|_| b.try_acquire(u64::MAX, Instant::now()))
+                .count(),
             50
         );
     }
@@ -129,11 +162,14 @@ mod tests {
     async fn quiet_services_get_the_per_second_floor() {
         let b = HedgeBudget::new(0.05, 2, 1000);
         arrive(&b, 3);
-        assert!(b.try_acquire(Instant::now()));
-        assert!(b.try_acquire(Instant::now()));
-        assert!(!b.try_acquire(Instant::now()), "2 per second");
+        assert!(b.try_acquire(u64::MAX, Instant::now()));
+        assert!(b.try_acquire(u64::MAX, Instant::now()));
+        assert!(!b.try_acquire(u64::MAX, Instant::now()), "2 per second");
         tokio::time::advance(Duration::from_secs(2)).await;
-        assert!(b.try_acquire(Instant::now()), "the window now spans 2 s");
+        assert!(
+            b.try_acquire(u64::MAX, Instant::now()),
+            "the window now spans 2 s"
+        );
     }
 
     proptest! {
@@ -144,14 +180,29 @@ mod tests {
             let rt = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
             rt.block_on(async {
                 let b = HedgeBudget::new(0.05, 0, 1000);
-                let mut charged = Vec::with_capacity(demand.len());
-                for wants in &demand {
-                    b.arrive(Instant::now());
-                    let mut got = 0u32;
+                // Each request wants `wants` hedges, asked for now or (every
+                // third one) late, 300 requests later; each is charged to the
+                // position of its request.
+                let mut late: Vec<(usize, u64)> = Vec::new();
+                let mut charged = vec![0u32; demand.len()];
+                for (i, wants) in demand.iter().enumerate() {
+                    let position = b.arrive(Instant::now);
                     for _ in 0..*wants {
-                        if b.try_acquire(Instant::now()) { got += 1; }
+                        if i % 3 == 0 {
+                            late.push((i + 300, position));
+                        } else if b.try_acquire(position, Instant::now()) {
+                            charged[position as usize] += 1;
+                        }
                     }
-                    charged.push(got);
+                    late.retain(|&(due, p)| {
+                        if due != i {
+                            return true;
+                        }
+                        if b.try_acquire(p, Instant::now()) {
+                            charged[p as usize] += 1;
+                        }
+                        false
+                    });
                 }
                 let mut total = 0;
                 for start in 0..charged.len().saturating_sub(1000) {

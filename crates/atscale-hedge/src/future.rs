@@ -74,8 +74,12 @@ pub(crate) struct Armed<S: Service<Req>, Req> {
     template: Option<Req>,
     backends: Backends<S>,
     first: usize,
+    /// The request's position, which the budget charges hedges to.
+    position: u64,
     delay: Duration,
-    next_at: Instant,
+    /// When the next hedge is due; set when first needed (a fixed delay reads
+    /// no clock for a request answered on its first poll).
+    next_at: Option<Instant>,
     launched: u8,
     max: u8,
     fire_now: bool,
@@ -87,12 +91,14 @@ pub(crate) struct Armed<S: Service<Req>, Req> {
 }
 
 impl<S: Service<Req>, Req> Armed<S, Req> {
+    #[allow(clippy::too_many_arguments)] // one call site, all of them distinct
     pub(crate) fn new(
         template: Req,
         backends: Backends<S>,
         first: usize,
+        position: u64,
         delay: Duration,
-        now: Instant,
+        now: Option<Instant>,
         max: u8,
         parent: Option<Context>,
     ) -> Self {
@@ -100,8 +106,9 @@ impl<S: Service<Req>, Req> Armed<S, Req> {
             template: Some(template),
             backends,
             first,
+            position,
             delay,
-            next_at: now + delay,
+            next_at: now.map(|now| now + delay),
             launched: 1,
             max,
             fire_now: false,
@@ -132,7 +139,8 @@ pin_project! {
         #[pin]
         primary: Attempt<S, Req>,
         primary_guard: Option<CancelOnDrop>,
-        started: Instant,
+        // When the first attempt was sent: read only for an adaptive delay.
+        started: Option<Instant>,
         #[pin]
         timer: Option<Sleep>,
         armed: Option<Armed<S, Req>>,
@@ -158,7 +166,7 @@ impl<S: Service<Req>, Req, C> ResponseFuture<S, Req, C> {
     pub(crate) fn new(
         primary: Attempt<S, Req>,
         primary_guard: Option<CancelOnDrop>,
-        started: Instant,
+        started: Option<Instant>,
         armed: Option<Armed<S, Req>>,
         shared: Option<Arc<Shared>>,
         classify: C,
@@ -220,7 +228,7 @@ where
                             index,
                             ..
                         } = armed.backups.swap_remove(i);
-                        if let Some(done) = judge(&mut this, index, started, guard, out) {
+                        if let Some(done) = judge(&mut this, index, Some(started), guard, out) {
                             return Poll::Ready(done);
                         }
                     }
@@ -243,7 +251,8 @@ where
                 return Poll::Pending;
             }
             let now = Instant::now();
-            if armed.fire_now || !running || now >= armed.next_at {
+            let next_at = *armed.next_at.get_or_insert(now + armed.delay);
+            if armed.fire_now || !running || now >= next_at {
                 let shared = this.shared.as_deref().expect("armed implies shared");
                 launch(armed, shared, now, running);
                 continue;
@@ -252,13 +261,11 @@ where
             // 4. Otherwise wait for the timer.
             match this.timer.as_mut().as_pin_mut() {
                 Some(timer) => {
-                    if timer.deadline() != armed.next_at {
-                        timer.reset(armed.next_at);
+                    if timer.deadline() != next_at {
+                        timer.reset(next_at);
                     }
                 }
-                None => this
-                    .timer
-                    .set(Some(tokio::time::sleep_until(armed.next_at))),
+                None => this.timer.set(Some(tokio::time::sleep_until(next_at))),
             }
             let timer = this.timer.as_mut().as_pin_mut().expect("just set");
             ready!(timer.poll(cx));
@@ -288,10 +295,10 @@ where
             return;
         }
     }
-    if !shared.try_hedge(now) {
+    if !shared.try_hedge(armed.position, now) {
         event!(attempt = index, "no hedge: budget exhausted");
         if running && !armed.delay.is_zero() {
-            armed.next_at = now + armed.delay;
+            armed.next_at = Some(now + armed.delay);
         } else {
             armed.stopped = true;
         }
@@ -329,7 +336,7 @@ where
         index,
     });
     armed.launched += 1;
-    armed.next_at = now + armed.delay;
+    armed.next_at = Some(now + armed.delay);
 }
 
 type Projection<'a, S, Req, C> = ResponseFutureProj<'a, S, Req, C>;
@@ -338,7 +345,7 @@ type Projection<'a, S, Req, C> = ResponseFutureProj<'a, S, Req, C>;
 fn judge<S, Req, C>(
     this: &mut Projection<'_, S, Req, C>,
     index: u8,
-    started: Instant,
+    started: Option<Instant>,
     guard: Option<CancelOnDrop>,
     out: Result<S::Response, S::Error>,
 ) -> Option<Result<S::Response, BoxError>>
@@ -363,18 +370,20 @@ where
     if let Some(guard) = guard {
         guard.disarm();
     }
-    let now = Instant::now();
     if verdict == Verdict::Good {
         if let Some(shared) = this.shared.as_deref() {
-            shared.record(now.saturating_duration_since(started), now);
-            // The attempts still in flight were at least this slow: recording
-            // them keeps a won race from hiding the tail from the window.
-            if !this.primary.is_done() {
-                shared.record(now.saturating_duration_since(*this.started), now);
-            }
-            if let Some(armed) = this.armed.as_ref() {
-                for b in &armed.backups {
-                    shared.record(now.saturating_duration_since(b.started), now);
+            if let Some(started) = started.filter(|_| shared.is_adaptive()) {
+                let now = Instant::now();
+                shared.record(now.saturating_duration_since(started), now);
+                // The attempts still in flight were at least this slow: recording
+                // them keeps a won race from hiding the tail from the window.
+                if let Some(primary) = this.started.filter(|_| !this.primary.is_done()) {
+                    shared.record(now.saturating_duration_since(primary), now);
+                }
+                if let Some(armed) = this.armed.as_ref() {
+                    for b in &armed.backups {
+                        shared.record(now.saturating_duration_since(b.started), now);
+                    }
                 }
             }
             if index > 0 {

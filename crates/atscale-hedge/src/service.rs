@@ -4,7 +4,6 @@ use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 
 use atscale_core::{BoxError, Carrier, Context};
-use tokio::time::Instant;
 use tower::ServiceExt;
 use tower_service::Service;
 
@@ -169,8 +168,7 @@ where
 
     fn call(&mut self, mut req: Req) -> Self::Future {
         let shared = &self.shared;
-        let now = Instant::now();
-        let delay = shared.arrive(now);
+        let (now, delay, position) = shared.arrive();
         let parent = match req.context() {
             Some(cx) => Some(cx.clone()),
             None => Context::current(),
@@ -205,6 +203,7 @@ where
                 template,
                 backends,
                 first,
+                position,
                 delay,
                 now,
                 shared.max_attempts,

@@ -33,19 +33,23 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// Counts a request arriving at `now`, and returns the delay before its
-    /// first hedge (`None`: this request is not hedged on time).
-    pub(crate) fn arrive(&self, now: Instant) -> Option<Duration> {
-        match &self.budget {
-            Some(b) => b.arrive(now),
-            None => {
-                self.counters.requests.fetch_add(1, Ordering::Relaxed);
+    /// Counts a request arriving at `now` (read here only for an adaptive
+    /// delay: a fixed one needs no clock until the first attempt is pending);
+    /// returns when it arrived (adaptive), the delay before its first hedge
+    /// (`None`: not hedged on time) and its position for the budget.
+    pub(crate) fn arrive(&self) -> (Option<Instant>, Option<Duration>, u64) {
+        let (now, delay) = match &self.delay {
+            DelaySource::Fixed(d) => (None, Some(*d)),
+            DelaySource::Adaptive(w) => {
+                let now = Instant::now();
+                (Some(now), w.delay_at(now))
             }
-        }
-        match &self.delay {
-            DelaySource::Fixed(d) => Some(*d),
-            DelaySource::Adaptive(w) => w.delay_at(now),
-        }
+        };
+        let position = match &self.budget {
+            Some(b) => b.arrive(|| now.unwrap_or_else(Instant::now)),
+            None => self.counters.requests.fetch_add(1, Ordering::Relaxed),
+        };
+        (now, delay, position)
     }
 
     pub(crate) fn requests(&self) -> u64 {
@@ -66,9 +70,13 @@ impl Shared {
         matches!(self.delay, DelaySource::Adaptive(_))
     }
 
-    /// Takes one hedge from the budget (always granted without a budget).
-    pub(crate) fn try_hedge(&self, now: Instant) -> bool {
-        let granted = self.budget.as_ref().is_none_or(|b| b.try_acquire(now));
+    /// Takes one hedge for the request at `position` from the budget (always
+    /// granted without a budget).
+    pub(crate) fn try_hedge(&self, position: u64, now: Instant) -> bool {
+        let granted = self
+            .budget
+            .as_ref()
+            .is_none_or(|b| b.try_acquire(position, now));
         if granted {
             self.counters.sent.fetch_add(1, Ordering::Relaxed);
         } else {

@@ -81,6 +81,9 @@ pub(crate) struct LatencyWindow {
     percentile: f64,
     min_samples: u64,
     current: AtomicU64,
+    /// When the current half ends, in nanoseconds since `origin`: the fast
+    /// path compares with it instead of dividing.
+    ends: AtomicU64,
     halves: [Half; 2],
     delay_micros: AtomicU64,
 }
@@ -106,20 +109,24 @@ impl LatencyWindow {
             percentile,
             min_samples: u64::from(min_samples),
             current: AtomicU64::new(0),
+            ends: AtomicU64::new(half),
             halves,
             delay_micros: AtomicU64::new(UNARMED),
         }
     }
 
-    fn period_of(&self, now: Instant) -> u64 {
-        let since = now.saturating_duration_since(self.origin).as_nanos();
-        (since / u128::from(self.half_nanos)).min(u128::from(u64::MAX - 2)) as u64
+    fn nanos(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.origin).as_nanos()).unwrap_or(u64::MAX)
     }
 
     /// Moves the window to `now`'s half if time has passed; returns the period.
     fn advance(&self, now: Instant) -> u64 {
-        let period = self.period_of(now);
+        let nanos = self.nanos(now);
         let seen = self.current.load(Ordering::Acquire);
+        if nanos < self.ends.load(Ordering::Acquire) {
+            return seen;
+        }
+        let period = (nanos / self.half_nanos).min(u64::MAX - 2);
         if period > seen
             && self
                 .current
@@ -128,6 +135,10 @@ impl LatencyWindow {
         {
             // We won the rotation: empty the half that now holds `period`, and
             // the other one too if it is older than the previous period.
+            self.ends.store(
+                (period + 1).saturating_mul(self.half_nanos),
+                Ordering::Release,
+            );
             self.halves[(period % 2) as usize].clear(period);
             let other = &self.halves[((period + 1) % 2) as usize];
             if other.period.load(Ordering::Acquire) != period - 1 {
@@ -156,10 +167,7 @@ impl LatencyWindow {
 
     /// The delay to hedge at, or `None` while the window holds too few samples.
     pub(crate) fn delay_at(&self, now: Instant) -> Option<Duration> {
-        let period = self.period_of(now);
-        if period > self.current.load(Ordering::Acquire) {
-            self.advance(now);
-        }
+        self.advance(now);
         self.delay()
     }
 
@@ -172,26 +180,34 @@ impl LatencyWindow {
     }
 
     fn refresh(&self, period: u64) {
-        let live: Vec<&Half> = self
-            .halves
-            .iter()
-            .filter(|h| {
-                let p = h.period.load(Ordering::Acquire);
-                p == period || (period > 0 && p == period - 1)
-            })
-            .collect();
-        let total: u64 = live.iter().map(|h| h.count.load(Ordering::Relaxed)).sum();
+        let live = |h: &Half| {
+            let p = h.period.load(Ordering::Acquire);
+            p == period || (period > 0 && p == period - 1)
+        };
+        let [a, b] = [live(&self.halves[0]), live(&self.halves[1])];
+        let count = |h: &Half, on: bool| {
+            if on {
+                h.count.load(Ordering::Relaxed)
+            } else {
+                0
+            }
+        };
+        let total = count(&self.halves[0], a) + count(&self.halves[1], b);
         if total < self.min_samples.max(1) {
             self.delay_micros.store(UNARMED, Ordering::Release);
             return;
         }
         let target = ((self.percentile * total as f64).ceil() as u64).clamp(1, total);
+        let bucket = |h: &Half, on: bool, i: usize| {
+            if on {
+                u64::from(h.buckets[i].load(Ordering::Relaxed))
+            } else {
+                0
+            }
+        };
         let mut seen = 0u64;
         for i in 0..BUCKETS {
-            seen += live
-                .iter()
-                .map(|h| u64::from(h.buckets[i].load(Ordering::Relaxed)))
-                .sum::<u64>();
+            seen += bucket(&self.halves[0], a, i) + bucket(&self.halves[1], b, i);
             if seen >= target {
                 self.delay_micros.store(upper(i), Ordering::Release);
                 return;
