@@ -24,8 +24,20 @@
 //! it is refunded too. Reservations with later live ones behind them stay
 //! spent: the later waiters keep the admission times they were promised.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+// Under `--cfg loom`, the loom model (`tests/loom_gcra.rs`) compiles this
+// very file into itself (where `test` is set too) with loom's atomics and
+// mutex; the library itself always uses std's.
+#[cfg(all(loom, test))]
+use loom::sync::{
+    Mutex,
+    atomic::{AtomicU64, Ordering},
+};
+use std::sync::PoisonError;
+#[cfg(not(all(loom, test)))]
+use std::sync::{
+    Mutex,
+    atomic::{AtomicU64, Ordering},
+};
 
 use crate::error::InsufficientCapacity;
 use crate::limit::Limit;
@@ -74,6 +86,13 @@ pub(crate) struct Bucket {
     cancelled: Mutex<Vec<(u64, u64)>>,
 }
 
+/// Under loom, a spin is a yield to the model's scheduler.
+#[cfg(all(loom, test))]
+fn spin(_round: &mut u32) {
+    loom::thread::yield_now();
+}
+
+#[cfg(not(all(loom, test)))]
 #[inline]
 fn spin(round: &mut u32) {
     *round += 1;
@@ -313,7 +332,7 @@ pub(crate) fn try_acquire_sorted<T>(
     Ok(())
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
     use proptest::prelude::*;
