@@ -54,13 +54,28 @@ use limit::Limit;
 const T: u64 = 10; // interval
 const NOW: u64 = 1_000;
 
+/// `loom::model`, counting the interleavings it explores: prints the count
+/// and checks that there was more than one (the threads did race).
+fn model(name: &str, f: impl Fn() + Sync + Send + 'static) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let runs = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = runs.clone();
+    loom::model(move || {
+        counter.fetch_add(1, Ordering::Relaxed);
+        f();
+    });
+    let runs = runs.load(Ordering::Relaxed);
+    println!("{name}: {runs} interleavings");
+    assert!(runs > 1, "{name}: nothing raced");
+}
+
 fn bucket(burst: u32) -> Bucket {
     Bucket::new(&Limit { interval: T, burst })
 }
 
 #[test]
 fn racing_reservations_admit_exactly_the_burst() {
-    loom::model(|| {
+    model("racing_reservations_admit_exactly_the_burst", || {
         let b = Arc::new(bucket(1));
         let handles: Vec<_> = (0..2)
             .map(|_| {
@@ -80,53 +95,59 @@ fn racing_reservations_admit_exactly_the_burst() {
 
 #[test]
 fn racing_reservations_with_waits_queue_without_losing_a_slot() {
-    loom::model(|| {
-        let b = Arc::new(bucket(1));
-        let handles: Vec<_> = (0..2)
-            .map(|_| {
-                let b = b.clone();
-                thread::spawn(move || b.acquire(NOW, 1, u64::MAX).unwrap())
-            })
-            .collect();
-        let mut waits: Vec<u64> = handles.into_iter().map(|h| h.join().unwrap().0).collect();
-        waits.sort_unstable();
-        assert_eq!(waits, [0, T]);
-        assert_eq!(b.tat(), NOW + 2 * T);
-    });
+    model(
+        "racing_reservations_with_waits_queue_without_losing_a_slot",
+        || {
+            let b = Arc::new(bucket(1));
+            let handles: Vec<_> = (0..2)
+                .map(|_| {
+                    let b = b.clone();
+                    thread::spawn(move || b.acquire(NOW, 1, u64::MAX).unwrap())
+                })
+                .collect();
+            let mut waits: Vec<u64> = handles.into_iter().map(|h| h.join().unwrap().0).collect();
+            waits.sort_unstable();
+            assert_eq!(waits, [0, T]);
+            assert_eq!(b.tat(), NOW + 2 * T);
+        },
+    );
 }
 
 #[test]
 fn a_refund_racing_a_reservation_never_gives_the_other_slot_away() {
-    loom::model(|| {
-        let b = Arc::new(bucket(1));
-        // A is reserved first (admitted now); B waits behind it.
-        b.acquire(NOW, 1, 0).unwrap();
-        let (_, taken_b) = b.acquire(NOW, 1, u64::MAX).unwrap();
-        assert_eq!(taken_b.new, NOW + 2 * T);
-        let b1 = b.clone();
-        let refund = thread::spawn(move || b1.refund(taken_b, NOW));
-        let b2 = b.clone();
-        let racer = thread::spawn(move || b2.acquire(NOW, 1, u64::MAX).unwrap());
-        refund.join().unwrap();
-        let (wait, taken_c) = racer.join().unwrap();
-        if taken_c.old == taken_b.new {
-            // C reserved behind B: B's slot stays spent, C keeps its time.
-            assert_eq!(wait, 2 * T);
-            assert_eq!(b.tat(), NOW + 3 * T);
-        } else {
-            // C came after B's refund: it takes B's place.
-            assert_eq!(taken_c.old, NOW + T);
-            assert_eq!(wait, T);
-            assert_eq!(b.tat(), NOW + 2 * T);
-        }
-        // C's reservation is never lost.
-        assert_eq!(b.tat(), taken_c.new);
-    });
+    model(
+        "a_refund_racing_a_reservation_never_gives_the_other_slot_away",
+        || {
+            let b = Arc::new(bucket(1));
+            // A is reserved first (admitted now); B waits behind it.
+            b.acquire(NOW, 1, 0).unwrap();
+            let (_, taken_b) = b.acquire(NOW, 1, u64::MAX).unwrap();
+            assert_eq!(taken_b.new, NOW + 2 * T);
+            let b1 = b.clone();
+            let refund = thread::spawn(move || b1.refund(taken_b, NOW));
+            let b2 = b.clone();
+            let racer = thread::spawn(move || b2.acquire(NOW, 1, u64::MAX).unwrap());
+            refund.join().unwrap();
+            let (wait, taken_c) = racer.join().unwrap();
+            if taken_c.old == taken_b.new {
+                // C reserved behind B: B's slot stays spent, C keeps its time.
+                assert_eq!(wait, 2 * T);
+                assert_eq!(b.tat(), NOW + 3 * T);
+            } else {
+                // C came after B's refund: it takes B's place.
+                assert_eq!(taken_c.old, NOW + T);
+                assert_eq!(wait, T);
+                assert_eq!(b.tat(), NOW + 2 * T);
+            }
+            // C's reservation is never lost.
+            assert_eq!(b.tat(), taken_c.new);
+        },
+    );
 }
 
 #[test]
 fn racing_refunds_of_a_run_give_the_whole_run_back() {
-    loom::model(|| {
+    model("racing_refunds_of_a_run_give_the_whole_run_back", || {
         let b = Arc::new(bucket(1));
         let (_, first) = b.acquire(NOW, 1, 0).unwrap();
         let (_, second) = b.acquire(NOW, 1, u64::MAX).unwrap();
@@ -158,7 +179,7 @@ fn reserve_all(buckets: &[Bucket; 2], set: &[usize], max_wait: u64) -> Result<u6
 
 #[test]
 fn a_multi_bucket_reservation_refused_takes_nothing() {
-    loom::model(|| {
+    model("a_multi_bucket_reservation_refused_takes_nothing", || {
         let buckets = Arc::new([bucket(1), bucket(1)]);
         let both = {
             let b = buckets.clone();
@@ -179,7 +200,7 @@ fn a_multi_bucket_reservation_refused_takes_nothing() {
 
 #[test]
 fn the_lean_no_wait_path_is_all_or_nothing_too() {
-    loom::model(|| {
+    model("the_lean_no_wait_path_is_all_or_nothing_too", || {
         let buckets = Arc::new([bucket(1), bucket(2)]);
         let lean = {
             let b = buckets.clone();
@@ -198,7 +219,7 @@ fn the_lean_no_wait_path_is_all_or_nothing_too() {
 
 #[test]
 fn a_refund_waits_out_a_multi_bucket_lock() {
-    loom::model(|| {
+    model("a_refund_waits_out_a_multi_bucket_lock", || {
         let buckets = Arc::new([bucket(1), bucket(1)]);
         // A waiter holds a reservation in bucket 0 only.
         buckets[0].acquire(NOW, 1, 0).unwrap();
