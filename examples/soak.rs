@@ -2,7 +2,8 @@
 //! loopback, then the invariants that say nothing was lost or leaked.
 //!
 //! An axum server on 127.0.0.1:0 with ErrorEnrich → Deadline → Heartbeat →
-//! RateLimit (a per-tenant keyed limit, wait mode) → handler, composed with
+//! RateLimit (a per-tenant keyed limit of 400/s, wait mode up to 20 ms) →
+//! handler, composed with
 //! a plain `tower::ServiceBuilder`; a client with `--concurrency` HTTP/1.1
 //! keep-alive connections sending `--requests` requests in all, mixing
 //! tenants, caller deadlines and malformed deadline headers. Afterwards:
@@ -167,7 +168,7 @@ async fn main() -> Result<(), BoxError> {
 
     // The server: the recommended stack, composed by hand.
     let monitor = Monitor::builder().stall(Duration::from_secs(5)).build();
-    let per_tenant = KeyedLimiter::<u64>::builder(Limit::per_second(100)?.burst(10)?)
+    let per_tenant = KeyedLimiter::<u64>::builder(Limit::per_second(400)?.burst(20)?)
         .max_keys(1024)
         .build()?;
     let handled = Arc::new(AtomicU64::new(0));
