@@ -3,10 +3,10 @@
 //!
 //! An axum server on 127.0.0.1:0 with ErrorEnrich → Deadline → Heartbeat →
 //! RateLimit (a per-tenant keyed limit of 400/s, wait mode up to 20 ms) →
-//! handler, composed with
-//! a plain `tower::ServiceBuilder`; a client with `--concurrency` HTTP/1.1
-//! keep-alive connections sending `--requests` requests in all, mixing
-//! tenants, caller deadlines and malformed deadline headers. Afterwards:
+//! handler, composed with a plain `tower::ServiceBuilder`; a client with
+//! `--concurrency` HTTP/1.1 keep-alive connections sending `--requests`
+//! requests in all, mixing 64 tenants, hurried caller deadlines (2 ms) and
+//! malformed deadline headers. Afterwards:
 //!
 //! - every request got exactly one answer: 200 (admitted by the limiter),
 //!   429 (refused by it), 504 (a hurried caller's deadline passed while it
