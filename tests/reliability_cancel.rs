@@ -21,7 +21,10 @@ use atscale::core::{BoxError, Carrier, Context, Kind};
 use atscale::deadline::DeadlineLayer;
 use atscale::error::ErrorEnrichLayer;
 use atscale::heartbeat::Monitor;
-use atscale::ratelimit::{Clock, Limit, Limiter, RateLimitLayer};
+use atscale::ratelimit::{
+    Claims, Clock, Grant, Limit, Limiter, MemoryReceipt, MemoryStore, RateLimitBuilder,
+    RateLimitLayer, Refusal, Store,
+};
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Body, Frame};
@@ -540,5 +543,111 @@ async fn error_enrich_future_dropped_drops_the_inner_future() -> Result<(), BoxE
     assert!(!dropped.get());
     drop(fut);
     assert!(dropped.get());
+    Ok(())
+}
+
+/// A store that answers after a round trip (like a remote one): it reserves
+/// in memory at once, then waits for `gate` before answering. Its future,
+/// dropped mid-round-trip, gives the reservation back itself, as the
+/// `Store` contract asks.
+#[derive(Clone)]
+struct RoundTripStore {
+    gate: Gate,
+    dropped: Dropped,
+}
+
+/// A reservation made but not yet answered.
+struct InTransit(Option<Result<Grant<MemoryReceipt>, Refusal>>);
+
+impl Drop for InTransit {
+    fn drop(&mut self) {
+        if let Some(Ok(grant)) = self.0.take() {
+            if let Some(receipt) = grant.into_receipt() {
+                MemoryStore.refund(receipt);
+            }
+        }
+    }
+}
+
+type Answer = Result<Grant<MemoryReceipt>, Refusal>;
+
+impl Store for RoundTripStore {
+    type Bucket = Limiter;
+    type Receipt = MemoryReceipt;
+    type Acquire = Pin<Box<dyn Future<Output = Answer> + Send>>;
+
+    fn acquire(&self, claims: &Claims<'_, Limiter>, max_wait: Duration) -> Self::Acquire {
+        let mut answer = InTransit(Some(MemoryStore.acquire(claims, max_wait).into_inner()));
+        let gate = self.gate.clone();
+        let dropped = self.dropped.guard();
+        Box::pin(async move {
+            let _dropped = dropped;
+            gate.wait().await;
+            answer.0.take().expect("answered once")
+        })
+    }
+
+    fn refund(&self, receipt: MemoryReceipt) {
+        MemoryStore.refund(receipt);
+    }
+}
+
+/// The rate limit over an asynchronous store: dropped while the store's
+/// round trip is in flight, while waiting after it, and after admission.
+#[tokio::test(start_paused = true)]
+async fn rate_limit_over_an_async_store_dropped_at_every_await_point() -> Result<(), BoxError> {
+    let clock = Clock::tokio();
+    let limit = Limit::per_second(10)?.burst(1)?;
+    for cut in 0..4 {
+        let (real, twin) = (
+            Limiter::with_clock(limit, clock.clone()),
+            Limiter::with_clock(limit, clock.clone()),
+        );
+        real.try_acquire(1)?;
+        twin.try_acquire(1)?;
+        let store = RoundTripStore {
+            gate: Gate::new(),
+            dropped: Dropped::default(),
+        };
+        let (probe, head) = (Probe::default(), Gate::new());
+        let layer = RateLimitBuilder::with_store(store.clone())
+            .limiter(real.clone())
+            .max_waiters(1)
+            .build()?;
+        let mut svc = layer.layer(handler(probe.clone(), head.clone(), Gate::new()));
+        // 0: called, never polled
+        let mut fut = Box::pin(svc.ready().await?.call(Request::new(())));
+        if cut >= 1 {
+            // 1: the store's round trip is in flight (reserved, not answered)
+            assert!(poll_once(fut.as_mut()).await.is_pending());
+            assert!(!store.dropped.get());
+        }
+        if cut >= 2 {
+            // 2: answered "in 100 ms": waiting
+            store.gate.open();
+            assert!(poll_once(fut.as_mut()).await.is_pending());
+            assert!(store.dropped.get(), "the round trip's future is done with");
+        }
+        if cut >= 3 {
+            // 3: admitted, in the handler
+            tokio::time::advance(Duration::from_millis(100)).await;
+            assert!(poll_once(fut.as_mut()).await.is_pending());
+            assert_eq!(probe.calls.load(Ordering::SeqCst), 1);
+            twin.try_acquire(1)?;
+        }
+        drop(fut);
+        assert!(
+            store.dropped.get(),
+            "cut {cut}: the store's future was dropped"
+        );
+        assert_eq!(probe.calls.load(Ordering::SeqCst), usize::from(cut >= 3));
+        // The waiting place is free again (max_waiters 1), and the limiter
+        // is as if only the admitted had come.
+        let mut again = Box::pin(svc.ready().await?.call(Request::new(())));
+        store.gate.open();
+        assert!(poll_once(again.as_mut()).await.is_pending(), "cut {cut}");
+        drop(again);
+        same_admissions(&real, &twin).await;
+    }
     Ok(())
 }
