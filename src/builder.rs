@@ -1,7 +1,15 @@
 //! [`ServiceBuilderExt`]: the atscale layers as `ServiceBuilder` methods.
 
-use tower::ServiceBuilder;
+#[cfg(any(
+    feature = "deadline",
+    feature = "error",
+    feature = "hedge",
+    feature = "heartbeat",
+    feature = "ratelimit"
+))]
 use tower_layer::Stack;
+
+use tower::ServiceBuilder;
 
 #[cfg(feature = "deadline")]
 use atscale_deadline::DeadlineLayer;

@@ -52,7 +52,8 @@ use tower_service::Service;
 /// | `RESOURCE_EXHAUSTED` | [`RateLimited`] | the `RetryInfo` delay (1 s when absent) |
 /// | `UNAVAILABLE` with reason `STALLED` | [`Stalled`] | |
 /// | `UNAVAILABLE` with reason `OVERLOADED` | [`Overloaded`] | |
-/// | `CANCELLED` | [`Cancelled`] | |
+/// | `CANCELLED` "Timeout expired" without details (tonic's own server-side `grpc-timeout` enforcement) | [`DeadlineExceeded`] | `parent`: the deadline this call sent |
+/// | `CANCELLED` otherwise | [`Cancelled`] | |
 /// | `INVALID_ARGUMENT` with reason `BAD_REQUEST` | [`MalformedDeadline`] | the header was ours: the caller's request was bad |
 /// | anything else (an internal error, an upstream failure or exhausted hedge downstream, a server that is not atscale's) | none: the client stack makes it `Kind::Upstream` (502), and keeps that kind up through a server-mode ErrorEnrich | |
 ///
@@ -99,6 +100,11 @@ impl RemoteFailure {
             }
             (Code::Unavailable, Some("STALLED")) => Some(Arc::new(Stalled::new(Duration::ZERO))),
             (Code::Unavailable, Some("OVERLOADED")) => Some(Arc::new(Overloaded::new())),
+            // tonic's server enforces `grpc-timeout` itself, answering
+            // CANCELLED "Timeout expired" (no details): the deadline we sent.
+            (Code::Cancelled, None) if status.message() == "Timeout expired" => Some(Arc::new(
+                DeadlineExceeded::new(elapsed, elapsed, Origin::Parent),
+            )),
             (Code::Cancelled, _) => Some(Arc::new(Cancelled::new())),
             (Code::InvalidArgument, Some("BAD_REQUEST")) => Some(Arc::new(MalformedDeadline::new(
                 "grpc-timeout",
@@ -201,6 +207,12 @@ impl<S> Layer<S> for GrpcErrorsLayer {
 /// and most gRPC servers, answer errors before any message with); a status
 /// in the trailers of a streamed response is left to the gRPC client.
 ///
+/// tonic's `Channel` enforces the `grpc-timeout` header by itself, failing
+/// with `TimeoutExpired` (which tonic would make `UNAVAILABLE`): when it does,
+/// [`GrpcErrors`] fails with [`DeadlineExceeded`] for the deadline of the
+/// request's [`Context`](atscale_core::Context), the one the header came
+/// from, so the deadline is reported as such whichever timer fires first.
+///
 /// # Backpressure
 ///
 /// `poll_ready` delegates to the inner service.
@@ -240,9 +252,14 @@ where
     }
 
     fn call(&mut self, req: http::Request<ReqB>) -> Self::Future {
+        let deadline = req
+            .extensions()
+            .get::<atscale_core::Context>()
+            .and_then(atscale_core::Context::deadline);
         GrpcErrorsFuture {
             inner: self.inner.call(req),
             started: Instant::now(),
+            deadline,
         }
     }
 }
@@ -254,6 +271,7 @@ pin_project! {
         #[pin]
         inner: F,
         started: Instant,
+        deadline: Option<atscale_core::Deadline>,
     }
 }
 
@@ -266,7 +284,25 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let res = ready!(this.inner.poll(cx)).map_err(Into::into)?;
+        let res = match ready!(this.inner.poll(cx)) {
+            Ok(res) => res,
+            Err(err) => {
+                let err: BoxError = err.into();
+                // tonic's Channel enforces the `grpc-timeout` the deadline
+                // layer wrote, and may fire first: it is our deadline.
+                return Poll::Ready(Err(
+                    match (
+                        atscale_core::find::<tonic::TimeoutExpired>(&*err),
+                        this.deadline,
+                    ) {
+                        (Some(_), Some(deadline)) => {
+                            Box::new(DeadlineExceeded::at(*deadline, tokio::time::Instant::now()))
+                        }
+                        _ => err,
+                    },
+                ));
+            }
+        };
         match Status::from_header_map(res.headers()) {
             Some(status) if status.code() != Code::Ok => Poll::Ready(Err(Box::new(
                 RemoteFailure::new(status, this.started.elapsed()),

@@ -4,7 +4,7 @@
 //! | stack | layers, outermost first | use it for |
 //! | --- | --- | --- |
 //! | [`ServerStack`] | ErrorEnrich → Deadline (reads `grpc-timeout` and `x-deadline-ms`) → Heartbeat → RateLimit (optional) → your service | every axum `Router` (`Router::layer`) and tonic server (`Server::builder().layer`) |
-//! | [`ClientStack`] | ErrorEnrich (client) → Deadline (writes `grpc-timeout`) → RateLimit (optional) → BufferBody + Hedge (optional) → Heartbeat → [`GrpcErrors`](crate::remote::GrpcErrors) → tonic `Channel` | every tonic generated client (`FooClient::new(stack.layer(channel))`) |
+//! | [`ClientStack`] | ErrorEnrich (client) → Deadline (writes `grpc-timeout`) → RateLimit (optional) → BufferBody + Hedge (optional) → Heartbeat → [`GrpcErrors`] → tonic `Channel` | every tonic generated client (`FooClient::new(stack.layer(channel))`) |
 //!
 //! Both are `Clone + Debug` builders that implement `tower::Layer`; each
 //! layer's settings can be replaced (`with_*`), and the order cannot be
@@ -104,7 +104,9 @@ use std::time::Duration;
 use atscale_deadline::{Deadline, DeadlineLayer};
 use atscale_error::ErrorEnrich;
 use atscale_error::ErrorEnrichLayer;
-use atscale_error::mode::{Client, Server};
+#[cfg(feature = "tonic")]
+use atscale_error::mode::Client;
+use atscale_error::mode::Server;
 use atscale_heartbeat::{Heartbeat, Monitor};
 use atscale_ratelimit::{RateLimitLayer, Store};
 use http::HeaderName;
@@ -112,6 +114,8 @@ use tower_layer::{Identity, Layer};
 
 #[cfg(feature = "tonic")]
 use crate::remote::{GrpcErrors, GrpcErrorsLayer};
+#[cfg(feature = "tonic")]
+use atscale_error::Enriched;
 #[cfg(feature = "tonic")]
 use atscale_hedge::{BufferBody, BufferBodyLayer, Hedge, HedgeLayer, InvalidConfig};
 #[cfg(feature = "tonic")]
@@ -299,7 +303,8 @@ pub type Transport<S> = Heartbeat<GrpcErrors<TonicBody<S>>>;
 
 /// The recommended tonic client stack: ErrorEnrich (client mode) → Deadline
 /// (client) → RateLimit (when set) → BufferBody + Hedge (when set) →
-/// Heartbeat → [`GrpcErrors`] → the `Channel`.
+/// Heartbeat → [`GrpcErrors`] → the `Channel`, failing with
+/// `tonic::Status` ([`StatusErrors`]).
 ///
 /// Use it for every tonic generated client a service holds
 /// (`HealthClient::new(stack.layer(channel))`), and for calls to several
@@ -316,8 +321,15 @@ pub type Transport<S> = Heartbeat<GrpcErrors<TonicBody<S>>>;
 /// - and fails, when the server answers an error status, with a
 ///   [`RemoteFailure`](crate::remote::RemoteFailure) that keeps the
 ///   downstream kind, service and error id; every failure is logged (at
-///   `DEBUG`) with an id. The generated client still returns a
-///   `tonic::Status` with the server's code and details.
+///   `DEBUG`) with an id.
+///
+/// The stack fails with a `tonic::Status` ([`StatusErrors`]): the server's
+/// own status (code, message, details) when the server answered one, else
+/// the status of the local failure (`DEADLINE_EXCEEDED` for a deadline that
+/// passed here, `RESOURCE_EXHAUSTED` for the rate limit, `UNAVAILABLE` for
+/// a refused connection), so a generated client returns the right code
+/// rather than tonic's `UNKNOWN`. Its `source()` is the whole chain (the
+/// [`Enriched`] error and what it wraps).
 ///
 /// ```
 /// use std::time::Duration;
@@ -437,7 +449,7 @@ impl<R, C: Clone> ClientStack<R, GrpcHedgeLayer<C>> {
     pub fn replicas<S>(
         &self,
         replicas: Vec<S>,
-    ) -> Result<ErrorEnrich<Deadline<R::Service>, Client>, InvalidConfig>
+    ) -> Result<StatusErrors<ErrorEnrich<Deadline<R::Service>, Client>>, InvalidConfig>
     where
         R: Layer<BufferBody<Hedge<Transport<S>, C>>>,
     {
@@ -449,7 +461,9 @@ impl<R, C: Clone> ClientStack<R, GrpcHedgeLayer<C>> {
         let inner = self.hedge.buffer.layer(hedged);
         let inner = self.rate_limit.layer(inner);
         let inner = self.deadline.layer(inner);
-        Ok(self.enrich.layer(inner))
+        Ok(StatusErrors {
+            inner: self.enrich.layer(inner),
+        })
     }
 }
 
@@ -467,14 +481,16 @@ where
     H: Layer<Transport<S>>,
     R: Layer<H::Service>,
 {
-    type Service = ErrorEnrich<Deadline<R::Service>, Client>;
+    type Service = StatusErrors<ErrorEnrich<Deadline<R::Service>, Client>>;
 
     fn layer(&self, channel: S) -> Self::Service {
         let inner = transport(&self.monitor, channel);
         let inner = self.hedge.layer(inner);
         let inner = self.rate_limit.layer(inner);
         let inner = self.deadline.layer(inner);
-        self.enrich.layer(inner)
+        StatusErrors {
+            inner: self.enrich.layer(inner),
+        }
     }
 }
 
@@ -563,4 +579,98 @@ where
     fn call(&mut self, req: http::Request<B>) -> S::Future {
         self.inner.call(req.map(tonic::body::Body::new))
     }
+}
+
+/// The outermost layer of a [`ClientStack`]: fails with a `tonic::Status`
+/// rather than the [`Enriched`] error the client-mode ErrorEnrich gives.
+///
+/// The status is the one a server answered, when the chain holds one
+/// (from [`GrpcErrors`]), otherwise [`Enriched::to_status`]: the kind's
+/// code, the user-safe message, rich details. Either way its `source()` is
+/// the [`Enriched`] error. tonic's generated clients take a `Status` error
+/// as it is; any other error type they turn into `UNKNOWN`.
+///
+/// # Backpressure
+///
+/// `poll_ready` delegates to the inner service.
+#[cfg(feature = "tonic")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tonic")))]
+#[derive(Clone, Debug)]
+pub struct StatusErrors<S> {
+    inner: S,
+}
+
+#[cfg(feature = "tonic")]
+impl<S> StatusErrors<S> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes `self`, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+#[cfg(feature = "tonic")]
+impl<S, Req> Service<Req> for StatusErrors<S>
+where
+    S: Service<Req, Error = Enriched>,
+{
+    type Response = S::Response;
+    type Error = tonic::Status;
+    type Future = StatusFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), tonic::Status>> {
+        self.inner.poll_ready(cx).map_err(to_status)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        StatusFuture {
+            inner: self.inner.call(req),
+        }
+    }
+}
+
+#[cfg(feature = "tonic")]
+pin_project_lite::pin_project! {
+    /// The response future of [`StatusErrors`].
+    #[derive(Debug)]
+    pub struct StatusFuture<F> {
+        #[pin]
+        inner: F,
+    }
+}
+
+#[cfg(feature = "tonic")]
+impl<F, T> std::future::Future for StatusFuture<F>
+where
+    F: std::future::Future<Output = Result<T, Enriched>>,
+{
+    type Output = Result<T, tonic::Status>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
+        self.project().inner.poll(cx).map_err(to_status)
+    }
+}
+
+#[cfg(feature = "tonic")]
+fn to_status(err: Enriched) -> tonic::Status {
+    let mut status = match crate::core::find::<tonic::Status>(&err) {
+        Some(remote) => tonic::Status::with_details_and_metadata(
+            remote.code(),
+            remote.message(),
+            bytes::Bytes::copy_from_slice(remote.details()),
+            remote.metadata().clone(),
+        ),
+        None => err.to_status(),
+    };
+    status.set_source(Arc::new(err));
+    status
 }

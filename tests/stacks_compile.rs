@@ -215,3 +215,37 @@ async fn a_downstream_failure_comes_back_as_its_status_and_its_kind() {
     assert!(limited.retry_after() > Duration::from_secs(1));
     assert_eq!(client.monitor().counts().error(), 1);
 }
+
+#[tokio::test]
+async fn a_deadline_that_passes_is_deadline_exceeded_for_the_generated_client() {
+    // A server that never answers.
+    let hang = tower::layer::layer_fn(|_inner: tonic::service::Routes| {
+        tower::service_fn(|_req: http::Request<tonic::body::Body>| async {
+            std::future::pending::<()>().await;
+            Ok::<http::Response<tonic::body::Body>, BoxError>(http::Response::default())
+        })
+    });
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let serve = Server::builder()
+        .layer(
+            ServiceBuilder::new()
+                .layer(stack::server("hangs", Duration::from_secs(10)))
+                .layer(hang),
+        )
+        .add_service(health)
+        .serve_with_incoming(TcpIncoming::from(listener));
+    tokio::spawn(serve);
+
+    let client = stack::client("caller", Duration::from_millis(60));
+    let mut health = HealthClient::new(client.layer(channel(addr).await));
+    for _ in 0..3 {
+        // Whichever timer fires first (the stack's, tonic's on the channel,
+        // or the server's), the caller sees a deadline, not UNKNOWN.
+        let status = check(&mut health).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+        let chain = std::error::Error::source(&status).unwrap();
+        assert_eq!(Kind::of(chain), Kind::DeadlineExceeded);
+    }
+}
