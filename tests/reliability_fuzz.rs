@@ -6,8 +6,9 @@
 //!
 //! Parsers covered: `grpc-timeout` and the millisecond deadline header (the
 //! codec functions, and the whole `DeadlineLayer` on a request carrying the
-//! value), error ids quoted back by users (`ErrorId: FromStr`), and the
-//! trusted proxy header of the rate limit's `PeerIp`.
+//! value), error ids quoted back by users (`ErrorId: FromStr`), the trusted
+//! proxy header of the rate limit's `PeerIp`, and the request content type
+//! by which `ErrorEnrich` picks a gRPC status or a problem document.
 //!
 //! Rerun with more mutations: `RELIABILITY_FUZZ_ROUNDS=20000 cargo test --test reliability_fuzz`.
 
@@ -17,7 +18,7 @@ use std::time::Duration;
 use atscale::core::{BoxError, Context, Kind};
 use atscale::deadline::DeadlineLayer;
 use atscale::deadline::codec::{parse_grpc_timeout, parse_millis};
-use atscale::error::ErrorId;
+use atscale::error::{ErrorEnrichLayer, ErrorId};
 use atscale::ratelimit::{PeerIp, RequestKey};
 use http::{HeaderName, HeaderValue, Request};
 use tower::{Layer, ServiceExt, service_fn};
@@ -214,6 +215,15 @@ fn forwarded_oracle(lines: &[HeaderValue], peer: IpAddr) -> IpAddr {
         .unwrap_or(peer)
 }
 
+/// gRPC by content type, as `ErrorEnrich` documents it: `application/grpc`
+/// (any case), alone or followed by `+`, `-` or `;` (a suffix, gRPC-Web,
+/// parameters).
+fn grpc_oracle_ct(v: &[u8]) -> bool {
+    v.len() >= 16
+        && v[..16].eq_ignore_ascii_case(b"application/grpc")
+        && matches!(v.get(16), None | Some(b'+' | b'-' | b';'))
+}
+
 // ---------------------------------------------------------------- tests
 
 #[test]
@@ -376,5 +386,52 @@ async fn deadline_layer_on_fuzzed_headers() -> Result<(), BoxError> {
         }
     }
     assert!(checked > 10_000, "{checked}");
+    Ok(())
+}
+
+/// Failing requests with fuzzed content types through a server-mode
+/// `ErrorEnrich`: a gRPC one gets a trailers-only answer (HTTP 200, its own
+/// content type back, `grpc-status`), anything else a problem document; a
+/// content type never makes the answer anything else.
+#[tokio::test]
+async fn error_enrich_picks_grpc_or_problem_by_content_type() -> Result<(), BoxError> {
+    let svc = ErrorEnrichLayer::new("fuzz").layer(service_fn(|_req: Request<()>| async {
+        Err::<http::Response<http_body_util::Empty<bytes::Bytes>>, _>(BoxError::from("failed"))
+    }));
+    let (mut grpc, mut problems) = (0, 0);
+    for v in inputs("content-type.txt", 7).into_iter().take(30_000) {
+        let Ok(value) = HeaderValue::from_bytes(&v) else {
+            continue;
+        };
+        let req = Request::builder()
+            .header("content-type", value.clone())
+            .body(())?;
+        let res = svc.clone().oneshot(req).await?;
+        let what = v.escape_ascii().to_string();
+        if grpc_oracle_ct(&v) {
+            assert_eq!(res.status(), http::StatusCode::OK, "{what}");
+            assert_eq!(res.headers()["content-type"], value, "{what}");
+            assert_eq!(res.headers()["grpc-status"], "13", "{what}");
+            grpc += 1;
+        } else {
+            assert_eq!(
+                res.status(),
+                http::StatusCode::INTERNAL_SERVER_ERROR,
+                "{what}"
+            );
+            assert_eq!(
+                res.headers()["content-type"],
+                "application/problem+json",
+                "{what}"
+            );
+            assert!(res.headers().get("grpc-status").is_none(), "{what}");
+            problems += 1;
+        }
+    }
+    println!("content types: {grpc} answered as gRPC, {problems} as problem documents");
+    assert!(
+        grpc > 1_000 && problems > 1_000,
+        "{grpc} gRPC, {problems} problems"
+    );
     Ok(())
 }
