@@ -15,6 +15,24 @@
 //! on each crate's integration with them; `full` (on by default) brings
 //! everything.
 //!
+//! # Stacks
+//!
+//! The layers are meant to be used together, in one order:
+//!
+//! - [`stack::server`] (a [`ServerStack`](stack::ServerStack)): ErrorEnrich
+//!   → Deadline → Heartbeat → RateLimit, for every axum `Router` and tonic
+//!   server, in one line;
+//! - [`stack::client`] (a [`ClientStack`](stack::ClientStack)): ErrorEnrich
+//!   → Deadline → RateLimit → Hedge → Heartbeat, for every tonic `Channel`,
+//!   in one line;
+//! - [`ServiceBuilderExt`] for stacks of your own
+//!   (`.enrich_errors(..).deadline(..).multi_rate_limit(..).hedge(..).heartbeat(..)`);
+//!   the [`stack`] module says which orders the compiler refuses and which
+//!   ones silently misbehave;
+//! - [`remote`]: failures a downstream gRPC service answered, back in the
+//!   shared vocabulary, so a gateway answers a downstream deadline with a
+//!   504 and a downstream rate limit with a 429.
+//!
 //! # Example
 //!
 //! ```
@@ -112,6 +130,8 @@ pub mod prelude {
 
     #[cfg(feature = "error")]
     pub use atscale_error::{Enriched, ErrorEnrichLayer};
+
+    pub use crate::ServiceBuilderExt;
 }
 
 /// The README's examples, compiled as doctests so they cannot rot.
