@@ -40,6 +40,10 @@ type Frames = Pin<Box<dyn futures_util::Stream<Item = Result<Frame<Bytes>, BoxEr
 /// A body of `items`, each after the body has once been pending, so that
 /// what came before an error has been flushed to the client by then.
 fn frames(items: Vec<Result<&'static str, &'static str>>) -> StreamBody<Frames> {
+    StreamBody::new(frame_stream(items))
+}
+
+fn frame_stream(items: Vec<Result<&'static str, &'static str>>) -> Frames {
     let items = futures_util::stream::iter(items).then(|item| async move {
         tokio::task::yield_now().await;
         match item {
@@ -47,7 +51,7 @@ fn frames(items: Vec<Result<&'static str, &'static str>>) -> StreamBody<Frames> 
             Err(e) => Err(BoxError::from(format!("{e}: {SECRET}"))),
         }
     });
-    StreamBody::new(Box::pin(items))
+    Box::pin(items)
 }
 
 /// The faulty application: one route per way to fail.
@@ -73,6 +77,11 @@ fn app(
                     Ok("partial"),
                     Err("disk read failed"),
                 ]))),
+                "/body-hang" => {
+                    let first = frame_stream(vec![Ok("partial")]);
+                    let body: Frames = Box::pin(first.chain(futures_util::stream::pending()));
+                    Ok(Response::new(StreamBody::new(body)))
+                }
                 _ => {
                     let mut res = Response::new(frames(vec![]));
                     *res.status_mut() = StatusCode::NOT_FOUND;
@@ -299,6 +308,17 @@ async fn http2_connection_survives_even_a_body_broken_mid_stream() -> Result<(),
         assert_eq!(res.status(), StatusCode::OK);
         assert!(res.into_body().collect().await.is_err());
     }
+    // So does a body that hangs mid-stream: the stall watchdog cuts it.
+    let stalled = server.monitor.counts().stalled();
+    send.ready().await?;
+    let res = send.send_request(get("/body-hang", &[])).await?;
+    assert_eq!(res.status(), StatusCode::OK);
+    let mut body = res.into_body();
+    let first = body.frame().await.expect("a frame")?;
+    assert_eq!(first.into_data().ok().as_deref(), Some(&b"partial"[..]));
+    assert!(body.collect().await.is_err(), "cut by the watchdog");
+    server.monitor.wait_in_flight(0).await;
+    assert_eq!(server.monitor.counts().stalled(), stalled + 1);
     // Concurrent faults on the same connection, all answered.
     let mut calls = Vec::new();
     for (path, headers, status, code) in FAULTS {
