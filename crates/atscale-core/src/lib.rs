@@ -39,6 +39,27 @@
 //! assert_eq!(outcome.unwrap_err(), Kind::DeadlineExceeded);
 //! # }
 //! ```
+//!
+//! # Errors
+//!
+//! This crate has no layer; it defines the errors the layers return, and
+//! what each maps to ([`Kind::of`] finds the first of them anywhere in a
+//! `source()` chain; [`Kind::http_status`], [`Kind::grpc_code`]):
+//!
+//! | error | [`Kind`] | HTTP | gRPC | returned by |
+//! | --- | --- | --- | --- | --- |
+//! | [`DeadlineExceeded`], [`Interrupted::DeadlineExceeded`] | `DeadlineExceeded` | 504 | `DEADLINE_EXCEEDED` | the deadline layer, [`Context::run`] |
+//! | [`MalformedDeadline`] | `BadRequest` | 400 | `INVALID_ARGUMENT` | the deadline layer |
+//! | [`RateLimited`] | `RateLimited` | 429 + `Retry-After` | `RESOURCE_EXHAUSTED` | the rate limit |
+//! | [`Overloaded`] | `Overloaded` | 503 | `UNAVAILABLE` | the rate limit (queue or key table full) |
+//! | [`Stalled`] | `Stalled` | 503 | `UNAVAILABLE` | the heartbeat's watchdog |
+//! | [`HedgeExhausted`] | `HedgeExhausted` | 502 | `UNAVAILABLE` | the hedge |
+//! | [`Cancelled`], [`Interrupted::Cancelled`] | `Cancelled` | 499 | `CANCELLED` | the rate limit, [`Context::run`] |
+//! | none of them, on a client | `Upstream` | 502 | `UNAVAILABLE` | (classified by ErrorEnrich) |
+//! | none of them, on a server | `Internal` | 500 | `INTERNAL` | (classified by ErrorEnrich) |
+//!
+//! [`find`] reaches any of them, with its details (`retry_after`, the
+//! deadline's [`Origin`]), through wrapping errors.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod carrier;
