@@ -79,16 +79,21 @@
 //!   ```
 //! - **A layer over a request type that cannot carry a context**: every
 //!   layer needs [`Carrier`](crate::core::Carrier) (implemented for
-//!   `http::Request`), the hedge [`Replay`](crate::hedge::Replay) too.
+//!   `http::Request`), the hedge [`Replay`](crate::hedge::Replay) too; the
+//!   heartbeat needs a response it can follow to its end
+//!   ([`Track`](crate::heartbeat::Track): `http::Response` and unary types).
+//! - **ErrorEnrich in client mode where a server needs an answer**: the
+//!   client mode fails with [`Enriched`], so `Router::layer` refuses it like
+//!   any failing layer.
 //!
 //! These compile, and **silently misbehave**:
 //!
 //! | mistake | what happens |
 //! | --- | --- |
 //! | ErrorEnrich not outermost on a **tonic** server (tonic accepts failing layers) | an error of an outer layer resets the HTTP/2 stream: the client sees `UNKNOWN`/`INTERNAL` with no id, nothing is logged |
-//! | Hedge outside Deadline (client) | each attempt gets its own deadline: a request can run `attempts ×` its budget, and the deadline sent downstream restarts with each hedge |
+//! | Hedge outside Deadline (client) | each attempt gets its own deadline, counted from when it was sent: the call can outlive its budget by the hedge delays, and each hedge sends a fresh `grpc-timeout` downstream (unless the request being served caps it) |
 //! | RateLimit inside Hedge (client) | every hedge spends a token: the extra load the hedge budget allows is charged to the limit and can make the hedge itself rate-limited |
-//! | RateLimit outside Deadline | the rate limit does not know the deadline: a request may wait for a token past its deadline instead of failing at once with 429 and `Retry-After` |
+//! | RateLimit outside Deadline | the rate limit does not see this hop's deadline (only a served request's, on a client): a request may wait for a token past its deadline instead of failing at once with 429 and `Retry-After`, and the wait is not charged to it |
 //! | RateLimit outside Heartbeat (server) | requests that wait for a token or are rejected are invisible to the monitor: `in_flight` and health look fine while callers queue |
 //! | Heartbeat outside Hedge (client) | the monitor sees one request per call, not one per attempt: a slow replica's stalls are hidden behind the hedge that beat it |
 //! | Heartbeat's stall limit shorter than the rate limit's `max_wait` (server) | a request waiting for its token shows no progress and is cut as stalled (503) instead of served or answered 429 |
