@@ -15,6 +15,8 @@
 //!   what reached the limiter, and the handler ran once per admitted request;
 //! - the heartbeat monitor shows zero in flight and finished = started;
 //! - the runtime's alive-task count is back at its baseline;
+//! - once refilled, every tenant's bucket is idle (no reservation, no handle
+//!   left behind) and the keyed limiter drops them all;
 //! - resident memory is flat from the middle of the run to its end.
 //!
 //! It prints the figures and exits with status 1 if an invariant fails.
@@ -230,6 +232,12 @@ async fn main() -> Result<(), BoxError> {
     }
     let after_tasks = alive_tasks();
     monitor.wait_in_flight(0).await;
+    // Once every bucket has had time to refill (burst × interval, plus the
+    // longest wait granted), each tenant's key is idle: no reservation and
+    // no handle left behind, so the table can drop them all.
+    let keys = per_tenant.len();
+    tokio::time::sleep(Duration::from_millis(50 + 20 + 30)).await;
+    let evicted = per_tenant.evict_idle();
 
     let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let (sent, ok, limited, expired, bad, other) = (
@@ -258,8 +266,9 @@ async fn main() -> Result<(), BoxError> {
     println!(
         "  limiter: admitted {handled} + refused {limited} + left while waiting {expired} = {} of {reached_limiter} that reached it; {} tenant keys",
         handled + limited + expired,
-        per_tenant.len()
+        keys
     );
+    println!("  keys: {keys} tenants, {evicted} idle and evicted once refilled");
     println!(
         "  heartbeat: started {}, finished {}, in flight {}, ok {}, error {}, cancelled {}, stalled {}",
         counts.started(),
@@ -307,6 +316,10 @@ async fn main() -> Result<(), BoxError> {
     check(
         after_tasks == baseline_tasks,
         "the alive-task count is back at its baseline",
+    );
+    check(
+        evicted == keys && per_tenant.is_empty(),
+        "every tenant's bucket idle once refilled (nothing reserved or held)",
     );
     // Flat: the second half may add allocator slack, never a per-request cost
     // (a leak of 40 bytes per request would add 4 MB over 100 000).
