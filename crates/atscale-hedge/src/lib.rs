@@ -12,9 +12,9 @@
 //!   sends every attempt at once;
 //! - **how many**: up to [`max_attempts`](HedgeBuilder::max_attempts) (2 by
 //!   default, at most 5 as in gRPC);
-//! - **how much**: a [`Budget`] of extra load counted over the last requests
-//!   (5% of the last 1,000 by default), with a per-second floor so quiet
-//!   services can hedge; when latency shifts for everyone, the budget stops
+//! - **how much**: a [`Budget`] of extra load counted in requests (at most
+//!   5% of any 1,000 consecutive requests by default), with a per-second
+//!   floor so quiet services can hedge; when latency shifts for everyone, the budget stops
 //!   a hedge storm from doubling the load on a struggling backend;
 //! - **which outcomes count**: a [`Classify`] predicate sorts outcomes into
 //!   good (wins), non-fatal (keep waiting, send the next hedge now) and fatal

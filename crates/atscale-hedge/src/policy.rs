@@ -103,18 +103,26 @@ impl From<Adaptive> for Delay {
 
 /// How much extra load hedges may add.
 ///
-/// A hedge is sent only while the hedges sent during the last `window`
-/// requests stay below `ratio × window` — or below `min_per_second` per
-/// second over the time those requests took, whichever allows more, so a
-/// quiet service can still hedge. Counting in requests rather than seconds is
-/// what makes the budget hold right after a latency shift: a window measured
-/// in time would still hold the fast requests from before the shift and lend
-/// their allowance to the slow requests after it.
+/// Every hedge is charged to the request it copies, and is sent only if
+/// every run of `window` consecutive requests around that request then
+/// carries at most `ratio × window` hedges — or `min_per_second` per second
+/// over the time those requests took, whichever allows more, so a quiet
+/// service can still hedge. The share is also checked against the requests
+/// actually seen, so a service that just started cannot borrow from requests
+/// to come.
 ///
-/// Concretely, with the default `ratio(0.05)` and `window(1000)`: in every
-/// run of 1,000 consecutive requests at most 50 hedges are sent (once 1,000
-/// requests have been seen; before that, 5% of those seen, or the
-/// per-second minimum).
+/// Counting in requests rather than seconds is what makes the budget hold
+/// right after a latency shift: a window measured in time would still hold
+/// the fast requests from before the shift and lend their allowance to the
+/// slow requests after it (tower's hedge sends 28% extra in the first 2,000
+/// requests after a 10x slowdown; this budget 5.0%).
+///
+/// Concretely, with the default `ratio(0.05)` and `window(1000)`: any 1,000
+/// consecutive requests carry at most 50 hedges, so any 2,000 at most 100.
+/// A request the budget refuses asks again one delay later, while it still
+/// waits; the first requests to ask get the budget, so in a slowdown that
+/// makes everyone slow, a percentile above `1 - ratio` leaves room for the
+/// slowest.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Budget {
     pub(crate) kind: BudgetKind,

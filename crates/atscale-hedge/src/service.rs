@@ -49,7 +49,8 @@ impl<S: Clone> Backends<S> {
 /// Built by [`HedgeLayer`](crate::HedgeLayer) around one service, or by
 /// [`HedgeLayer::replicas`](crate::HedgeLayer::replicas) around several
 /// replicas of a backend. Clones share the latency window, the budget and the
-/// counters of the layer they came from.
+/// counters of the layer they came from (and, around replicas, the list of
+/// replicas: for the service to be `Send`, the replicas must be `Sync`).
 ///
 /// # Backpressure
 ///
