@@ -30,8 +30,7 @@ use std::task::{Context as TaskContext, Poll, ready};
 use std::time::{Duration, Instant};
 
 use atscale_core::{
-    BoxError, Cancelled, DeadlineExceeded, Kind, MalformedDeadline, Origin, Overloaded,
-    RateLimited, Stalled,
+    BoxError, Cancelled, DeadlineExceeded, Kind, Origin, Overloaded, RateLimited, Stalled,
 };
 use pin_project_lite::pin_project;
 use tonic::{Code, Status};
@@ -54,12 +53,14 @@ use tower_service::Service;
 /// | `UNAVAILABLE` with reason `OVERLOADED` | [`Overloaded`] | |
 /// | `CANCELLED` "Timeout expired" without details (tonic's own server-side `grpc-timeout` enforcement) | [`DeadlineExceeded`] | `parent`: the deadline this call sent |
 /// | `CANCELLED` otherwise | [`Cancelled`] | |
-/// | `INVALID_ARGUMENT` with reason `BAD_REQUEST` | [`MalformedDeadline`] | the header was ours: the caller's request was bad |
 /// | anything else (an internal error, an upstream failure or exhausted hedge downstream, a server that is not atscale's) | none: the client stack makes it `Kind::Upstream` (502), and keeps that kind up through a server-mode ErrorEnrich | |
 ///
-/// The budget and elapsed time of the [`DeadlineExceeded`] are the caller's
-/// view (how long the call ran): the downstream's own budget does not cross
-/// the wire.
+/// The durations in these errors (a deadline's budget and elapsed time, a
+/// stall's idle time) are the caller's view, how long the call ran: the
+/// downstream's own figures do not cross the wire. A downstream
+/// `INVALID_ARGUMENT` stays outside the vocabulary: the request it refused
+/// was this service's, so this service's caller is not to blame (502, not
+/// 400).
 ///
 /// `Display` names the downstream service (the `ErrorInfo` domain), the
 /// code, the layer that failed there and its error id; it never holds the
@@ -98,7 +99,7 @@ impl RemoteFailure {
                     .unwrap_or(Duration::from_secs(1));
                 Some(Arc::new(RateLimited::new(after)))
             }
-            (Code::Unavailable, Some("STALLED")) => Some(Arc::new(Stalled::new(Duration::ZERO))),
+            (Code::Unavailable, Some("STALLED")) => Some(Arc::new(Stalled::new(elapsed))),
             (Code::Unavailable, Some("OVERLOADED")) => Some(Arc::new(Overloaded::new())),
             // tonic's server enforces `grpc-timeout` itself, answering
             // CANCELLED "Timeout expired" (no details): the deadline we sent.
@@ -106,10 +107,6 @@ impl RemoteFailure {
                 DeadlineExceeded::new(elapsed, elapsed, Origin::Parent),
             )),
             (Code::Cancelled, _) => Some(Arc::new(Cancelled::new())),
-            (Code::InvalidArgument, Some("BAD_REQUEST")) => Some(Arc::new(MalformedDeadline::new(
-                "grpc-timeout",
-                "rejected downstream",
-            ))),
             _ => None,
         };
         let service = info.map(|i| i.domain.clone());
@@ -309,5 +306,146 @@ where
             ))),
             _ => Poll::Ready(Ok(res)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use tonic_types::{ErrorDetail, ErrorInfo, RequestInfo, RetryInfo};
+
+    use super::*;
+
+    fn atscale_status(code: Code, reason: &str, extra: Vec<ErrorDetail>) -> Status {
+        let metadata = HashMap::from([
+            ("layer".to_owned(), "ratelimit".to_owned()),
+            ("deadline_origin".to_owned(), "grpc-timeout".to_owned()),
+        ]);
+        let mut details = vec![
+            ErrorInfo::new(reason, "inventory", metadata).into(),
+            RequestInfo::new("0123456789abcdef0123456789abcdef", "").into(),
+        ];
+        details.extend(extra);
+        Status::with_error_details_vec(code, "safe message", details)
+    }
+
+    fn kind(status: Status) -> Option<Kind> {
+        RemoteFailure::new(status, Duration::from_millis(7)).kind()
+    }
+
+    #[test]
+    fn an_atscale_status_keeps_its_kind_service_layer_and_id() {
+        let after = Duration::from_millis(1500);
+        let status = atscale_status(
+            Code::ResourceExhausted,
+            "RATE_LIMITED",
+            vec![RetryInfo::new(Some(after)).into()],
+        );
+        let failure = RemoteFailure::new(status, Duration::from_millis(7));
+        assert_eq!(failure.kind(), Some(Kind::RateLimited));
+        assert_eq!(
+            atscale_core::find::<RateLimited>(&failure).map(RateLimited::retry_after),
+            Some(after)
+        );
+        assert_eq!(failure.service(), Some("inventory"));
+        assert_eq!(failure.layer(), Some("ratelimit"));
+        assert_eq!(failure.error_id(), Some("0123456789abcdef0123456789abcdef"));
+        assert_eq!(
+            failure.to_string(),
+            "inventory answered ResourceExhausted from its ratelimit layer \
+             (error id 0123456789abcdef0123456789abcdef)"
+        );
+        assert!(!failure.to_string().contains("safe message"));
+        assert_eq!(failure.status().code(), Code::ResourceExhausted);
+    }
+
+    #[test]
+    fn codes_and_reasons_map_to_the_vocabulary() {
+        let deadline = atscale_status(Code::DeadlineExceeded, "DEADLINE_EXCEEDED", vec![]);
+        let failure = RemoteFailure::new(deadline, Duration::from_millis(7));
+        let exceeded = atscale_core::find::<DeadlineExceeded>(&failure).unwrap();
+        // The downstream's deadline was inherited: from this side, the parent's.
+        assert_eq!(exceeded.origin(), Origin::Parent);
+        assert_eq!(exceeded.elapsed(), Duration::from_millis(7));
+
+        let cases = [
+            (Code::Unavailable, "STALLED", Some(Kind::Stalled)),
+            (Code::Unavailable, "OVERLOADED", Some(Kind::Overloaded)),
+            (Code::Unavailable, "UPSTREAM", None),
+            (Code::Unavailable, "HEDGE_EXHAUSTED", None),
+            (Code::Cancelled, "CANCELLED", Some(Kind::Cancelled)),
+            (Code::InvalidArgument, "BAD_REQUEST", None),
+            (Code::Internal, "INTERNAL", None),
+        ];
+        for (code, reason, expected) in cases {
+            assert_eq!(
+                kind(atscale_status(code, reason, vec![])),
+                expected,
+                "{reason}"
+            );
+        }
+    }
+
+    #[test]
+    fn statuses_of_other_servers_map_by_code_alone() {
+        assert_eq!(
+            kind(Status::deadline_exceeded("slow")),
+            Some(Kind::DeadlineExceeded)
+        );
+        assert_eq!(
+            kind(Status::resource_exhausted("quota")),
+            Some(Kind::RateLimited)
+        );
+        assert_eq!(kind(Status::unavailable("down")), None);
+        assert_eq!(kind(Status::internal("bug")), None);
+        // tonic's own server-side grpc-timeout enforcement.
+        assert_eq!(
+            kind(Status::cancelled("Timeout expired")),
+            Some(Kind::DeadlineExceeded)
+        );
+        assert_eq!(kind(Status::cancelled("gone")), Some(Kind::Cancelled));
+        let failure = RemoteFailure::new(Status::internal("bug"), Duration::ZERO);
+        assert_eq!(
+            failure.to_string(),
+            "a downstream service answered Internal"
+        );
+    }
+
+    #[tokio::test]
+    async fn tonic_timeouts_and_error_heads_become_errors_and_the_rest_passes() {
+        use tower::{ServiceExt, service_fn};
+
+        let transport = service_fn(|req: http::Request<()>| async move {
+            match req.uri().path() {
+                "/timeout" => Err(BoxError::from(tonic::TimeoutExpired(()))),
+                "/refused" => Err(BoxError::from("connection refused")),
+                "/failed" => Ok(Status::unavailable("down").into_http::<()>()),
+                _ => Ok(http::Response::new(())),
+            }
+        });
+        let svc = GrpcErrorsLayer::new().layer(transport);
+        let served =
+            atscale_core::Context::new().with_budget(Duration::from_millis(200), Origin::Header);
+        let call = |path: &str| {
+            let mut req = http::Request::get(path).body(()).unwrap();
+            req.extensions_mut().insert(served.clone());
+            svc.clone().oneshot(req)
+        };
+
+        // tonic's channel enforced the grpc-timeout we wrote: our deadline.
+        let err = call("/timeout").await.unwrap_err();
+        let exceeded = atscale_core::find::<DeadlineExceeded>(&*err).unwrap();
+        assert_eq!(exceeded.origin(), Origin::Header);
+        assert_eq!(exceeded.budget(), Duration::from_millis(200));
+        // Other transport errors pass through as they are.
+        let err = call("/refused").await.unwrap_err();
+        assert_eq!(err.to_string(), "connection refused");
+        // An error status in the head is a RemoteFailure.
+        let err = call("/failed").await.unwrap_err();
+        let failure = atscale_core::find::<RemoteFailure>(&*err).unwrap();
+        assert_eq!(failure.status().code(), Code::Unavailable);
+        // Anything else is a response.
+        call("/").await.unwrap();
     }
 }
