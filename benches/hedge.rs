@@ -35,7 +35,7 @@ use tower::{Layer, Service, ServiceExt, service_fn};
 
 const REQUESTS: u64 = 20_000;
 const CONCURRENCY: usize = 32;
-const SEED: u64 = 0x7A11_A7_5CA1E;
+const SEED: u64 = 0x07A1_1A75_CA1E;
 /// Warm-up requests use ids from here on, so they never touch the measured ids.
 const WARM_BASE: u64 = REQUESTS;
 const IDS: u64 = 80_000;

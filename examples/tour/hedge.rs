@@ -106,7 +106,7 @@ fn summary(latencies: &[Duration]) -> String {
     )
 }
 
-pub async fn run() -> Result<Section, BoxError> {
+pub(crate) async fn run() -> Result<Section, BoxError> {
     let mut section = Section::new(
         "Hedge",
         "a tonic server with a slow tail (1 call in 40 stalls 250 ms); backups at the p95 of recent latencies, within 5% extra load",
