@@ -249,3 +249,33 @@ async fn a_deadline_that_passes_is_deadline_exceeded_for_the_generated_client() 
         assert_eq!(Kind::of(chain), Kind::DeadlineExceeded);
     }
 }
+
+#[tokio::test]
+async fn a_generated_client_takes_a_hand_built_client_stack_in_the_recommended_order() {
+    use atscale::hedge::{BufferBodyLayer, BufferedBody, Delay};
+
+    let addr = health_server(stack::server("health", Duration::from_secs(2))).await;
+    let monitor = Monitor::new();
+    let hedge = HedgeLayer::builder()
+        .delay(Delay::fixed(Duration::from_millis(200)))
+        .non_idempotent(true)
+        .build()
+        .unwrap();
+    let svc = ServiceBuilder::new()
+        .enrich_errors(ErrorEnrichLayer::client("caller"))
+        .deadline(DeadlineLayer::client(Duration::from_secs(1)))
+        .multi_rate_limit(RateLimitLayer::new(Limiter::new(
+            Limit::per_second(100).unwrap(),
+        )))
+        .buffer_body(BufferBodyLayer::new(64 * 1024).non_idempotent(true))
+        .hedge(hedge)
+        .heartbeat(&monitor)
+        .map_request(|req: http::Request<BufferedBody<tonic::body::Body>>| {
+            req.map(tonic::body::Body::new)
+        })
+        .service(channel(addr).await);
+    let mut health = HealthClient::new(svc);
+    assert_eq!(check(&mut health).await.unwrap(), Wire::Serving);
+    monitor.wait_finished(1).await;
+    assert_eq!(monitor.counts().ok(), 1);
+}
