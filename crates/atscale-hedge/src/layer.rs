@@ -3,9 +3,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tower::discover::Discover;
 use tower_layer::Layer;
 
 use crate::budget::HedgeBudget;
+use crate::discover::HedgeDiscover;
 use crate::error::InvalidConfig;
 use crate::policy::{Budget, BudgetKind, Delay, DelayKind, ErrorsAreFatal, RoundRobin};
 use crate::service::{Backends, Hedge};
@@ -113,6 +115,25 @@ impl<C> HedgeLayer<C> {
             pick: RoundRobin::default(),
             shared: Arc::clone(&self.shared),
         })
+    }
+}
+
+impl<C: Clone> HedgeLayer<C> {
+    /// Hedges across the replicas a `tower::discover` source yields (for
+    /// example a [`ServiceList`](tower::discover::ServiceList), or a stream
+    /// of changes from service discovery), as [`replicas`](Self::replicas)
+    /// does for a fixed list.
+    pub fn discover<D>(&self, discover: D) -> HedgeDiscover<D, C, RoundRobin>
+    where
+        D: Discover,
+    {
+        let hedge = Hedge {
+            backends: Backends::Many(Arc::new(Vec::new())),
+            classify: self.classify.clone(),
+            pick: RoundRobin::default(),
+            shared: Arc::clone(&self.shared),
+        };
+        HedgeDiscover::new(discover, hedge)
     }
 }
 

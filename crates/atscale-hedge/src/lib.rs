@@ -20,8 +20,10 @@
 //!   good (wins), non-fatal (keep waiting, send the next hedge now) and fatal
 //!   (return at once). Only good answers and the attempts they beat feed the
 //!   latency window, so fast failures do not drag the delay down;
-//! - **where**: around one service, or [across replicas](HedgeLayer::replicas)
-//!   so that a backup never lands on the replica that is slow;
+//! - **where**: around one service, or across replicas — a
+//!   [list](HedgeLayer::replicas) or a `tower::discover`
+//!   [source](HedgeLayer::discover) — so that a backup never lands on the
+//!   replica that is slow;
 //! - **what**: requests that can be [replayed](Replay) — `http::Request` with
 //!   a [replayable body](ReplayBody), or any body read into memory by
 //!   [`BufferBodyLayer`] up to a byte limit (tonic unary calls). Requests
@@ -155,6 +157,7 @@
 
 mod body;
 mod budget;
+mod discover;
 pub mod error;
 pub mod future;
 mod layer;
@@ -167,6 +170,7 @@ mod stats;
 mod window;
 
 pub use body::{BufferBody, BufferBodyLayer, BufferedBody};
+pub use discover::HedgeDiscover;
 pub use error::InvalidConfig;
 pub use layer::{HedgeBuilder, HedgeLayer, MAX_ATTEMPTS};
 pub use policy::{Adaptive, Budget, Classify, Delay, ErrorsAreFatal, Pick, RoundRobin, Verdict};

@@ -766,6 +766,50 @@ async fn replicas_take_turns_by_default_and_attempts_never_repeat_one() {
     assert_eq!(seen, [0, 1, 2, 1, 2, 0, 2, 0, 1]);
 }
 
+#[tokio::test(start_paused = true)]
+async fn replicas_from_a_discover_source_come_and_go() {
+    use tower::discover::Change;
+    // replica 0 slow, replicas 1 and 2 fast
+    let base = Backend::new(|_, _| (ms(1), Ok(String::new())));
+    let replica = |r: usize| Backend {
+        script: Arc::new(move |_, _| (if r == 0 { ms(100) } else { ms(10) }, Ok(format!("r{r}")))),
+        ..base.replica(r)
+    };
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Result<Change<u32, Backend>, Failed>>();
+    let layer = fixed(ms(20));
+    let mut svc = layer
+        .discover(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+        .pick(|req: &Req, n: usize| req.id as usize % n);
+
+    // no replica yet: not ready
+    assert!(tokio_test_ready(&mut svc).is_pending());
+    tx.send(Ok(Change::Insert(0, replica(0)))).unwrap();
+    tx.send(Ok(Change::Insert(1, replica(1)))).unwrap();
+    let (out, took) = timed(svc.ready().await.unwrap().call(Req::new(0))).await;
+    assert_eq!(
+        (out.unwrap().as_str(), took),
+        ("r1", ms(30)),
+        "hedged onto the other replica"
+    );
+    assert_eq!(svc.replicas().len(), 2);
+
+    // replica 1 goes away, replica 2 comes: the hedge goes to 2
+    tx.send(Ok(Change::Remove(1))).unwrap();
+    tx.send(Ok(Change::Insert(2, replica(2)))).unwrap();
+    let (out, took) = timed(svc.ready().await.unwrap().call(Req::new(0))).await;
+    assert_eq!((out.unwrap().as_str(), took), ("r2", ms(30)));
+
+    // a discovery error surfaces from poll_ready
+    tx.send(Err(Failed("registry down"))).unwrap();
+    let err = svc.ready().await.unwrap_err();
+    assert_eq!(err.to_string(), "registry down");
+
+    // a source that ends with replicas keeps them
+    drop(tx);
+    assert!(svc.ready().await.is_ok());
+    assert_eq!(layer.stats().hedges_sent(), 2);
+}
+
 // ---------------------------------------------------------------- readiness
 
 #[tokio::test(start_paused = true)]
