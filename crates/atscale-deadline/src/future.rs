@@ -95,7 +95,17 @@ where
                 // An error ends the request: stop whatever it started.
                 Poll::Ready(Err(error)) => {
                     inner.context().cancel();
-                    Err(error.into())
+                    // An inner layer that enforces the same deadline (tonic's
+                    // `Channel` enforces the `grpc-timeout` we wrote) can fail
+                    // first when both timers fire together: its error is the
+                    // deadline passing, and is reported as that.
+                    let now = Instant::now();
+                    match *deadline {
+                        Some(deadline) if deadline.is_expired_at(now) => {
+                            Err(DeadlineExceeded::at(deadline, now).into())
+                        }
+                        _ => Err(error.into()),
+                    }
                 }
                 Poll::Pending => {
                     let Some(deadline) = *deadline else {

@@ -314,6 +314,34 @@ async fn inner_errors_pass_through_and_cancel_the_context() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_inner_failure_at_the_deadline_is_the_deadline() {
+    // An inner service that enforces the same deadline and fails first,
+    // as tonic's Channel does with the grpc-timeout the client layer wrote.
+    #[derive(Debug, thiserror::Error)]
+    #[error("timeout expired")]
+    struct InnerTimeout;
+    let svc = DeadlineLayer::new(Duration::from_millis(100)).layer(service_fn(
+        |_req: Request<()>| async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Err::<(), _>(InnerTimeout)
+        },
+    ));
+    let err = svc.oneshot(req()).await.unwrap_err();
+    let exceeded = find::<DeadlineExceeded>(&*err).expect("reported as the deadline");
+    assert_eq!(exceeded.budget(), Duration::from_millis(100));
+
+    // Before the deadline, the inner error is the inner error.
+    let svc = DeadlineLayer::new(Duration::from_millis(100)).layer(service_fn(
+        |_req: Request<()>| async {
+            tokio::time::sleep(Duration::from_millis(99)).await;
+            Err::<(), _>(InnerTimeout)
+        },
+    ));
+    let err = svc.oneshot(req_plain()).await.unwrap_err();
+    assert!(err.is::<InnerTimeout>());
+}
+
+#[tokio::test(start_paused = true)]
 async fn expiry_cancels_a_child_not_the_parent() {
     let parent = Context::new();
     let svc =
