@@ -4,8 +4,6 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
-use tokio::time::Instant;
-
 /// Request start times are noted once per slot (`window / SLOTS` requests,
 /// rounded up to a power of two), to measure how long the window took (for
 /// the per-second floor).
@@ -32,7 +30,6 @@ pub(crate) struct HedgeBudget {
     window: u64,
     /// Slots are a power of two long, so the hot path masks instead of dividing.
     slot_shift: u32,
-    origin: Instant,
     arrivals: AtomicU64,
     slot_started: [AtomicU64; SLOTS as usize],
     /// Positions charged with a hedge, sorted (a few windows' worth).
@@ -47,24 +44,19 @@ impl HedgeBudget {
             min_per_second: u64::from(min_per_second),
             window,
             slot_shift: (window / SLOTS).next_power_of_two().trailing_zeros(),
-            origin: Instant::now(),
             arrivals: AtomicU64::new(0),
             slot_started: Default::default(),
             ledger: Mutex::new(Vec::new()),
         }
     }
 
-    fn nanos(&self, now: Instant) -> u64 {
-        u64::try_from(now.saturating_duration_since(self.origin).as_nanos()).unwrap_or(u64::MAX)
-    }
-
-    /// Counts one request; returns its position. Reads the clock (`now`)
-    /// only when the request starts a slot.
-    pub(crate) fn arrive(&self, now: impl FnOnce() -> Instant) -> u64 {
+    /// Counts one request; returns its position. Reads the clock (`now`, in
+    /// the clock's nanoseconds) only when the request starts a slot.
+    pub(crate) fn arrive(&self, now: impl FnOnce() -> u64) -> u64 {
         let n = self.arrivals.fetch_add(1, Ordering::Relaxed);
         if n & ((1 << self.slot_shift) - 1) == 0 {
             let slot = n >> self.slot_shift;
-            self.slot_started[(slot % SLOTS) as usize].store(self.nanos(now()), Ordering::Relaxed);
+            self.slot_started[(slot % SLOTS) as usize].store(now(), Ordering::Relaxed);
         }
         n
     }
@@ -76,7 +68,7 @@ impl HedgeBudget {
 
     /// Takes one hedge from the budget for the request at `position`, if the
     /// budget has one.
-    pub(crate) fn try_acquire(&self, position: u64, now: Instant) -> bool {
+    pub(crate) fn try_acquire(&self, position: u64, now: u64) -> bool {
         let mut ledger = self.ledger.lock().unwrap_or_else(PoisonError::into_inner);
         let w = self.window;
         let latest = self.arrivals.load(Ordering::Relaxed).max(1) - 1;
@@ -94,7 +86,7 @@ impl HedgeBudget {
         let by_ratio = (latest + 1 - lowest) * self.ratio_ppm / 1_000_000;
         let started = self.slot_started[((lowest >> self.slot_shift) % SLOTS) as usize]
             .load(Ordering::Relaxed);
-        let span = self.nanos(now).saturating_sub(started).max(1_000_000_000);
+        let span = now.saturating_sub(started).max(1_000_000_000);
         let by_time =
             u64::try_from(u128::from(self.min_per_second) * u128::from(span) / 1_000_000_000)
                 .unwrap_or(u64::MAX);
@@ -131,9 +123,24 @@ mod tests {
     use proptest::prelude::*;
     use std::time::Duration;
 
+    /// Nanoseconds on tokio's (paused) clock since this thread first asked.
+    fn now() -> u64 {
+        thread_local! {
+            static BASE: std::cell::Cell<Option<tokio::time::Instant>> = const { std::cell::Cell::new(None) };
+        }
+        let base = BASE.with(|b| {
+            let base = b.get().unwrap_or_else(tokio::time::Instant::now);
+            b.set(Some(base));
+            base
+        });
+        tokio::time::Instant::now()
+            .saturating_duration_since(base)
+            .as_nanos() as u64
+    }
+
     fn arrive(b: &HedgeBudget, n: u64) {
         for _ in 0..n {
-            b.arrive(Instant::now);
+            b.arrive(now);
         }
     }
 
@@ -141,19 +148,15 @@ mod tests {
     async fn a_window_never_holds_more_than_its_share() {
         let b = HedgeBudget::new(0.05, 0, 1000);
         arrive(&b, 1000);
-        let granted = (0..200)
-            .filter(|_| b.try_acquire(u64::MAX, Instant::now()))
-            .count();
+        let granted = (0..200).filter(|_| b.try_acquire(u64::MAX, now())).count();
         assert_eq!(granted, 50);
         // the next 999 requests bring no new allowance: the window still holds the 50
         arrive(&b, 999);
-        assert!(!b.try_acquire(u64::MAX, Instant::now()));
+        assert!(!b.try_acquire(u64::MAX, now()));
         // once the request they were charged to leaves the window, hedges resume
         arrive(&b, 1);
         assert_eq!(
-            (0..200)
-                .filter(|_| b.try_acquire(u64::MAX, Instant::now()))
-                .count(),
+            (0..200).filter(|_| b.try_acquire(u64::MAX, now())).count(),
             50
         );
     }
@@ -162,14 +165,11 @@ mod tests {
     async fn quiet_services_get_the_per_second_floor() {
         let b = HedgeBudget::new(0.05, 2, 1000);
         arrive(&b, 3);
-        assert!(b.try_acquire(u64::MAX, Instant::now()));
-        assert!(b.try_acquire(u64::MAX, Instant::now()));
-        assert!(!b.try_acquire(u64::MAX, Instant::now()), "2 per second");
+        assert!(b.try_acquire(u64::MAX, now()));
+        assert!(b.try_acquire(u64::MAX, now()));
+        assert!(!b.try_acquire(u64::MAX, now()), "2 per second");
         tokio::time::advance(Duration::from_secs(2)).await;
-        assert!(
-            b.try_acquire(u64::MAX, Instant::now()),
-            "the window now spans 2 s"
-        );
+        assert!(b.try_acquire(u64::MAX, now()), "the window now spans 2 s");
     }
 
     proptest! {
@@ -186,11 +186,11 @@ mod tests {
                 let mut late: Vec<(usize, u64)> = Vec::new();
                 let mut charged = vec![0u32; demand.len()];
                 for (i, wants) in demand.iter().enumerate() {
-                    let position = b.arrive(Instant::now);
+                    let position = b.arrive(now);
                     for _ in 0..*wants {
                         if i % 3 == 0 {
                             late.push((i + 300, position));
-                        } else if b.try_acquire(position, Instant::now()) {
+                        } else if b.try_acquire(position, now()) {
                             charged[position as usize] += 1;
                         }
                     }
@@ -198,7 +198,7 @@ mod tests {
                         if due != i {
                             return true;
                         }
-                        if b.try_acquire(p, Instant::now()) {
+                        if b.try_acquire(p, now()) {
                             charged[p as usize] += 1;
                         }
                         false

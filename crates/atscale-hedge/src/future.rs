@@ -63,7 +63,8 @@ impl<S: Service<Req>, Req> Future for Attempt<S, Req> {
 /// common future small.
 struct Backup<S: Service<Req>, Req> {
     fut: Pin<Box<Oneshot<S, Req>>>,
-    started: Instant,
+    /// When it was sent, in the latency clock's nanoseconds.
+    started: u64,
     guard: Option<CancelOnDrop>,
     index: u8,
 }
@@ -91,14 +92,12 @@ pub(crate) struct Armed<S: Service<Req>, Req> {
 }
 
 impl<S: Service<Req>, Req> Armed<S, Req> {
-    #[allow(clippy::too_many_arguments)] // one call site, all of them distinct
     pub(crate) fn new(
         template: Req,
         backends: Backends<S>,
         first: usize,
         position: u64,
         delay: Duration,
-        now: Option<Instant>,
         max: u8,
         parent: Option<Context>,
     ) -> Self {
@@ -108,7 +107,7 @@ impl<S: Service<Req>, Req> Armed<S, Req> {
             first,
             position,
             delay,
-            next_at: now.map(|now| now + delay),
+            next_at: None,
             launched: 1,
             max,
             fire_now: false,
@@ -139,8 +138,9 @@ pin_project! {
         #[pin]
         primary: Attempt<S, Req>,
         primary_guard: Option<CancelOnDrop>,
-        // When the first attempt was sent: read only for an adaptive delay.
-        started: Option<Instant>,
+        // When the first attempt was sent (the latency clock's nanoseconds):
+        // read only for an adaptive delay.
+        started: Option<u64>,
         #[pin]
         timer: Option<Sleep>,
         armed: Option<Armed<S, Req>>,
@@ -166,7 +166,7 @@ impl<S: Service<Req>, Req, C> ResponseFuture<S, Req, C> {
     pub(crate) fn new(
         primary: Attempt<S, Req>,
         primary_guard: Option<CancelOnDrop>,
-        started: Option<Instant>,
+        started: Option<u64>,
         armed: Option<Armed<S, Req>>,
         shared: Option<Arc<Shared>>,
         classify: C,
@@ -295,7 +295,7 @@ where
             return;
         }
     }
-    if !shared.try_hedge(armed.position, now) {
+    if !shared.try_hedge(armed.position) {
         event!(attempt = index, "no hedge: budget exhausted");
         if running && !armed.delay.is_zero() {
             armed.next_at = Some(now + armed.delay);
@@ -331,7 +331,7 @@ where
     let _ = replica;
     armed.backups.push(Backup {
         fut: Box::pin(Oneshot::new(svc, req)),
-        started: now,
+        started: shared.clock.now(),
         guard,
         index,
     });
@@ -345,7 +345,7 @@ type Projection<'a, S, Req, C> = ResponseFutureProj<'a, S, Req, C>;
 fn judge<S, Req, C>(
     this: &mut Projection<'_, S, Req, C>,
     index: u8,
-    started: Option<Instant>,
+    started: Option<u64>,
     guard: Option<CancelOnDrop>,
     out: Result<S::Response, S::Error>,
 ) -> Option<Result<S::Response, BoxError>>
@@ -373,16 +373,17 @@ where
     if verdict == Verdict::Good {
         if let Some(shared) = this.shared.as_deref() {
             if let Some(started) = started.filter(|_| shared.is_adaptive()) {
-                let now = Instant::now();
-                shared.record(now.saturating_duration_since(started), now);
+                let now = shared.clock.now();
+                let since = |t: u64| Duration::from_nanos(now.saturating_sub(t));
+                shared.record(since(started), now);
                 // The attempts still in flight were at least this slow: recording
                 // them keeps a won race from hiding the tail from the window.
                 if let Some(primary) = this.started.filter(|_| !this.primary.is_done()) {
-                    shared.record(now.saturating_duration_since(primary), now);
+                    shared.record(since(primary), now);
                 }
                 if let Some(armed) = this.armed.as_ref() {
                     for b in &armed.backups {
-                        shared.record(now.saturating_duration_since(b.started), now);
+                        shared.record(since(b.started), now);
                     }
                 }
             }

@@ -7,6 +7,7 @@ use tower::discover::Discover;
 use tower_layer::Layer;
 
 use crate::budget::HedgeBudget;
+use crate::clock::Clock;
 use crate::discover::HedgeDiscover;
 use crate::error::InvalidConfig;
 use crate::policy::{Budget, BudgetKind, Delay, DelayKind, ErrorsAreFatal, RoundRobin};
@@ -54,6 +55,7 @@ impl<C: std::fmt::Debug> std::fmt::Debug for HedgeLayer<C> {
             .field("max_attempts", &self.shared.max_attempts)
             .field("budget", &self.shared.budget)
             .field("non_idempotent", &self.shared.non_idempotent)
+            .field("clock", &self.shared.clock)
             .field("classify", &self.classify)
             .finish()
     }
@@ -69,6 +71,7 @@ impl HedgeLayer {
             max_attempts: 2,
             budget: Budget::default(),
             non_idempotent: false,
+            clock: Clock::default(),
             classify: ErrorsAreFatal,
         }
     }
@@ -158,10 +161,18 @@ pub struct HedgeBuilder<C = ErrorsAreFatal> {
     max_attempts: u8,
     budget: Budget,
     non_idempotent: bool,
+    clock: Clock,
     classify: C,
 }
 
 impl<C> HedgeBuilder<C> {
+    /// The clock latencies and budget spans are measured with (default
+    /// [`Clock::quanta`]); use [`Clock::tokio`] in tests on a paused clock.
+    pub fn clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
     /// When hedges are sent: [`Delay::fixed`] or [`Delay::adaptive`].
     pub fn delay(mut self, delay: impl Into<Delay>) -> Self {
         self.delay = delay.into();
@@ -198,6 +209,7 @@ impl<C> HedgeBuilder<C> {
             max_attempts: self.max_attempts,
             budget: self.budget,
             non_idempotent: self.non_idempotent,
+            clock: self.clock,
             classify,
         }
     }
@@ -264,6 +276,7 @@ impl<C> HedgeBuilder<C> {
                 max_attempts: self.max_attempts,
                 non_idempotent: self.non_idempotent,
                 counters: Counters::default(),
+                clock: self.clock,
             }),
             classify: self.classify,
         }

@@ -138,6 +138,15 @@
 //! per-attempt (heartbeat, the transport): ErrorEnrich → Deadline →
 //! MultiRateLimit → BufferBody → **Hedge** → Heartbeat → transport.
 //!
+//! # Testing
+//!
+//! Hedges are sent on tokio's timer, so `#[tokio::test(start_paused = true)]`
+//! and `tokio::time::advance` drive fixed delays exactly. Latencies (for the
+//! adaptive delay) are measured on a fast TSC clock by default
+//! ([`Clock::quanta`]), which the paused clock does not drive: tests of
+//! adaptive delays build the layer with
+//! [`.clock(Clock::tokio())`](HedgeBuilder::clock).
+//!
 //! # Differences from `tower::hedge`
 //!
 //! - A budget: tower hedges every request over its percentile, so a latency
@@ -157,6 +166,7 @@
 
 mod body;
 mod budget;
+mod clock;
 mod discover;
 pub mod error;
 pub mod future;
@@ -170,6 +180,7 @@ mod stats;
 mod window;
 
 pub use body::{BufferBody, BufferBodyLayer, BufferedBody};
+pub use clock::Clock;
 pub use discover::HedgeDiscover;
 pub use error::InvalidConfig;
 pub use layer::{HedgeBuilder, HedgeLayer, MAX_ATTEMPTS};

@@ -15,9 +15,9 @@ use std::time::Duration;
 ///   the window holds enough samples.
 ///
 /// Attempt `k` (counting from 0) is sent `k` delays after the first unless a
-/// non-fatal failure ([`Verdict::NonFatal`]) fires it earlier. A fixed delay
-/// counts from the first poll of the response future (no clock is read for
-/// a request answered on that poll); an adaptive one from the call.
+/// non-fatal failure ([`Verdict::NonFatal`]) fires it earlier. The delay
+/// counts from the first poll of the response future that finds the first
+/// attempt pending (no timer is set for a request answered on its first poll).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Delay {
     pub(crate) kind: DelayKind,

@@ -206,7 +206,6 @@ where
                 first,
                 position,
                 delay,
-                now,
                 shared.max_attempts,
                 parent,
             )),

@@ -3,9 +3,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use crate::budget::HedgeBudget;
+use crate::clock::Clock;
 use crate::window::LatencyWindow;
 
 #[derive(Debug)]
@@ -30,23 +29,25 @@ pub(crate) struct Shared {
     pub(crate) max_attempts: u8,
     pub(crate) non_idempotent: bool,
     pub(crate) counters: Counters,
+    pub(crate) clock: Clock,
 }
 
 impl Shared {
-    /// Counts a request arriving at `now` (read here only for an adaptive
-    /// delay: a fixed one needs no clock until the first attempt is pending);
-    /// returns when it arrived (adaptive), the delay before its first hedge
-    /// (`None`: not hedged on time) and its position for the budget.
-    pub(crate) fn arrive(&self) -> (Option<Instant>, Option<Duration>, u64) {
+    /// Counts a request arriving now (the clock is read here only for an
+    /// adaptive delay: a fixed one needs none for a request answered on its
+    /// first poll); returns when it arrived (adaptive, in the clock's
+    /// nanoseconds), the delay before its first hedge (`None`: not hedged on
+    /// time) and its position for the budget.
+    pub(crate) fn arrive(&self) -> (Option<u64>, Option<Duration>, u64) {
         let (now, delay) = match &self.delay {
             DelaySource::Fixed(d) => (None, Some(*d)),
             DelaySource::Adaptive(w) => {
-                let now = Instant::now();
+                let now = self.clock.now();
                 (Some(now), w.delay_at(now))
             }
         };
         let position = match &self.budget {
-            Some(b) => b.arrive(|| now.unwrap_or_else(Instant::now)),
+            Some(b) => b.arrive(|| now.unwrap_or_else(|| self.clock.now())),
             None => self.counters.requests.fetch_add(1, Ordering::Relaxed),
         };
         (now, delay, position)
@@ -59,8 +60,9 @@ impl Shared {
         }
     }
 
-    /// Records a latency, if the delay is adaptive.
-    pub(crate) fn record(&self, latency: Duration, now: Instant) {
+    /// Records a latency, if the delay is adaptive (`now` in the clock's
+    /// nanoseconds).
+    pub(crate) fn record(&self, latency: Duration, now: u64) {
         if let DelaySource::Adaptive(w) = &self.delay {
             w.record(latency, now);
         }
@@ -72,11 +74,11 @@ impl Shared {
 
     /// Takes one hedge for the request at `position` from the budget (always
     /// granted without a budget).
-    pub(crate) fn try_hedge(&self, position: u64, now: Instant) -> bool {
+    pub(crate) fn try_hedge(&self, position: u64) -> bool {
         let granted = self
             .budget
             .as_ref()
-            .is_none_or(|b| b.try_acquire(position, now));
+            .is_none_or(|b| b.try_acquire(position, self.clock.now()));
         if granted {
             self.counters.sent.fetch_add(1, Ordering::Relaxed);
         } else {

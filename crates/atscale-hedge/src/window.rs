@@ -4,8 +4,6 @@
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 /// Linear sub-buckets per power of two: values are kept within 1/32 (~3%).
 const SUB_BITS: u32 = 5;
 const SUB: usize = 1 << SUB_BITS;
@@ -76,12 +74,11 @@ const REFRESH_EVERY: u64 = 128;
 /// request as one atomic load. Samples racing with a rotation may land in the
 /// half being cleared and be lost: the window is a statistic, not a ledger.
 pub(crate) struct LatencyWindow {
-    origin: Instant,
     half_nanos: u64,
     percentile: f64,
     min_samples: u64,
     current: AtomicU64,
-    /// When the current half ends, in nanoseconds since `origin`: the fast
+    /// When the current half ends, in the clock's nanoseconds: the fast
     /// path compares with it instead of dividing.
     ends: AtomicU64,
     halves: [Half; 2],
@@ -104,7 +101,6 @@ impl LatencyWindow {
         let halves = [Half::new(), Half::new()];
         halves[0].period.store(0, Ordering::Relaxed);
         LatencyWindow {
-            origin: Instant::now(),
             half_nanos: half,
             percentile,
             min_samples: u64::from(min_samples),
@@ -115,13 +111,10 @@ impl LatencyWindow {
         }
     }
 
-    fn nanos(&self, now: Instant) -> u64 {
-        u64::try_from(now.saturating_duration_since(self.origin).as_nanos()).unwrap_or(u64::MAX)
-    }
-
-    /// Moves the window to `now`'s half if time has passed; returns the period.
-    fn advance(&self, now: Instant) -> u64 {
-        let nanos = self.nanos(now);
+    /// Moves the window to `now`'s half if time has passed (`now` in the
+    /// clock's nanoseconds); returns the period.
+    fn advance(&self, now: u64) -> u64 {
+        let nanos = now;
         let seen = self.current.load(Ordering::Acquire);
         if nanos < self.ends.load(Ordering::Acquire) {
             return seen;
@@ -150,7 +143,7 @@ impl LatencyWindow {
     }
 
     /// Records one latency observed at `now`.
-    pub(crate) fn record(&self, latency: Duration, now: Instant) {
+    pub(crate) fn record(&self, latency: Duration, now: u64) {
         let period = self.advance(now);
         let half = &self.halves[(period % 2) as usize];
         if half.period.load(Ordering::Acquire) != period {
@@ -166,7 +159,7 @@ impl LatencyWindow {
     }
 
     /// The delay to hedge at, or `None` while the window holds too few samples.
-    pub(crate) fn delay_at(&self, now: Instant) -> Option<Duration> {
+    pub(crate) fn delay_at(&self, now: u64) -> Option<Duration> {
         self.advance(now);
         self.delay()
     }
@@ -243,10 +236,12 @@ mod tests {
         assert_eq!(bucket(u64::MAX), BUCKETS - 1);
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn percentile_arms_after_min_samples_and_rolls_off() {
+    const SECOND: u64 = 1_000_000_000;
+
+    #[test]
+    fn percentile_arms_after_min_samples_and_rolls_off() {
         let w = LatencyWindow::new(0.9, 100, Duration::from_secs(2));
-        let now = Instant::now();
+        let now = 0;
         for i in 1..=99u64 {
             w.record(Duration::from_micros(i * 100), now);
         }
@@ -259,17 +254,15 @@ mod tests {
             "{d:?}"
         );
         // One half later the samples still count ...
-        tokio::time::advance(Duration::from_secs(1)).await;
-        assert!(w.delay_at(Instant::now()).is_some());
+        assert!(w.delay_at(SECOND).is_some());
         // ... two halves later they are gone.
-        tokio::time::advance(Duration::from_secs(1)).await;
-        assert_eq!(w.delay_at(Instant::now()), None);
+        assert_eq!(w.delay_at(2 * SECOND), None);
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn sub_millisecond_latencies_are_told_apart() {
+    #[test]
+    fn sub_millisecond_latencies_are_told_apart() {
         let w = LatencyWindow::new(0.5, 10, Duration::from_secs(2));
-        let now = Instant::now();
+        let now = 0;
         for _ in 0..10 {
             w.record(Duration::from_micros(250), now);
         }

@@ -9,7 +9,9 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use atscale_core::{BoxError, Carrier, Context, HedgeExhausted, Kind, Origin};
-use atscale_hedge::{Budget, Delay, Hedge, HedgeLayer, HedgeStats, InvalidConfig, Replay, Verdict};
+use atscale_hedge::{
+    Budget, Clock, Delay, Hedge, HedgeLayer, HedgeStats, InvalidConfig, Replay, Verdict,
+};
 use tokio::time::{Instant, advance};
 use tower::{Layer, Service, ServiceExt};
 
@@ -566,6 +568,7 @@ async fn adaptive_delay_waits_for_samples_then_hedges_at_the_percentile() {
                 .min_samples(100)
                 .window(Duration::from_secs(60)),
         )
+        .clock(Clock::tokio()) // latencies on the paused clock
         .budget(Budget::unlimited())
         .build()
         .unwrap();
@@ -594,6 +597,22 @@ async fn adaptive_delay_waits_for_samples_then_hedges_at_the_percentile() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn the_default_clock_is_not_the_paused_one() {
+    // On a paused clock the default (TSC) clock sees 40 ms sleeps as taking
+    // almost no time: tests of adaptive delays choose `Clock::tokio()`.
+    let backend = Backend::new(|_, _| (ms(40), Ok("ok".into())));
+    let layer = HedgeLayer::builder()
+        .delay(Delay::adaptive().percentile(0.5).min_samples(10))
+        .build()
+        .unwrap();
+    let svc = layer.layer(backend);
+    for id in 0..10 {
+        svc.clone().oneshot(Req::new(id)).await.unwrap();
+    }
+    assert!(layer.stats().current_delay().unwrap() < ms(40));
+}
+
+#[tokio::test(start_paused = true)]
 async fn fast_failures_do_not_drag_the_delay_down() {
     let backend = Backend::new(|_, req| {
         if req.id % 2 == 0 {
@@ -604,6 +623,7 @@ async fn fast_failures_do_not_drag_the_delay_down() {
     });
     let layer = HedgeLayer::builder()
         .delay(Delay::adaptive().percentile(0.5).min_samples(10))
+        .clock(Clock::tokio())
         .max_attempts(1)
         .classify(nonfatal_on_err())
         .build()
