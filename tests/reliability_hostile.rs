@@ -210,11 +210,7 @@ async fn error_responses_never_echo_request_data_unescaped() {
         "/fail/%3Cscript%3Ealert(1)%3C/script%3E",
         "/fail/%22%7D,%22code%22:%22ok%22,%22x%22:%7B%22",
         "/fail/%00%0d%0aSet-Cookie:%20a=b",
-        "/fail/\u{e9}t\u{e9}"
-            .replace('\u{e9}', "%C3%A9")
-            .as_str()
-            .to_owned()
-            .leak(),
+        "/fail/%C3%A9t%C3%A9",
         "/fail/..%2F..%2Fetc%2Fpasswd",
         "/fail/'onmouseover='alert(1)",
         "/fail/a\\b",
