@@ -364,3 +364,44 @@ async fn error_ids_cannot_be_guessed() {
     let quoted = format!("{:032x}", ids[0] ^ 1);
     assert!(!unique.contains(&quoted.parse::<ErrorId>().unwrap().as_u128()));
 }
+
+/// A trusted forwarded header a megabyte long, or repeated a thousand
+/// times: the rate limit's key is still the rightmost address, found in
+/// time linear in the header, and a client cannot pick another by padding.
+#[test]
+fn huge_and_repeated_forwarded_headers_still_give_the_rightmost_address() {
+    use atscale::ratelimit::{PeerIp, RequestKey};
+    use std::net::{IpAddr, SocketAddr};
+    let key = PeerIp::trusting_header(HeaderName::from_static("x-forwarded-for"));
+    let peer: IpAddr = "10.0.0.1".parse().unwrap();
+    let mut req = Request::new(());
+    req.extensions_mut().insert(SocketAddr::new(peer, 1));
+    let padding = "6.6.6.6, ".repeat(100_000); // ~0.9 MB written by the client
+    let value = format!("{padding}203.0.113.7");
+    req.headers_mut()
+        .insert("x-forwarded-for", HeaderValue::from_str(&value).unwrap());
+    let start = std::time::Instant::now();
+    assert_eq!(key.key(&req), Some("203.0.113.7".parse().unwrap()));
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        start.elapsed()
+    );
+
+    let mut req = Request::new(());
+    req.extensions_mut().insert(SocketAddr::new(peer, 1));
+    for i in 0..1000 {
+        let forged = HeaderValue::from_str(&format!("6.6.{}.{}", i / 256, i % 256)).unwrap();
+        req.headers_mut().append("x-forwarded-for", forged);
+    }
+    req.headers_mut()
+        .append("x-forwarded-for", HeaderValue::from_static("198.51.100.9"));
+    assert_eq!(key.key(&req), Some("198.51.100.9".parse().unwrap()));
+    // ... and a last line the proxy could not have written falls back to
+    // the peer, never to a line the client wrote before it.
+    req.headers_mut().append(
+        "x-forwarded-for",
+        HeaderValue::from_static("not-an-address"),
+    );
+    assert_eq!(key.key(&req), Some(peer));
+}
