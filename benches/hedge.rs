@@ -11,7 +11,7 @@
 //!    (unarmed and armed) around the same ready service, interleaved.
 //!
 //! ```text
-//! cargo bench --bench hedge                         # everything (~3 minutes)
+//! cargo bench --bench hedge                         # everything (~5 minutes)
 //! HEDGE_BENCH=overhead cargo bench --bench hedge    # or: scenarios
 //! HEDGE_SCENARIO=heavy cargo bench --bench hedge    # one scenario: heavy, slowdown, replica, nonfatal
 //! HEDGE_SEQUENTIAL=1 cargo bench --bench hedge      # configurations one after the other
