@@ -88,18 +88,32 @@
 //! client (`tonic::body::Body` is a stream, so buffer it; map it back for
 //! the channel):
 //!
-//! ```ignore
-//! let channel = tonic::transport::Channel::from_static("http://[::1]:50051").connect().await?;
+//! ```no_run
+//! use atscale_hedge::{BufferBodyLayer, BufferedBody, Delay, HedgeLayer};
+//! use tonic::body::Body;
+//! use tonic_health::pb::HealthCheckRequest;
+//! use tonic_health::pb::health_client::HealthClient;
+//! use tower::ServiceBuilder;
+//!
+//! # #[tokio::main]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! let channel = tonic::transport::Channel::from_static("http://[::1]:50051")
+//!     .connect()
+//!     .await?;
 //! let hedge = HedgeLayer::builder()
 //!     .delay(Delay::adaptive().percentile(0.95))
-//!     .non_idempotent(true)
+//!     .non_idempotent(true) // every gRPC call is a POST: opt in for safe methods
 //!     .build()?;
 //! let svc = ServiceBuilder::new()
 //!     .layer(BufferBodyLayer::new(64 * 1024).non_idempotent(true))
 //!     .layer(hedge)
-//!     .map_request(|req: http::Request<BufferedBody<tonic::body::Body>>| req.map(tonic::body::Body::new))
+//!     .map_request(|req: http::Request<BufferedBody<Body>>| req.map(Body::new))
 //!     .service(channel);
 //! let mut client = HealthClient::new(svc);
+//! let answer = client.check(HealthCheckRequest { service: String::new() }).await?;
+//! # let _ = answer;
+//! # Ok(())
+//! # }
 //! ```
 //!
 //! The top-level `tests/hedge_tonic.rs` runs exactly this against two tonic
