@@ -123,10 +123,10 @@ pub mod prelude {
     };
 
     #[cfg(feature = "hedge")]
-    pub use atscale_hedge::{HedgeLayer, HedgeStats};
+    pub use atscale_hedge::{Budget, BufferBodyLayer, Delay, HedgeLayer, HedgeStats, Verdict};
 
     #[cfg(feature = "heartbeat")]
-    pub use atscale_heartbeat::{HeartbeatLayer, Monitor, Steward};
+    pub use atscale_heartbeat::{HeartbeatLayer, KeepAliveLayer, Monitor, Progress, Steward};
 
     #[cfg(feature = "error")]
     pub use atscale_error::{Enriched, ErrorEnrichLayer};
