@@ -219,20 +219,7 @@ pub struct GrpcErrors<S> {
 }
 
 impl<S> GrpcErrors<S> {
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The inner service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// Consumes `self`, returning the inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    atscale_core::inner_accessors!();
 }
 
 impl<S, ReqB, ResB> Service<http::Request<ReqB>> for GrpcErrors<S>

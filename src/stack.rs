@@ -550,20 +550,7 @@ pub struct TonicBody<S> {
 
 #[cfg(feature = "tonic")]
 impl<S> TonicBody<S> {
-    /// The inner service (the channel).
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The inner service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// Consumes `self`, returning the inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    atscale_core::inner_accessors!();
 }
 
 #[cfg(feature = "tonic")]
@@ -607,20 +594,7 @@ pub struct StatusErrors<S> {
 
 #[cfg(feature = "tonic")]
 impl<S> StatusErrors<S> {
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The inner service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// Consumes `self`, returning the inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    atscale_core::inner_accessors!();
 }
 
 #[cfg(feature = "tonic")]

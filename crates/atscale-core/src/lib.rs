@@ -66,6 +66,7 @@ mod carrier;
 mod context;
 mod deadline;
 pub mod error;
+mod macros;
 mod preempt;
 
 pub use carrier::Carrier;

@@ -32,20 +32,7 @@ impl<S> Deadline<S> {
         Deadline { inner, config }
     }
 
-    /// The inner service.
-    pub const fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The inner service, mutably.
-    pub const fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// Unwraps the inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    atscale_core::inner_accessors!();
 }
 
 impl<S, Req> Service<Req> for Deadline<S>

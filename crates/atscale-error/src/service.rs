@@ -44,20 +44,7 @@ impl<S, M> ErrorEnrich<S, M> {
         }
     }
 
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The inner service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// Consumes `self`, returning the inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    atscale_core::inner_accessors!();
 }
 
 impl<S: Clone, M> Clone for ErrorEnrich<S, M> {

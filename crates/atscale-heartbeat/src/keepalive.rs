@@ -182,7 +182,9 @@ pub struct KeepAlive<S> {
     frame: Bytes,
 }
 
-crate::macros::inner_accessors!(KeepAlive);
+impl<S> KeepAlive<S> {
+    atscale_core::inner_accessors!();
+}
 
 impl<S, Req, B> Service<Req> for KeepAlive<S>
 where

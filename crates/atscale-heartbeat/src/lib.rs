@@ -105,7 +105,6 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod layer;
-mod macros;
 mod monitor;
 mod progress;
 mod pulse;

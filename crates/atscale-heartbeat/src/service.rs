@@ -35,7 +35,9 @@ pub struct Heartbeat<S> {
     hook: Option<Hook>,
 }
 
-crate::macros::inner_accessors!(Heartbeat);
+impl<S> Heartbeat<S> {
+    atscale_core::inner_accessors!();
+}
 
 impl<S: std::fmt::Debug> std::fmt::Debug for Heartbeat<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

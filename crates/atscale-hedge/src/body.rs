@@ -307,7 +307,7 @@ pub struct BufferBody<S> {
 }
 
 impl<S> BufferBody<S> {
-    crate::macros::inner_accessors!();
+    atscale_core::inner_accessors!();
 }
 
 impl<S, B> Service<http::Request<B>> for BufferBody<S>

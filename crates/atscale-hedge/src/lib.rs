@@ -185,7 +185,6 @@ mod discover;
 pub mod error;
 pub mod future;
 mod layer;
-mod macros;
 mod policy;
 mod replay;
 mod service;

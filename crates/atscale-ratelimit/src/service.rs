@@ -39,20 +39,7 @@ impl<S, K, W, St: Store> RateLimit<S, K, W, St> {
         RateLimit { inner, shared }
     }
 
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The inner service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// Consumes the service, returning the inner one.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    atscale_core::inner_accessors!();
 }
 
 impl<S: Clone, K, W, St: Store> Clone for RateLimit<S, K, W, St> {
