@@ -8,32 +8,12 @@ mod support;
 use std::convert::Infallible;
 use std::time::Duration;
 
-use atscale::core::{Carrier, Context};
 use atscale::deadline::DeadlineLayer;
-use support::{case, pending_once};
+use support::{Job, case, job, pending_once};
 use tower::timeout::TimeoutLayer;
 use tower::{Layer, Service, service_fn};
 
 const BUDGET: Duration = Duration::from_secs(30);
-
-/// A non-HTTP request type: the context rides in a field.
-struct Job {
-    id: u64,
-    cx: Option<Context>,
-}
-
-impl Carrier for Job {
-    fn context(&self) -> Option<&Context> {
-        self.cx.as_ref()
-    }
-    fn set_context(&mut self, cx: Context) {
-        self.cx = Some(cx);
-    }
-}
-
-fn job(id: u64) -> Job {
-    Job { id, cx: None }
-}
 
 fn http_request(id: u64) -> http::Request<u64> {
     http::Request::new(id)

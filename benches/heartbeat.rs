@@ -10,33 +10,13 @@ mod support;
 use std::convert::Infallible;
 use std::time::Duration;
 
-use atscale::core::{Carrier, Context};
 use atscale::heartbeat::{Monitor, Outcome, Ticket, Track};
-use support::{case, pending_once};
+use support::{Job, case, job, pending_once};
 use tokio_stream::StreamExt;
 use tower::timeout::TimeoutLayer;
 use tower::{Layer, Service, service_fn};
 
 const STALL: Duration = Duration::from_secs(30);
-
-/// A non-HTTP request type: the context rides in a field.
-struct Job {
-    id: u64,
-    cx: Option<Context>,
-}
-
-impl Carrier for Job {
-    fn context(&self) -> Option<&Context> {
-        self.cx.as_ref()
-    }
-    fn set_context(&mut self, cx: Context) {
-        self.cx = Some(cx);
-    }
-}
-
-fn job(id: u64) -> Job {
-    Job { id, cx: None }
-}
 
 /// A unary reply: the request ends when it arrives.
 struct Reply(#[expect(dead_code, reason = "only black-boxed")] u64);

@@ -13,21 +13,19 @@
 //! Rates are so high that nothing is ever limited.
 
 use std::convert::Infallible;
-use std::future::Future;
 use std::hint::black_box;
 use std::num::NonZeroU32;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+
+mod support;
 
 use atscale::ratelimit::{Limit, Limiter, MultiLimiter, RateLimitLayer};
 use governor::{Quota, RateLimiter};
+use support::{Run, interleave, median, pending_once, range};
 use tower::{Layer, Service, ServiceExt, service_fn};
 
-const REPS: usize = 11;
-const TARGET: Duration = Duration::from_millis(100);
 const HUGE: u32 = 1_000_000_000;
 
 fn huge_limit() -> Limit {
@@ -39,45 +37,6 @@ fn governor_limiter() -> governor::DefaultDirectRateLimiter {
 }
 
 // ---------------------------------------------------------------- harness
-
-/// One case: runs `iters` iterations and returns the time taken.
-type Run<'a> = Box<dyn FnMut(u64) -> Duration + 'a>;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn range(v: &[f64]) -> (f64, f64) {
-    v.iter()
-        .fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)))
-}
-
-/// Runs `cases` interleaved; returns per-case samples in ns per iteration.
-fn interleave(cases: &mut [(&str, Run<'_>)]) -> Vec<Vec<f64>> {
-    let iters: Vec<u64> = cases
-        .iter_mut()
-        .map(|(_, run)| {
-            let mut n = 1_000u64;
-            loop {
-                let took = run(n);
-                if took >= TARGET / 4 || n > 1 << 32 {
-                    let per = took.as_secs_f64() / n as f64;
-                    break ((TARGET.as_secs_f64() / per) as u64).max(1_000);
-                }
-                n *= 4;
-            }
-        })
-        .collect();
-    let mut samples = vec![Vec::with_capacity(REPS); cases.len()];
-    for _ in 0..REPS {
-        for (i, (_, run)) in cases.iter_mut().enumerate() {
-            let took = run(iters[i]);
-            samples[i].push(took.as_nanos() as f64 / iters[i] as f64);
-        }
-    }
-    samples
-}
 
 fn print_ratios(title: &str, names: &[&str], samples: &[Vec<f64>], anchor: usize) {
     println!("\n{title}");
@@ -289,24 +248,6 @@ fn threads() {
 
 // ---------------------------------------------------------------- layer
 
-/// Answers after being pending once, so the layers' futures really get polled twice.
-struct PendingOnce(Option<u64>);
-
-impl Future for PendingOnce {
-    type Output = Result<u64, Infallible>;
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.0.take() {
-            Some(v) if v & (1 << 63) != 0 => Poll::Ready(Ok(v)),
-            Some(v) => {
-                self.0 = Some(v | (1 << 63));
-                cx.waker().wake_by_ref();
-                Poll::Pending
-            }
-            None => unreachable!("polled after completion"),
-        }
-    }
-}
-
 type Req = http::Request<u64>;
 
 fn svc_loop<S>(rt: &tokio::runtime::Runtime, make: impl Fn() -> S + 'static) -> Run<'_>
@@ -358,7 +299,8 @@ fn layer_overhead() {
         for pending in [false, true] {
             let ready_inner =
                 || service_fn(|r: Req| std::future::ready(Ok::<_, Infallible>(*r.body())));
-            let pending_inner = || service_fn(|r: Req| PendingOnce(Some(*r.body())));
+            let pending_inner =
+                || service_fn(|r: Req| pending_once(Ok::<_, Infallible>(*r.body())));
             let wait_layer = RateLimitLayer::new(Limiter::new(huge_limit()));
             let reject_layer = RateLimitLayer::reject(Limiter::new(huge_limit()));
             let tower_layer =

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use atscale::core::{Carrier, Context as RequestContext};
 use tokio::runtime::Runtime;
 use tower::{Service, ServiceExt};
 
@@ -85,6 +86,27 @@ pub(crate) fn pending_once<T>(value: T) -> PendingOnce<T> {
     }
 }
 
+/// A non-HTTP request type for the layers that need a [`Carrier`]: the
+/// context rides in a field.
+pub(crate) struct Job {
+    pub(crate) id: u64,
+    cx: Option<RequestContext>,
+}
+
+impl Carrier for Job {
+    fn context(&self) -> Option<&RequestContext> {
+        self.cx.as_ref()
+    }
+    fn set_context(&mut self, cx: RequestContext) {
+        self.cx = Some(cx);
+    }
+}
+
+/// Request `id`, carrying no context yet.
+pub(crate) fn job(id: u64) -> Job {
+    Job { id, cx: None }
+}
+
 /// Median and range of one case, in nanoseconds per call.
 pub(crate) struct Row {
     pub(crate) name: String,
@@ -94,18 +116,24 @@ pub(crate) struct Row {
     pub(crate) samples: Vec<f64>,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
 
-fn range(v: &[f64]) -> (f64, f64) {
+pub(crate) fn range(v: &[f64]) -> (f64, f64) {
     v.iter()
         .fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)))
 }
 
-/// Runs the cases interleaved on `rt`; the first case is the bare service.
-pub(crate) fn compare(rt: &Runtime, cases: &[Case]) -> Vec<Row> {
+/// One case of a comparison: runs `iters` iterations, returns the time taken.
+pub(crate) type Run<'a> = Box<dyn FnMut(u64) -> Duration + 'a>;
+
+/// Runs `cases` interleaved (A B C A B C …) after one calibrating run each
+/// (the discarded warm-up); returns each case's samples in ns per iteration.
+/// `BENCH_REPETITIONS` (default 11) and `BENCH_REPETITION_MS` (default 100)
+/// change the schedule.
+pub(crate) fn interleave(cases: &mut [(&str, Run<'_>)]) -> Vec<Vec<f64>> {
     let repetitions = std::env::var("BENCH_REPETITIONS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -116,18 +144,13 @@ pub(crate) fn compare(rt: &Runtime, cases: &[Case]) -> Vec<Row> {
             .and_then(|v| v.parse().ok())
             .unwrap_or(100),
     );
-    let run = |case: &Case, iters: u64| -> Duration {
-        let fut = (case.measure)(iters);
-        rt.block_on(async move { tokio::spawn(fut).await.expect("bench task") })
-    };
-    // Calibrate: iterations for ~target per case; the calibration run is the discarded warm-up.
     let iters: Vec<u64> = cases
-        .iter()
-        .map(|case| {
-            let mut n = 1_000;
+        .iter_mut()
+        .map(|(_, run)| {
+            let mut n = 1_000u64;
             loop {
-                let took = run(case, n);
-                if took >= target / 4 || n > 1 << 30 {
+                let took = run(n);
+                if took >= target / 4 || n > 1 << 32 {
                     let per = took.as_secs_f64() / n as f64;
                     break ((target.as_secs_f64() / per) as u64).max(1_000);
                 }
@@ -135,13 +158,34 @@ pub(crate) fn compare(rt: &Runtime, cases: &[Case]) -> Vec<Row> {
             }
         })
         .collect();
-    let mut samples = vec![Vec::new(); cases.len()];
+    let mut samples = vec![Vec::with_capacity(repetitions); cases.len()];
     for _ in 0..repetitions {
-        for (i, case) in cases.iter().enumerate() {
-            let took = run(case, iters[i]);
+        for (i, (_, run)) in cases.iter_mut().enumerate() {
+            let took = run(iters[i]);
             samples[i].push(took.as_nanos() as f64 / iters[i] as f64);
         }
     }
+    samples
+}
+
+/// Runs service `case`s interleaved on `rt`, each measurement in a task
+/// spawned on it; the first case is the bare service.
+pub(crate) fn compare(rt: &Runtime, cases: &[Case]) -> Vec<Row> {
+    let mut runs: Vec<(&str, Run<'_>)> = cases
+        .iter()
+        .map(|case| {
+            let run: Run<'_> = Box::new(move |iters| {
+                // Some layers (tower's RateLimit) make a timer when built.
+                let fut = {
+                    let _runtime = rt.enter();
+                    (case.measure)(iters)
+                };
+                rt.block_on(async move { tokio::spawn(fut).await.expect("bench task") })
+            });
+            (case.name.as_str(), run)
+        })
+        .collect();
+    let samples = interleave(&mut runs);
     let bare = samples[0].clone();
     cases
         .iter()
