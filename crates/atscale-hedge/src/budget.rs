@@ -1,8 +1,21 @@
 //! The hedge budget: a sliding window counted in requests, so the allowance
 //! follows the traffic and cannot be borrowed from before a latency shift.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+// Under `--cfg loom`, the loom model (`atscale-ratelimit/tests/loom_hedge_budget.rs`:
+// this crate's dev-dependencies do not build under loom) compiles this very
+// file into itself (where `test` is set too) with loom's atomics and mutex;
+// the library itself always uses std's.
+#[cfg(all(loom, test))]
+use loom::sync::{
+    Mutex,
+    atomic::{AtomicU64, Ordering},
+};
+use std::sync::PoisonError;
+#[cfg(not(all(loom, test)))]
+use std::sync::{
+    Mutex,
+    atomic::{AtomicU64, Ordering},
+};
 
 /// Request start times are noted once per slot (`window / SLOTS` requests,
 /// rounded up to a power of two), to measure how long the window took (for
@@ -117,7 +130,7 @@ impl HedgeBudget {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
     use proptest::prelude::*;
