@@ -651,3 +651,118 @@ async fn rate_limit_over_an_async_store_dropped_at_every_await_point() -> Result
     }
     Ok(())
 }
+
+/// The recommended client stack (ErrorEnrich → Deadline → RateLimit → Hedge
+/// → Heartbeat → transport), dropped at every step: while the rate limit
+/// holds it, with the first attempt in flight, with the hedge in flight
+/// too; and run to the end (one attempt wins, the other is cancelled).
+#[tokio::test(start_paused = true)]
+async fn client_stack_with_a_hedge_dropped_at_every_step() -> Result<(), BoxError> {
+    use atscale::hedge::HedgeLayer;
+    use http_body_util::Empty;
+
+    let baseline = alive_tasks();
+    let steps = 4;
+    for cut in 0..=steps {
+        let clock = Clock::tokio();
+        let limit = Limit::per_second(10)?.burst(1)?;
+        let (limiter, twin) = (
+            Limiter::with_clock(limit, clock.clone()),
+            Limiter::with_clock(limit, clock.clone()),
+        );
+        limiter.try_acquire(1)?;
+        twin.try_acquire(1)?;
+        let monitor = Monitor::builder().stall(Duration::from_secs(30)).build();
+        // What each attempt ran under, and whether its future was dropped.
+        let attempts: Arc<Mutex<Vec<(Context, Dropped)>>> = Arc::default();
+        let gate = Gate::new();
+        let (seen, g) = (attempts.clone(), gate.clone());
+        let transport = service_fn(move |_req: Request<Empty<Bytes>>| {
+            let dropped = Dropped::default();
+            let cx = Context::current().expect("every attempt has a context");
+            seen.lock().unwrap().push((cx, dropped.clone()));
+            let g = g.clone();
+            async move {
+                let _dropped = dropped.guard();
+                g.wait().await;
+                Ok::<_, BoxError>(Response::new(Empty::<Bytes>::new()))
+            }
+        });
+        let outer_cx: Arc<Mutex<Option<Context>>> = Arc::default();
+        let spy = outer_cx.clone();
+        let mut client = ServiceBuilder::new()
+            .layer(ErrorEnrichLayer::client("downstream"))
+            .layer(DeadlineLayer::client(Duration::from_secs(10)))
+            .map_request(move |req: Request<Empty<Bytes>>| {
+                *spy.lock().unwrap() = req.context().cloned();
+                req
+            })
+            .layer(RateLimitLayer::builder().limiter(limiter.clone()).build()?)
+            .layer(HedgeLayer::fixed(Duration::from_millis(50)))
+            .layer(monitor.layer())
+            .service(transport);
+
+        let mut fut = Box::pin(
+            client
+                .ready()
+                .await?
+                .call(Request::get("http://replica/").body(Empty::new())?),
+        );
+        let mut answered = false;
+        for step in 1..=cut {
+            match step {
+                1 => assert!(poll_once(fut.as_mut()).await.is_pending()),
+                2 => {
+                    tokio::time::advance(Duration::from_millis(100)).await;
+                    assert!(poll_once(fut.as_mut()).await.is_pending());
+                    assert_eq!(attempts.lock().unwrap().len(), 1, "admitted: one attempt");
+                    twin.try_acquire(1)?; // admitted now: spent, hedge or not
+                }
+                3 => {
+                    tokio::time::advance(Duration::from_millis(50)).await;
+                    assert!(poll_once(fut.as_mut()).await.is_pending());
+                    assert_eq!(attempts.lock().unwrap().len(), 2, "the hedge went out");
+                    assert_eq!(monitor.in_flight(), 2);
+                }
+                _ => {
+                    gate.open();
+                    let Poll::Ready(res) = poll_once(fut.as_mut()).await else {
+                        panic!("one attempt answered")
+                    };
+                    assert!(res.is_ok());
+                    answered = true;
+                }
+            }
+        }
+        drop(fut);
+        settle().await;
+
+        let at = format!("dropped after {cut} steps");
+        let attempts = attempts.lock().unwrap().clone();
+        assert_eq!(attempts.len(), [0, 0, 1, 2, 2][cut], "{at}");
+        for (cx, dropped) in &attempts {
+            assert!(
+                dropped.get(),
+                "{at}: an attempt's future outlived the request"
+            );
+            if !answered {
+                assert!(cx.is_cancelled(), "{at}: an attempt's context is live");
+            }
+        }
+        if answered {
+            // The winner's context is left alone; the loser's is cancelled.
+            let cancelled = attempts.iter().filter(|(cx, _)| cx.is_cancelled()).count();
+            assert_eq!(cancelled, 1, "{at}");
+        }
+        let outer = outer_cx.lock().unwrap().clone().expect("set in call");
+        assert_eq!(outer.is_cancelled(), !answered, "{at}");
+        assert_eq!(monitor.in_flight(), 0, "{at}");
+        let counts = monitor.counts();
+        assert_eq!(counts.started(), attempts.len() as u64, "{at}");
+        assert_eq!(counts.ok(), u64::from(answered), "{at}");
+        same_admissions(&limiter, &twin).await;
+        settle().await;
+        assert_eq!(alive_tasks(), baseline, "{at}: a task leaked");
+    }
+    Ok(())
+}
