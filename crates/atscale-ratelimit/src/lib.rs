@@ -130,8 +130,10 @@
 //! On a server, inside the deadline layer (so the deadline is known) and
 //! outside anything expensive: ErrorEnrich → Deadline → Heartbeat →
 //! **RateLimit** → handler. On a client, inside the deadline and outside
-//! hedging, so that a hedge copy is rate limited too: ErrorEnrich → Deadline
-//! → **RateLimit** → Hedge → transport. Put it outside concurrency limits: a
+//! hedging: ErrorEnrich → Deadline → **RateLimit** → Hedge → transport. A
+//! request is then charged once, however many attempts the hedge sends
+//! (the hedge's own budget bounds the copies); put the rate limit inside the
+//! hedge instead to charge every attempt. Put it outside concurrency limits: a
 //! waiting request holds the inner service it readied.
 //!
 //! # Timing
