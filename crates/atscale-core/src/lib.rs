@@ -63,6 +63,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod carrier;
+mod clock;
 mod context;
 mod deadline;
 pub mod error;
@@ -70,6 +71,7 @@ mod macros;
 mod preempt;
 
 pub use carrier::Carrier;
+pub use clock::Clock;
 pub use context::{CancelOnDrop, Context, Scoped, spawn, spawn_preemptable};
 pub use deadline::{Deadline, Origin};
 pub use error::{

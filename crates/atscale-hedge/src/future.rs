@@ -331,7 +331,7 @@ where
     let _ = replica;
     armed.backups.push(Backup {
         fut: Box::pin(Oneshot::new(svc, req)),
-        started: shared.clock.now(),
+        started: shared.clock.now_nanos(),
         guard,
         index,
     });
@@ -373,7 +373,7 @@ where
     if verdict == Verdict::Good {
         if let Some(shared) = this.shared.as_deref() {
             if let Some(started) = started.filter(|_| shared.is_adaptive()) {
-                let now = shared.clock.now();
+                let now = shared.clock.now_nanos();
                 let since = |t: u64| Duration::from_nanos(now.saturating_sub(t));
                 shared.record(since(started), now);
                 // The attempts still in flight were at least this slow: recording

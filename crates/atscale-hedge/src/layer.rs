@@ -7,7 +7,6 @@ use tower::discover::Discover;
 use tower_layer::Layer;
 
 use crate::budget::HedgeBudget;
-use crate::clock::Clock;
 use crate::discover::HedgeDiscover;
 use crate::error::InvalidConfig;
 use crate::policy::{Budget, BudgetKind, Delay, DelayKind, ErrorsAreFatal, RoundRobin};
@@ -15,6 +14,7 @@ use crate::service::{Backends, Hedge};
 use crate::shared::{Counters, DelaySource, Shared};
 use crate::stats::HedgeStats;
 use crate::window::LatencyWindow;
+use atscale_core::Clock;
 
 /// The most attempts a request may make, as in gRPC's hedging policy.
 pub const MAX_ATTEMPTS: u8 = 5;

@@ -180,7 +180,6 @@
 
 mod body;
 mod budget;
-mod clock;
 mod discover;
 pub mod error;
 pub mod future;
@@ -192,8 +191,8 @@ mod shared;
 mod stats;
 mod window;
 
+pub use atscale_core::Clock;
 pub use body::{BufferBody, BufferBodyLayer, BufferedBody};
-pub use clock::Clock;
 pub use discover::HedgeDiscover;
 pub use error::InvalidConfig;
 pub use layer::{HedgeBuilder, HedgeLayer, MAX_ATTEMPTS};

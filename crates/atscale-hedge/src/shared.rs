@@ -4,8 +4,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::budget::HedgeBudget;
-use crate::clock::Clock;
 use crate::window::LatencyWindow;
+use atscale_core::Clock;
 
 #[derive(Debug)]
 pub(crate) enum DelaySource {
@@ -42,12 +42,12 @@ impl Shared {
         let (now, delay) = match &self.delay {
             DelaySource::Fixed(d) => (None, Some(*d)),
             DelaySource::Adaptive(w) => {
-                let now = self.clock.now();
+                let now = self.clock.now_nanos();
                 (Some(now), w.delay_at(now))
             }
         };
         let position = match &self.budget {
-            Some(b) => b.arrive(|| now.unwrap_or_else(|| self.clock.now())),
+            Some(b) => b.arrive(|| now.unwrap_or_else(|| self.clock.now_nanos())),
             None => self.counters.requests.fetch_add(1, Ordering::Relaxed),
         };
         (now, delay, position)
@@ -78,7 +78,7 @@ impl Shared {
         let granted = self
             .budget
             .as_ref()
-            .is_none_or(|b| b.try_acquire(position, self.clock.now()));
+            .is_none_or(|b| b.try_acquire(position, self.clock.now_nanos()));
         if granted {
             self.counters.sent.fetch_add(1, Ordering::Relaxed);
         } else {

@@ -10,10 +10,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use atscale_core::{BoxError, Overloaded};
 use http::HeaderName;
 
-use crate::clock::Clock;
 use crate::error::{InvalidLimit, MissingKey, Reason};
 use crate::limit::Limit;
 use crate::limiter::Limiter;
+use atscale_core::Clock;
 
 const SHARDS: usize = 16;
 
@@ -126,7 +126,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> KeyedLimiter<K> {
             return Ok(limiter.clone());
         }
         if shard.map.len() >= shard.cap {
-            let now = inner.clock.now();
+            let now = inner.clock.now_nanos();
             if now >= shard.next_sweep {
                 shard.sweep(now);
             }
@@ -142,7 +142,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> KeyedLimiter<K> {
 
     /// Drops every key whose bucket is as good as fresh; returns how many.
     pub fn evict_idle(&self) -> usize {
-        let now = self.inner.clock.now();
+        let now = self.inner.clock.now_nanos();
         self.inner
             .shards
             .iter()

@@ -163,7 +163,6 @@
 //! - Bursts, costs per request, keyed limits, reject mode with retry-after.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
-mod clock;
 pub mod error;
 pub mod future;
 mod gcra;
@@ -175,7 +174,7 @@ mod service;
 mod store;
 mod wait;
 
-pub use clock::Clock;
+pub use atscale_core::Clock;
 pub use error::{InsufficientCapacity, InvalidLimit, MissingKey, Reason};
 pub use keyed::{
     ByKey, KeyCheck, KeyFn, KeyPart, KeyedLimiter, KeyedLimiterBuilder, NoKey, PeerIp, RequestKey,

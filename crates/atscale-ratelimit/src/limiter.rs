@@ -7,12 +7,12 @@ use std::time::Duration;
 use atscale_core::BoxError;
 
 use crate::MAX_LIMITS;
-use crate::clock::Clock;
 use crate::error::{InvalidLimit, Reason};
 use crate::gcra::{self, Bucket, Refused};
 use crate::limit::Limit;
 use crate::store::{Claims, MemoryStore, Refusal};
 use crate::wait::{self, Queue};
+use atscale_core::Clock;
 
 /// A shared handle to one in-memory rate-limit bucket.
 ///
@@ -80,7 +80,7 @@ impl Limiter {
     #[inline(always)]
     pub fn try_acquire(&self, cost: u32) -> Result<(), BoxError> {
         let inner = &*self.inner;
-        match inner.bucket.acquire(inner.clock.now(), cost, 0) {
+        match inner.bucket.acquire(inner.clock.now_nanos(), cost, 0) {
             Ok(_) => Ok(()),
             Err(refused) => Err(refused_error(refused)),
         }
@@ -247,7 +247,7 @@ impl MultiLimiter {
         if cost > self.min_burst {
             return Err(self.too_big(cost));
         }
-        let now = self.sorted[0].clock().now();
+        let now = self.sorted[0].clock().now_nanos();
         match gcra::try_acquire_sorted(&self.sorted, Limiter::bucket, cost, now) {
             Ok(()) => Ok(()),
             Err(refused) => Err(refused_error(refused)),

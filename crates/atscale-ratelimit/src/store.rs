@@ -238,7 +238,7 @@ impl MemoryStore {
             return Ok(Grant::new(Duration::ZERO, None));
         };
         let max_wait = nanos(max_wait);
-        let now = first.clock().now();
+        let now = first.clock().now_nanos();
         if n == 1 {
             let (wait, taken) = first.bucket().acquire(now, first_cost, max_wait)?;
             if wait == 0 {
@@ -323,7 +323,7 @@ impl Store for MemoryStore {
 
     fn refund(&self, receipt: MemoryReceipt) {
         for (limiter, taken) in receipt.parts {
-            let now = limiter.clock().now();
+            let now = limiter.clock().now_nanos();
             limiter.bucket().refund(taken, now);
         }
     }

@@ -1,4 +1,4 @@
-//! The time source of limiters.
+//! A fast clock for hot paths that tokio's paused test clock can still drive.
 
 use std::fmt;
 use std::sync::OnceLock;
@@ -7,13 +7,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 static DEFAULT: OnceLock<Clock> = OnceLock::new();
 
-/// The time source a limiter reads: a fast one for production, and one that
-/// tokio's paused test clock drives.
-///
-/// Bucket state is kept in nanoseconds since the clock's epoch, so all the
-/// limiters of one request must share one clock (a set that mixes clocks is
-/// rejected at construction). Waits are always slept on tokio's timer
-/// (`tokio::time::sleep`) for the duration the clock computed.
+/// The time source of the layers' hot paths (rate-limit buckets, hedge
+/// latencies and budgets): a fast one for production, and one that tokio's
+/// paused test clock drives. Timers are always tokio's (`tokio::time::sleep`),
+/// for the durations this clock computed.
 ///
 /// - [`Clock::quanta`] (the default): the TSC through the `quanta` crate,
 ///   a few nanoseconds per read (`std::time::Instant::now()` costs about
@@ -23,18 +20,19 @@ static DEFAULT: OnceLock<Clock> = OnceLock::new();
 ///   `tokio::time::pause()` / `advance()` and `#[tokio::test(start_paused = true)]`.
 ///   Use it in tests.
 ///
+/// Readings are nanoseconds since the clock's epoch; two clocks share an
+/// epoch only if they have the same [`id`](Clock::id) (every `quanta()`
+/// is the same clock; every `tokio()` call makes a new one).
+///
 /// ```
-/// use atscale_ratelimit::{Clock, Limit, Limiter};
+/// use std::time::Duration;
+/// use atscale_core::Clock;
 ///
 /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
-/// # async fn main() -> Result<(), atscale_ratelimit::InvalidLimit> {
+/// # async fn main() {
 /// let clock = Clock::tokio(); // share it between the limiters of a test
-/// let limiter = Limiter::with_clock(Limit::per_second(1)?, clock.clone());
-/// assert!(limiter.try_acquire(1).is_ok());
-/// assert!(limiter.try_acquire(1).is_err());
-/// tokio::time::advance(std::time::Duration::from_secs(1)).await;
-/// assert!(limiter.try_acquire(1).is_ok());
-/// # Ok(())
+/// tokio::time::advance(Duration::from_millis(3)).await;
+/// assert_eq!(clock.now_nanos(), 3_000_000);
 /// # }
 /// ```
 #[derive(Clone)]
@@ -80,7 +78,7 @@ impl Clock {
 
     /// Nanoseconds since the clock's epoch.
     #[inline(always)]
-    pub(crate) fn now(&self) -> u64 {
+    pub fn now_nanos(&self) -> u64 {
         match &self.source {
             Source::Quanta { clock, base } => clock.delta_as_nanos(*base, clock.raw()),
             Source::Tokio { epoch } => {
@@ -90,7 +88,9 @@ impl Clock {
         }
     }
 
-    pub(crate) const fn id(&self) -> u64 {
+    /// Which clock this is: readings of clocks with the same id share an epoch
+    /// and can be compared.
+    pub const fn id(&self) -> u64 {
         self.id
     }
 }
@@ -122,18 +122,34 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_tokio_clock_follows_the_paused_clock() {
         let clock = Clock::tokio();
-        assert_eq!(clock.now(), 0);
+        assert_eq!(clock.now_nanos(), 0);
         tokio::time::advance(Duration::from_millis(1500)).await;
-        assert_eq!(clock.now(), 1_500_000_000);
+        assert_eq!(clock.now_nanos(), 1_500_000_000);
+    }
+
+    #[test]
+    fn the_quanta_clock_keeps_pace_with_the_system_clock() {
+        // The thing under test is a real clock, so it is read against the
+        // system's monotonic clock (no sleeping: the loop ends on its own).
+        let clock = Clock::quanta();
+        let (a, start) = (clock.now_nanos(), std::time::Instant::now());
+        while start.elapsed() < Duration::from_millis(2) {
+            std::hint::spin_loop();
+        }
+        let (moved, system) = (clock.now_nanos() - a, start.elapsed());
+        assert!(
+            moved >= 1_800_000,
+            "quanta moved {moved} ns while the system clock moved {system:?}"
+        );
     }
 
     #[test]
     fn the_quanta_clock_is_shared_and_moves_forward() {
         let a = Clock::quanta();
         assert_eq!(a.id(), Clock::default().id());
-        let t0 = a.now();
+        let t0 = a.now_nanos();
         std::hint::black_box((0..10_000).sum::<u64>());
-        assert!(a.now() >= t0);
+        assert!(a.now_nanos() >= t0);
         assert_ne!(Clock::tokio().id(), Clock::tokio().id());
     }
 }
