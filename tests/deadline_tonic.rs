@@ -1,15 +1,18 @@
 //! `grpc-timeout` honoured by a real tonic server and written by a real tonic
 //! client, on loopback (tonic-health's generated service: no protoc needed).
 
+mod loopback;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use atscale::core::{BoxError, Context, Kind, Origin};
 use atscale::deadline::DeadlineLayer;
+use loopback::channel;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::{Channel, Endpoint, Server};
+use tonic::transport::{Endpoint, Server};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 use tower::ServiceBuilder;
@@ -67,14 +70,6 @@ fn errors_to_status(
         let code = tonic::Code::from(Kind::of(&*err).grpc_code() as i32);
         Ok(tonic::Status::new(code, err.to_string()).into_http())
     })
-}
-
-async fn channel(addr: SocketAddr) -> Channel {
-    Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
 }
 
 fn check(stall: bool, timeout: Option<Duration>) -> tonic::Request<HealthCheckRequest> {

@@ -3,17 +3,20 @@
 //! goes to a server that never answers; the hedge goes to the other one,
 //! which answers; the slow server sees its call cancelled.
 
+mod loopback;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use atscale::core::Context;
 use atscale::hedge::{Budget, BufferBodyLayer, BufferedBody, Delay, HedgeLayer};
+use loopback::channel;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::body::Body;
-use tonic::transport::{Channel, Endpoint, Server};
+use tonic::transport::{Channel, Server};
 use tonic_health::ServingStatus;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus as Wire;
@@ -86,14 +89,6 @@ async fn server(
             .serve_with_incoming(TcpListenerStream::new(listener)),
     );
     addr
-}
-
-async fn channel(addr: SocketAddr) -> Channel {
-    Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
 }
 
 #[tokio::test]

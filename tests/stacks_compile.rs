@@ -4,6 +4,8 @@
 //! and across replicas. Each is also served and called once on loopback,
 //! so the types are not only accepted but work.
 
+mod loopback;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -16,9 +18,10 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use loopback::{channel, serve_health};
 use tokio::net::TcpListener;
+use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Channel, Server};
 use tonic_health::ServingStatus;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus as Wire;
@@ -98,30 +101,7 @@ async fn axum_router_layer_takes_a_hand_built_stack_in_the_recommended_order() {
 
 /// A tonic-health server behind the recommended server stack.
 async fn health_server(stack: ServerStack) -> SocketAddr {
-    let (reporter, health) = tonic_health::server::health_reporter();
-    reporter
-        .set_service_status("", ServingStatus::Serving)
-        .await;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = Server::builder()
-        .layer(stack)
-        .add_service(health)
-        .serve_with_incoming(TcpIncoming::from(listener));
-    tokio::spawn(async move {
-        // Keep the reporter alive as long as the server.
-        let _reporter = reporter;
-        server.await.unwrap()
-    });
-    addr
-}
-
-async fn channel(addr: SocketAddr) -> Channel {
-    Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
+    serve_health(stack).await
 }
 
 async fn check<T>(client: &mut HealthClient<T>) -> Result<Wire, tonic::Status>

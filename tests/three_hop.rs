@@ -15,6 +15,8 @@
 #[path = "../crates/atscale-error/tests/support/mod.rs"]
 mod support;
 
+mod loopback;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -30,15 +32,13 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use loopback::{channel, serve_health};
 use serde_json::Value;
 use support::{DbError, Logs, SECRET, capture_logs};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tonic::body::Body as GrpcBody;
 use tonic::service::Routes;
-use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Channel, Server};
-use tonic_health::ServingStatus;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 use tower::layer::layer_fn;
@@ -98,45 +98,6 @@ async fn service_b(name: &'static str, slow: bool, seen: Seen) -> (SocketAddr, M
     });
     let addr = serve_health(ServiceBuilder::new().layer(stack).layer(behave)).await;
     (addr, monitor)
-}
-
-/// Serves tonic-health (reporting SERVING) behind `layer` on loopback.
-async fn serve_health<L, ResB>(layer: L) -> SocketAddr
-where
-    L: Layer<Routes> + Clone + Send + 'static,
-    L::Service: tower::Service<http::Request<GrpcBody>, Response = http::Response<ResB>>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    <L::Service as tower::Service<http::Request<GrpcBody>>>::Future: Send + 'static,
-    <L::Service as tower::Service<http::Request<GrpcBody>>>::Error: Into<BoxError> + Send,
-    ResB: http_body::Body<Data = Bytes> + Send + 'static,
-    ResB::Error: Into<BoxError>,
-{
-    let (reporter, health) = tonic_health::server::health_reporter();
-    reporter
-        .set_service_status("", ServingStatus::Serving)
-        .await;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = Server::builder()
-        .layer(layer)
-        .add_service(health)
-        .serve_with_incoming(TcpIncoming::from(listener));
-    tokio::spawn(async move {
-        let _reporter = reporter;
-        server.await.unwrap()
-    });
-    addr
-}
-
-async fn channel(addr: SocketAddr) -> Channel {
-    Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
 }
 
 /// Every hop's monitors and counters, for the assertions.
