@@ -122,11 +122,14 @@ async fn a_flood_of_distinct_keys_stays_within_the_documented_bound() -> Result<
     );
     // Once full, the table may rehash into a larger array once (its
     // tombstones); it never keeps growing: the second half of the waves
-    // adds at most 1 % of the bound.
+    // adds at most 5 % of the bound (2.6 MB). Keeping the keys of those
+    // waves would add 5 × 50,000 × ~500 B = 125 MB; the allocator's own
+    // drift measured here was up to 1.5 MB, which 1 % (0.5 MB) did not
+    // always absorb on a loaded machine.
     assert!(
         after <= bound / 10,
         "grew {after} B after the table was full"
     );
-    assert!(drift <= bound / 100, "grew {drift} B over the last waves");
+    assert!(drift <= bound / 20, "grew {drift} B over the last waves");
     Ok(())
 }
