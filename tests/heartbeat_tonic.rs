@@ -4,6 +4,8 @@
 //! that goes quiet is cut by the watchdog and the client gets `UNAVAILABLE`
 //! with the stall's message.
 
+mod loopback;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -37,12 +39,7 @@ async fn serve(monitor: &Monitor) -> (SocketAddr, HealthReporter) {
 }
 
 async fn client(addr: SocketAddr) -> HealthClient<Channel> {
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    HealthClient::new(channel)
+    HealthClient::new(loopback::channel(addr).await)
 }
 
 fn request() -> HealthCheckRequest {

@@ -22,7 +22,6 @@ use loopback::{channel, serve_health};
 use tokio::net::TcpListener;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
-use tonic_health::ServingStatus;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus as Wire;
 use tonic_health::pb::health_client::HealthClient;
@@ -167,17 +166,7 @@ async fn a_downstream_failure_comes_back_as_its_status_and_its_kind() {
     let server = stack::server("limited", Duration::from_secs(2)).with_rate_limit(
         RateLimitLayer::reject(Limiter::new(Limit::per_minute(1).unwrap())),
     );
-    let (reporter, health) = tonic_health::server::health_reporter();
-    reporter
-        .set_service_status("", ServingStatus::Serving)
-        .await;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let serve = Server::builder()
-        .layer(server)
-        .add_service(health)
-        .serve_with_incoming(TcpIncoming::from(listener));
-    tokio::spawn(serve);
+    let addr = serve_health(server).await;
 
     let client = stack::client("caller", Duration::from_secs(1));
     let mut health = HealthClient::new(client.layer(channel(addr).await));
