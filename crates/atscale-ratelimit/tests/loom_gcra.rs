@@ -17,6 +17,9 @@
 
 use loom::sync::Arc;
 use loom::thread;
+use loom_support::model;
+
+mod loom_support;
 
 /// What `gcra.rs` needs of `crate::limit::Limit`: the interval and burst.
 mod limit {
@@ -53,21 +56,6 @@ use limit::Limit;
 
 const T: u64 = 10; // interval
 const NOW: u64 = 1_000;
-
-/// `loom::model`, counting the interleavings it explores: prints the count
-/// and checks that there was more than one (the threads did race).
-fn model(name: &str, f: impl Fn() + Sync + Send + 'static) {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    let runs = std::sync::Arc::new(AtomicUsize::new(0));
-    let counter = runs.clone();
-    loom::model(move || {
-        counter.fetch_add(1, Ordering::Relaxed);
-        f();
-    });
-    let runs = runs.load(Ordering::Relaxed);
-    println!("{name}: {runs} interleavings");
-    assert!(runs > 1, "{name}: nothing raced");
-}
 
 fn bucket(burst: u32) -> Bucket {
     Bucket::new(&Limit { interval: T, burst })

@@ -19,25 +19,14 @@ use std::sync::Mutex as StdMutex;
 
 use loom::sync::Arc;
 use loom::thread;
+use loom_support::model;
+
+mod loom_support;
 
 #[path = "../../atscale-hedge/src/budget.rs"]
 mod budget;
 
 use budget::HedgeBudget;
-
-/// `loom::model`, counting the interleavings it explores.
-fn model(name: &str, f: impl Fn() + Sync + Send + 'static) {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    let runs = std::sync::Arc::new(AtomicUsize::new(0));
-    let counter = runs.clone();
-    loom::model(move || {
-        counter.fetch_add(1, Ordering::Relaxed);
-        f();
-    });
-    let runs = runs.load(Ordering::Relaxed);
-    println!("{name}: {runs} interleavings");
-    assert!(runs > 1, "{name}: nothing raced");
-}
 
 /// A budget of 10 % over windows of 10 requests (one hedge per window), no
 /// per-second floor, with `n` requests already arrived.
