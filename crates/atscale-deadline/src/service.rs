@@ -59,12 +59,6 @@ where
             Ok(deadline) => deadline,
             Err(malformed) => return ResponseFuture::failed(malformed.into()),
         };
-        let cx = match (deadline, &parent) {
-            (Some(deadline), Some(parent)) => parent.child_until(deadline),
-            (Some(deadline), None) => Context::new().with_deadline(deadline),
-            (None, Some(parent)) => parent.child(),
-            (None, None) => Context::new(),
-        };
         if let Some(deadline) = deadline {
             if deadline.is_expired_at(now) {
                 return ResponseFuture::failed(DeadlineExceeded::at(deadline, now).into());
@@ -73,6 +67,12 @@ where
                 write_budget(&self.config, &mut req, deadline.remaining_at(now));
             }
         }
+        let cx = match (deadline, &parent) {
+            (Some(deadline), Some(parent)) => parent.child_until(deadline),
+            (Some(deadline), None) => Context::new().with_deadline(deadline),
+            (None, Some(parent)) => parent.child(),
+            (None, None) => Context::new(),
+        };
         req.set_context(cx.clone());
         let inner = cx.scope_with(|| self.inner.call(req));
         ResponseFuture::running(inner, deadline)
