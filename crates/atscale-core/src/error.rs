@@ -179,26 +179,87 @@ impl fmt::Display for RateLimited {
 
 impl Error for RateLimited {}
 
-/// The service refused work it has no capacity for.
+/// The service refused work it has no capacity for, optionally saying when
+/// to come back ([`Overloaded::retry_after`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Overloaded {
-    _priv: (),
+    retry_after: Option<Duration>,
 }
 
 impl Overloaded {
     /// The service is overloaded.
     pub const fn new() -> Self {
-        Overloaded { _priv: () }
+        Overloaded { retry_after: None }
+    }
+
+    /// The service is overloaded; it expects to have room `retry_after` from now.
+    pub const fn with_retry_after(retry_after: Duration) -> Self {
+        Overloaded {
+            retry_after: Some(retry_after),
+        }
+    }
+
+    /// When the service expects to have room again, if it said.
+    pub const fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
     }
 }
 
 impl fmt::Display for Overloaded {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.pad("service overloaded")
+        match self.retry_after {
+            Some(after) => f.pad(&format!("service overloaded, retry after {}", Short(after))),
+            None => f.pad("service overloaded"),
+        }
     }
 }
 
 impl Error for Overloaded {}
+
+/// The request never reached the server: the connection was refused, the
+/// name did not resolve, the server refused the stream before processing it.
+///
+/// Unlike [`Kind::Upstream`] (the server answered with a failure), the
+/// server did no work, so the request is safe to send again, even when it is
+/// not idempotent.
+#[derive(Debug)]
+pub struct Unreachable {
+    dependency: String,
+    source: Option<BoxError>,
+}
+
+impl Unreachable {
+    /// `dependency` (a service name or an address) could not be reached.
+    pub fn new(dependency: impl Into<String>) -> Self {
+        Unreachable {
+            dependency: dependency.into(),
+            source: None,
+        }
+    }
+
+    /// The transport error that showed it (kept as the `source()`).
+    pub fn with_source(mut self, source: impl Into<BoxError>) -> Self {
+        self.source = Some(source.into());
+        self
+    }
+
+    /// The dependency that could not be reached.
+    pub fn dependency(&self) -> &str {
+        &self.dependency
+    }
+}
+
+impl fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(&format!("could not reach {}", self.dependency))
+    }
+}
+
+impl Error for Unreachable {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        self.source.as_deref().map(|e| e as &(dyn Error + 'static))
+    }
+}
 
 /// Work showed no progress for longer than allowed and was cut.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -312,30 +373,38 @@ pub enum Kind {
     Stalled,
     /// Every hedged attempt failed ([`HedgeExhausted`]).
     HedgeExhausted,
+    /// The request never reached the server ([`Unreachable`]): safe to retry.
+    Unreachable,
     /// The request was cancelled ([`Cancelled`]).
     Cancelled,
     /// The request itself was malformed ([`MalformedDeadline`]).
     BadRequest,
-    /// A dependency failed (an error of a type atscale does not know, on the client side).
+    /// A dependency answered with a failure, or failed in a way atscale does
+    /// not know (an unclassified error on the client side).
     Upstream,
     /// Anything else: a bug or an unknown error on the server side.
     Internal,
 }
 
 impl Kind {
-    /// Classifies `err` by the first atscale vocabulary type in its `source()`
-    /// chain (outermost first); an error with none is [`Kind::Internal`].
+    /// Classifies `err` by the first error in its `source()` chain
+    /// (outermost first) that [`classify`](crate::classify) knows: an atscale
+    /// vocabulary type, a type an application mapped with
+    /// [`classify::register`](crate::classify::register), or a foreign type
+    /// recognised behind its crate's feature. An error with none is
+    /// [`Kind::Internal`].
     pub fn of(err: &(dyn Error + 'static)) -> Kind {
         Kind::find(err).unwrap_or(Kind::Internal)
     }
 
-    /// Like [`Kind::of`], but `None` when no vocabulary type is in the chain,
+    /// Like [`Kind::of`], but `None` when nothing in the chain is known,
     /// so the caller can decide between [`Kind::Upstream`] and [`Kind::Internal`].
     pub fn find(err: &(dyn Error + 'static)) -> Option<Kind> {
-        chain(err).find_map(Kind::of_one)
+        crate::classify::classify(err).map(|c| c.kind())
     }
 
-    fn of_one(err: &(dyn Error + 'static)) -> Option<Kind> {
+    /// The kind of one error (not its chain), if it is an atscale vocabulary type.
+    pub(crate) fn of_one(err: &(dyn Error + 'static)) -> Option<Kind> {
         Some(if err.is::<DeadlineExceeded>() {
             Kind::DeadlineExceeded
         } else if err.is::<RateLimited>() {
@@ -346,6 +415,8 @@ impl Kind {
             Kind::Stalled
         } else if err.is::<HedgeExhausted>() {
             Kind::HedgeExhausted
+        } else if err.is::<Unreachable>() {
+            Kind::Unreachable
         } else if err.is::<Cancelled>() {
             Kind::Cancelled
         } else if err.is::<MalformedDeadline>() {
@@ -368,7 +439,7 @@ impl Kind {
         match self {
             Kind::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
             Kind::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-            Kind::Overloaded | Kind::Stalled => StatusCode::SERVICE_UNAVAILABLE,
+            Kind::Overloaded | Kind::Stalled | Kind::Unreachable => StatusCode::SERVICE_UNAVAILABLE,
             Kind::HedgeExhausted | Kind::Upstream => StatusCode::BAD_GATEWAY,
             Kind::Cancelled => StatusCode::from_u16(499).expect("499 is a valid status"),
             Kind::BadRequest => StatusCode::BAD_REQUEST,
@@ -381,9 +452,11 @@ impl Kind {
         match self {
             Kind::DeadlineExceeded => GrpcCode::DeadlineExceeded,
             Kind::RateLimited => GrpcCode::ResourceExhausted,
-            Kind::Overloaded | Kind::Stalled | Kind::HedgeExhausted | Kind::Upstream => {
-                GrpcCode::Unavailable
-            }
+            Kind::Overloaded
+            | Kind::Stalled
+            | Kind::HedgeExhausted
+            | Kind::Unreachable
+            | Kind::Upstream => GrpcCode::Unavailable,
             Kind::Cancelled => GrpcCode::Cancelled,
             Kind::BadRequest => GrpcCode::InvalidArgument,
             Kind::Internal => GrpcCode::Internal,
@@ -398,6 +471,7 @@ impl Kind {
             Kind::Overloaded => "overloaded",
             Kind::Stalled => "stalled",
             Kind::HedgeExhausted => "hedge_exhausted",
+            Kind::Unreachable => "unreachable",
             Kind::Cancelled => "cancelled",
             Kind::BadRequest => "bad_request",
             Kind::Upstream => "upstream",
@@ -516,6 +590,7 @@ mod tests {
             (Kind::Overloaded, 503, 14),
             (Kind::Stalled, 503, 14),
             (Kind::HedgeExhausted, 502, 14),
+            (Kind::Unreachable, 503, 14),
             (Kind::Cancelled, 499, 1),
             (Kind::BadRequest, 400, 3),
             (Kind::Upstream, 502, 14),
@@ -541,6 +616,8 @@ mod tests {
             Box::new(Stalled::new(Duration::from_secs(2))),
             Box::new(HedgeExhausted::new(vec!["a".into(), "b".into()])),
             Box::new(Cancelled::new()),
+            Box::new(Unreachable::new("billing")),
+            Box::new(Overloaded::with_retry_after(Duration::from_secs(1))),
         ];
         for e in errors {
             let s = e.to_string();

@@ -51,18 +51,23 @@
 //! | [`DeadlineExceeded`], [`Interrupted::DeadlineExceeded`] | `DeadlineExceeded` | 504 | `DEADLINE_EXCEEDED` | the deadline layer, [`Context::run`] |
 //! | [`MalformedDeadline`] | `BadRequest` | 400 | `INVALID_ARGUMENT` | the deadline layer |
 //! | [`RateLimited`] | `RateLimited` | 429 + `Retry-After` | `RESOURCE_EXHAUSTED` | the rate limit |
-//! | [`Overloaded`] | `Overloaded` | 503 | `UNAVAILABLE` | the rate limit (queue or key table full) |
+//! | [`Overloaded`] | `Overloaded` | 503 (+ `Retry-After` when it says) | `UNAVAILABLE` | the overload layer, the rate limit (queue or key table full) |
 //! | [`Stalled`] | `Stalled` | 503 | `UNAVAILABLE` | the heartbeat's watchdog |
 //! | [`HedgeExhausted`] | `HedgeExhausted` | 502 | `UNAVAILABLE` | the hedge |
+//! | [`Unreachable`] | `Unreachable` | 503 | `UNAVAILABLE` | client stacks (the request never reached the server: safe to retry) |
 //! | [`Cancelled`], [`Interrupted::Cancelled`] | `Cancelled` | 499 | `CANCELLED` | the rate limit, [`Context::run`] |
 //! | none of them, on a client | `Upstream` | 502 | `UNAVAILABLE` | (classified by ErrorEnrich) |
 //! | none of them, on a server | `Internal` | 500 | `INTERNAL` | (classified by ErrorEnrich) |
 //!
 //! [`find`] reaches any of them, with its details (`retry_after`, the
-//! deadline's [`Origin`]), through wrapping errors.
+//! deadline's [`Origin`]), through wrapping errors. The vocabulary is open:
+//! [`classify`] also knows the errors of tower, hyper, h2, tonic and
+//! `std::io` (behind features named after those crates), and the
+//! application's own types, mapped once with [`classify::map`].
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod carrier;
+pub mod classify;
 mod clock;
 mod context;
 mod deadline;
@@ -71,11 +76,12 @@ mod macros;
 mod preempt;
 
 pub use carrier::Carrier;
+pub use classify::retry_after;
 pub use clock::Clock;
 pub use context::{CancelOnDrop, Context, Scoped, spawn, spawn_preemptable};
 pub use deadline::{Deadline, Origin};
 pub use error::{
     BoxError, Cancelled, DeadlineExceeded, GrpcCode, HedgeExhausted, Interrupted, Kind,
-    MalformedDeadline, Overloaded, RateLimited, Stalled, chain, find,
+    MalformedDeadline, Overloaded, RateLimited, Stalled, Unreachable, chain, find,
 };
 pub use preempt::Preemptable;
