@@ -74,6 +74,7 @@ mod deadline;
 pub mod error;
 mod macros;
 mod preempt;
+mod throttle;
 
 pub use carrier::Carrier;
 pub use classify::retry_after;
@@ -85,3 +86,4 @@ pub use error::{
     MalformedDeadline, Overloaded, RateLimited, Stalled, Unreachable, chain, find,
 };
 pub use preempt::Preemptable;
+pub use throttle::{InvalidThrottle, MAX_TOKENS, RetryThrottle};
