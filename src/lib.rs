@@ -19,7 +19,7 @@
 //!
 //! The layers are meant to be used together, in one order:
 //!
-//! - [`stack::server`] (a [`ServerStack`](stack::ServerStack)): ErrorEnrich
+//! - [`stack::server()`] (a [`ServerStack`](stack::ServerStack)): ErrorEnrich
 //!   → Deadline → Heartbeat → RateLimit, for every axum `Router` and tonic
 //!   server, in one line;
 //! - [`stack::client`] (a [`ClientStack`](stack::ClientStack)): ErrorEnrich

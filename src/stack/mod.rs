@@ -1,0 +1,82 @@
+//! The recommended stacks, one line each: [`server`](fn@server) for axum and
+//! tonic servers, [`grpc_client`](fn@grpc_client) (also named [`client`]) for
+//! tonic `Channel`s.
+//!
+//! | stack | layers, outermost first | use it for |
+//! | --- | --- | --- |
+//! | [`ServerStack`] | ErrorEnrich → Deadline (reads `grpc-timeout` and `x-deadline-ms`) → Heartbeat → RateLimit (optional) → your service | every axum `Router` (`Router::layer`) and tonic server (`Server::builder().layer`) |
+//! | [`ClientStack`] | ErrorEnrich (client) → Deadline (writes `grpc-timeout`) → RateLimit (optional) → BufferBody + Hedge (optional) → Heartbeat → [`GrpcErrors`](crate::remote::GrpcErrors) → tonic `Channel` | every tonic generated client (`FooClient::new(stack.layer(channel))`) |
+//!
+//! Each stack lives in a module of its own, with the table of the orders
+//! that go wrong beside it: [`mod@server`], [`mod@grpc_client`].
+//!
+//! Every stack is a `Clone + Debug` builder that implements `tower::Layer`;
+//! each layer's settings can be replaced (`with_*`), optional layers slot in
+//! the same way (`with_rate_limit`, `with_hedge`), and the order cannot be
+//! changed. Their docs say when to use each and what they answer.
+//!
+//! # Example
+//!
+//! An axum server: `ServerStack` makes the router's error type `Infallible`,
+//! so `Router::layer` takes it as it is.
+//!
+//! ```
+//! use std::time::Duration;
+//! use atscale::prelude::*;
+//! use atscale::stack;
+//! use axum::{Router, routing::get};
+//!
+//! # fn main() -> Result<(), BoxError> {
+//! let per_second = Limiter::new(Limit::per_second(100)?);
+//! let app: Router = Router::new()
+//!     .route("/", get(|| async { "hello" }))
+//!     .layer(stack::server("hello", Duration::from_secs(2))
+//!         .with_rate_limit(RateLimitLayer::reject(per_second)));
+//! # let _ = app;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! A tonic client for the service above it (an ignored example: it needs a
+//! server to connect to; `examples/tonic_client.rs` runs it):
+//!
+//! ```ignore
+//! let channel = Channel::from_static("http://[::1]:50051").connect().await?;
+//! let mut health = HealthClient::new(stack::client("gateway", Duration::from_secs(1)).layer(channel));
+//! ```
+//!
+//! # Order, and what goes wrong otherwise
+//!
+//! The stacks fix the order. Building one by hand
+//! ([`ServiceBuilderExt`](crate::ServiceBuilderExt) or
+//! `ServiceBuilder::layer`), the mistakes each side's module lists are caught
+//! by the compiler or silently misbehave. One holds for every stack:
+//!
+//! - **A layer over a request type that cannot carry a context** does not
+//!   compile: every layer needs [`Carrier`](crate::core::Carrier)
+//!   (implemented for `http::Request`), the hedge
+//!   [`Replay`](crate::hedge::Replay) too; the heartbeat needs a response it
+//!   can follow to its end ([`Track`](crate::heartbeat::Track):
+//!   `http::Response` and unary types).
+//!
+//! | mistake | what happens |
+//! | --- | --- |
+//! | RateLimit outside Deadline | the rate limit does not see this hop's deadline (only a served request's, on a client): a request may wait for a token past its deadline instead of failing at once with 429 and `Retry-After`, and the wait is not charged to it |
+
+use http::HeaderName;
+
+#[cfg(feature = "tonic")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tonic")))]
+pub mod grpc_client;
+pub mod server;
+
+#[cfg(feature = "tonic")]
+pub use grpc_client::{
+    ClientStack, GrpcHedgeLayer, StatusErrors, StatusFuture, TonicBody, Transport, client,
+    grpc_client,
+};
+pub use server::{ServerStack, server};
+
+/// The header a plain HTTP caller puts its budget in, in whole milliseconds:
+/// `x-deadline-ms`. The stacks read (server) it besides `grpc-timeout`.
+pub const DEADLINE_HEADER: HeaderName = HeaderName::from_static("x-deadline-ms");

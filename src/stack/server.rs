@@ -1,0 +1,206 @@
+//! The recommended server stack, [`ServerStack`], and what goes wrong when
+//! its layers are put together by hand in another order.
+//!
+//! # Order, and what goes wrong otherwise
+//!
+//! These mistakes **are caught by the compiler**:
+//!
+//! - **ErrorEnrich (server mode) not outermost, under axum.** A layer
+//!   outside it fails with `BoxError`, and `Router::layer` only takes
+//!   services whose error is `Infallible`, so it does not compile:
+//!
+//!   ```compile_fail
+//!   # use std::time::Duration;
+//!   # use atscale::prelude::*;
+//!   # use atscale::ServiceBuilderExt;
+//!   # use axum::{Router, routing::get};
+//!   # use tower::ServiceBuilder;
+//!   let app: Router = Router::new().route("/", get(|| async { "hello" })).layer(
+//!       ServiceBuilder::new()
+//!           .deadline(DeadlineLayer::server(Duration::from_secs(2))) // outside ErrorEnrich: wrong
+//!           .enrich_errors(ErrorEnrichLayer::new("hello")),
+//!   );
+//!   ```
+//! - **ErrorEnrich in client mode where a server needs an answer**: the
+//!   client mode fails with [`Enriched`](crate::error::Enriched), so
+//!   `Router::layer` refuses it like any failing layer.
+//!
+//! These compile, and **silently misbehave**:
+//!
+//! | mistake | what happens |
+//! | --- | --- |
+//! | ErrorEnrich not outermost on a **tonic** server (tonic accepts failing layers) | an error of an outer layer resets the HTTP/2 stream: the client sees `UNKNOWN`/`INTERNAL` with no id, nothing is logged |
+//! | RateLimit outside Deadline | the rate limit does not see this hop's deadline: a request may wait for a token past its deadline instead of failing at once with 429 and `Retry-After`, and the wait is not charged to it |
+//! | RateLimit outside Heartbeat | requests that wait for a token or are rejected are invisible to the monitor: `in_flight` and health look fine while callers queue |
+//! | Heartbeat's stall limit shorter than the rate limit's `max_wait` | a request waiting for its token shows no progress and is cut as stalled (503) instead of served or answered 429 |
+//! | `ErrorEnrichLayer::client` on a server | an error leaves the stack as an error: axum refuses it (see above), tonic resets the stream |
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use atscale_deadline::{Deadline, DeadlineLayer};
+use atscale_error::ErrorEnrich;
+use atscale_error::ErrorEnrichLayer;
+use atscale_error::mode::Server;
+use atscale_heartbeat::{Heartbeat, Monitor};
+use atscale_ratelimit::{RateLimitLayer, Store};
+use tower_layer::{Identity, Layer};
+
+use super::DEADLINE_HEADER;
+
+/// The recommended server stack for the service named `service`, answering
+/// within `budget` or the caller's deadline, whichever is sooner; see
+/// [`ServerStack`].
+///
+/// # Panics
+///
+/// When `service` is not a valid service name (empty, longer than 128
+/// bytes, whitespace or control characters); see
+/// [`ErrorEnrichLayer::new`].
+pub fn server(service: impl Into<Arc<str>>, budget: Duration) -> ServerStack {
+    ServerStack::new(service, budget)
+}
+
+/// The recommended server stack: ErrorEnrich → Deadline → Heartbeat →
+/// RateLimit (when set) → your service.
+///
+/// Use it around every axum `Router` (`.layer(stack)`) and tonic server
+/// (`Server::builder().layer(stack)`) you run: each request
+///
+/// - inherits the caller's deadline from `grpc-timeout` or
+///   [`x-deadline-ms`](DEADLINE_HEADER), capped by the stack's own budget,
+///   and runs with it in its [`Context`](crate::core::Context), so the
+///   handler's outgoing calls (through a [`ClientStack`](super::ClientStack)) pass on what is
+///   left of it;
+/// - reports to the stack's [`Monitor`] (started, finished, outcome, in
+///   flight; no stall watchdog unless the monitor has one);
+/// - is charged to the rate limit, if one is set, within its deadline;
+/// - and every failure (a deadline, a 429, a downstream failure, a panic)
+///   is answered as problem+json or a gRPC status with an error id, and
+///   logged once with that id.
+///
+/// The stack's error type is `Infallible`. Use the layers one by one
+/// instead when you need another order (see the [module docs](self) for what
+/// goes wrong), or a key, a cost or a store for the rate limit that a
+/// [`RateLimitLayer`] cannot hold.
+///
+/// ```
+/// use std::time::Duration;
+/// use atscale::prelude::*;
+/// use atscale::stack::ServerStack;
+/// use tower::{ServiceExt, service_fn};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), BoxError> {
+/// let stack = ServerStack::new("orders", Duration::from_secs(2))
+///     .with_rate_limit(RateLimitLayer::reject(Limiter::new(Limit::per_minute(1)?)));
+/// let svc = tower::Layer::layer(&stack, service_fn(|_req: http::Request<String>| async {
+///     Ok::<_, BoxError>(http::Response::new(String::from("ok")))
+/// }));
+///
+/// let ok = svc.clone().oneshot(http::Request::new(String::new())).await?;
+/// assert_eq!(ok.status(), 200);
+/// let limited = svc.oneshot(http::Request::new(String::new())).await?;
+/// assert_eq!(limited.status(), 429);
+/// assert_eq!(limited.headers()["content-type"], "application/problem+json");
+/// // A request is in flight until its response body is done with.
+/// drop((ok, limited));
+/// assert_eq!(stack.monitor().counts().finished(), 2);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+pub struct ServerStack<R = Identity> {
+    enrich: ErrorEnrichLayer<Server>,
+    deadline: DeadlineLayer,
+    monitor: Monitor,
+    rate_limit: R,
+}
+
+impl ServerStack {
+    /// The stack for the service named `service` with a budget of `budget`
+    /// per request, inheriting shorter deadlines from `grpc-timeout` and
+    /// [`x-deadline-ms`](DEADLINE_HEADER); a new [`Monitor`] without a stall
+    /// watchdog; no rate limit.
+    ///
+    /// # Panics
+    ///
+    /// When `service` is not a valid service name; see
+    /// [`ErrorEnrichLayer::new`] (and [`ServerStack::from_layers`] to build
+    /// the layer without panicking).
+    pub fn new(service: impl Into<Arc<str>>, budget: Duration) -> Self {
+        ServerStack::from_layers(
+            ErrorEnrichLayer::new(service),
+            DeadlineLayer::server(budget).with_header(DEADLINE_HEADER),
+        )
+    }
+
+    /// The stack around the given ErrorEnrich and deadline layers (a help
+    /// link, internal details, another deadline header), with a new
+    /// [`Monitor`] and no rate limit.
+    pub fn from_layers(enrich: ErrorEnrichLayer<Server>, deadline: DeadlineLayer) -> Self {
+        ServerStack {
+            enrich,
+            deadline,
+            monitor: Monitor::new(),
+            rate_limit: Identity::new(),
+        }
+    }
+}
+
+impl<R> ServerStack<R> {
+    /// Reports to `monitor` (one with a stall watchdog, say; keep its stall
+    /// limit above the rate limit's longest wait).
+    #[must_use]
+    pub fn with_monitor(mut self, monitor: Monitor) -> Self {
+        self.monitor = monitor;
+        self
+    }
+
+    /// Replaces the deadline layer (a server layer: `DeadlineLayer::server`).
+    #[must_use]
+    pub fn with_deadline(mut self, deadline: DeadlineLayer) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
+    /// Charges every request to `rate_limit`, inside the deadline and the
+    /// heartbeat.
+    pub fn with_rate_limit<K, W, St: Store>(
+        self,
+        rate_limit: RateLimitLayer<K, W, St>,
+    ) -> ServerStack<RateLimitLayer<K, W, St>> {
+        ServerStack {
+            enrich: self.enrich,
+            deadline: self.deadline,
+            monitor: self.monitor,
+            rate_limit,
+        }
+    }
+
+    /// The monitor every request reports to.
+    pub fn monitor(&self) -> &Monitor {
+        &self.monitor
+    }
+
+    /// The ErrorEnrich layer.
+    pub fn enrich(&self) -> &ErrorEnrichLayer<Server> {
+        &self.enrich
+    }
+
+    /// The deadline layer.
+    pub fn deadline(&self) -> &DeadlineLayer {
+        &self.deadline
+    }
+}
+
+impl<S, R: Layer<S>> Layer<S> for ServerStack<R> {
+    type Service = ErrorEnrich<Deadline<Heartbeat<R::Service>>, Server>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        let inner = self.rate_limit.layer(inner);
+        let inner = Heartbeat::new(inner, self.monitor.clone());
+        let inner = self.deadline.layer(inner);
+        self.enrich.layer(inner)
+    }
+}
