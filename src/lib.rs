@@ -106,8 +106,6 @@ pub use builder::ServiceBuilderExt;
 )]
 pub mod stack;
 
-#[cfg(feature = "tonic")]
-#[cfg_attr(docsrs, doc(cfg(feature = "tonic")))]
 pub mod remote;
 
 /// The types most stacks need, in one import.

@@ -1,120 +1,59 @@
-//! Failures a downstream gRPC service answered, back in the shared vocabulary.
-//!
-//! A server running the recommended stack answers each failure as a
-//! trailers-only gRPC response: `grpc-status` in the response head, rich
-//! details in `grpc-status-details-bin` (see `atscale::error`). For the
-//! client that is a successful HTTP response, so without help its own layers
-//! see no error at all, and a gateway could not tell a downstream deadline
-//! from a bug. [`GrpcErrorsLayer`] (part of
-//! [`ClientStack`](crate::stack::ClientStack)) turns such responses into
-//! [`RemoteFailure`] errors whose `source()` chain holds the vocabulary type
-//! of the downstream kind, so:
-//!
-//! - the client's own layers see an error (the heartbeat counts it, a hedge
-//!   returns it) and the client-mode ErrorEnrich logs it with an id;
-//! - a tonic generated client still returns the downstream `Status` (tonic
-//!   finds it in the chain), with the whole chain as its `source()`;
-//! - returned from a handler (`Err(status.into())`) under a server-mode
-//!   ErrorEnrich, the failure keeps its kind: a downstream deadline is a 504
-//!   (or `DEADLINE_EXCEEDED`), a downstream rate limit a 429 with the same
-//!   `Retry-After`, and the log line names the downstream service, its error
-//!   id and the layer that failed there, while the caller sees only the
-//!   user-safe message.
+//! The gRPC side: trailers-only error responses as [`RemoteFailure`]s.
 
-use std::error::Error;
-use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll, ready};
 use std::time::{Duration, Instant};
 
-use atscale_core::{
-    BoxError, Cancelled, DeadlineExceeded, Kind, Origin, Overloaded, RateLimited, Stalled,
-};
+use atscale_core::{BoxError, DeadlineExceeded};
 use pin_project_lite::pin_project;
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
 use tower_layer::Layer;
 use tower_service::Service;
 
-/// A failure a downstream service answered as a gRPC status.
-///
-/// Made by [`GrpcErrorsLayer`] from a trailers-only error response, or by
-/// [`RemoteFailure::new`] from a `Status` in hand. Its `source()` is the
-/// [`Status`] itself, whose source in turn is the vocabulary error standing
-/// for the downstream kind (when the code maps to one):
-///
-/// | code | vocabulary | from the details |
-/// | --- | --- | --- |
-/// | `DEADLINE_EXCEEDED` | [`DeadlineExceeded`] | `deadline_origin`: the downstream's own budget is `local`, an inherited one `parent` |
-/// | `RESOURCE_EXHAUSTED` | [`RateLimited`] | the `RetryInfo` delay (1 s when absent) |
-/// | `UNAVAILABLE` with reason `STALLED` | [`Stalled`] | |
-/// | `UNAVAILABLE` with reason `OVERLOADED` | [`Overloaded`] | |
-/// | `CANCELLED` "Timeout expired" without details (tonic's own server-side `grpc-timeout` enforcement) | [`DeadlineExceeded`] | `parent`: the deadline this call sent |
-/// | `CANCELLED` otherwise | [`Cancelled`] | |
-/// | anything else (an internal error, an upstream failure or exhausted hedge downstream, a server that is not atscale's) | none: the client stack makes it `Kind::Upstream` (502), and keeps that kind up through a server-mode ErrorEnrich | |
-///
-/// The durations in these errors (a deadline's budget and elapsed time, a
-/// stall's idle time) are the caller's view, how long the call ran: the
-/// downstream's own figures do not cross the wire. A downstream
-/// `INVALID_ARGUMENT` stays outside the vocabulary: the request it refused
-/// was this service's, so this service's caller is not to blame (502, not
-/// 400).
-///
-/// `Display` names the downstream service (the `ErrorInfo` domain), the
-/// code, the layer that failed there and its error id; it never holds the
-/// downstream's message, which was already user-safe and stays in the
-/// `Status`.
-#[derive(Debug)]
-pub struct RemoteFailure {
-    service: Option<String>,
-    layer: Option<String>,
-    id: Option<String>,
-    status: Status,
-}
+use super::{Answer, Implied, RemoteFailure, Said};
 
 impl RemoteFailure {
     /// Reads `status` (its code and rich details); `elapsed` is how long the
-    /// call took, used as the budget of a [`DeadlineExceeded`].
+    /// call took, used as the budget of a
+    /// [`DeadlineExceeded`](atscale_core::DeadlineExceeded).
+    #[cfg_attr(docsrs, doc(cfg(feature = "tonic")))]
     pub fn new(mut status: Status, elapsed: Duration) -> Self {
         let details = status.get_error_details();
         let info = details.error_info();
-        let reason = info.map(|i| i.reason.as_str());
-        let meta = |key: &str| info.and_then(|i| i.metadata.get(key)).cloned();
         // An atscale server names the kind in `ErrorInfo.reason`; any other
         // server only gives the code.
-        let vocabulary: Option<Arc<dyn Error + Send + Sync>> = match (status.code(), reason) {
-            (Code::DeadlineExceeded, _) => {
-                let origin = match meta("deadline_origin").as_deref() {
-                    Some("local") | None => Origin::Local,
-                    Some(_) => Origin::Parent,
-                };
-                Some(Arc::new(DeadlineExceeded::new(elapsed, elapsed, origin)))
-            }
-            (Code::ResourceExhausted, _) => {
-                let after = details
-                    .retry_info()
-                    .and_then(|r| r.retry_delay)
-                    .unwrap_or(Duration::from_secs(1));
-                Some(Arc::new(RateLimited::new(after)))
-            }
-            (Code::Unavailable, Some("STALLED")) => Some(Arc::new(Stalled::new(elapsed))),
-            (Code::Unavailable, Some("OVERLOADED")) => Some(Arc::new(Overloaded::new())),
-            // tonic's server enforces `grpc-timeout` itself, answering
-            // CANCELLED "Timeout expired" (no details): the deadline we sent.
-            (Code::Cancelled, None) if status.message() == "Timeout expired" => Some(Arc::new(
-                DeadlineExceeded::new(elapsed, elapsed, Origin::Parent),
-            )),
-            (Code::Cancelled, _) => Some(Arc::new(Cancelled::new())),
-            _ => None,
+        let reason = info.map(|i| i.reason.as_str());
+        let meta = |key: &str| info.and_then(|i| i.metadata.get(key)).map(String::as_str);
+        let mut said = Said {
+            implied: match status.code() {
+                Code::DeadlineExceeded => Implied::Kind(atscale_core::Kind::DeadlineExceeded),
+                Code::ResourceExhausted => Implied::Kind(atscale_core::Kind::RateLimited),
+                Code::Unavailable => Implied::Unavailable,
+                Code::Cancelled => Implied::Kind(atscale_core::Kind::Cancelled),
+                _ => Implied::Nothing,
+            },
+            named: reason,
+            retry_after: details.retry_info().and_then(|r| r.retry_delay),
+            deadline_origin: meta("deadline_origin"),
         };
+        // tonic's server enforces `grpc-timeout` itself, answering
+        // CANCELLED "Timeout expired" (no details): the deadline we sent.
+        if status.code() == Code::Cancelled
+            && reason.is_none()
+            && status.message() == "Timeout expired"
+        {
+            said.implied = Implied::Kind(atscale_core::Kind::DeadlineExceeded);
+            said.deadline_origin = Some("grpc-timeout");
+        }
+        let vocabulary = said.vocabulary(elapsed);
         let service = info.map(|i| i.domain.clone());
-        let layer = meta("layer");
+        let layer = meta("layer").map(str::to_owned);
         let id = details
             .request_info()
             .map(|r| r.request_id.clone())
-            .or_else(|| meta("error_id"));
+            .or_else(|| meta("error_id").map(str::to_owned));
         if let Some(source) = vocabulary {
             status.set_source(source);
         }
@@ -122,56 +61,8 @@ impl RemoteFailure {
             service,
             layer,
             id,
-            status,
+            answer: Answer::Grpc(status),
         }
-    }
-
-    /// The downstream service that failed (its `ErrorInfo` domain), when it said.
-    pub fn service(&self) -> Option<&str> {
-        self.service.as_deref()
-    }
-
-    /// The layer that failed downstream (`deadline`, `ratelimit`, …), when it said.
-    pub fn layer(&self) -> Option<&str> {
-        self.layer.as_deref()
-    }
-
-    /// The downstream error id, to find its log line there.
-    pub fn error_id(&self) -> Option<&str> {
-        self.id.as_deref()
-    }
-
-    /// The status as the downstream answered it.
-    pub fn status(&self) -> &Status {
-        &self.status
-    }
-
-    /// The kind the failure has in the shared vocabulary, if any.
-    pub fn kind(&self) -> Option<Kind> {
-        Kind::find(self)
-    }
-}
-
-impl fmt::Display for RemoteFailure {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut s = format!(
-            "{} answered {:?}",
-            self.service.as_deref().unwrap_or("a downstream service"),
-            self.status.code()
-        );
-        if let Some(layer) = &self.layer {
-            s.push_str(&format!(" from its {layer} layer"));
-        }
-        if let Some(id) = &self.id {
-            s.push_str(&format!(" (error id {id})"));
-        }
-        f.pad(&s)
-    }
-}
-
-impl Error for RemoteFailure {
-    fn source(&self) -> Option<&(dyn Error + 'static)> {
-        Some(&self.status)
     }
 }
 
@@ -209,6 +100,9 @@ impl<S> Layer<S> for GrpcErrorsLayer {
 /// [`GrpcErrors`] fails with [`DeadlineExceeded`] for the deadline of the
 /// request's [`Context`](atscale_core::Context), the one the header came
 /// from, so the deadline is reported as such whichever timer fires first.
+/// A transport error showing that the call never reached the server (a
+/// refused connection) is [`Unreachable`](atscale_core::Unreachable),
+/// naming the URI authority.
 ///
 /// # Backpressure
 ///
@@ -240,10 +134,12 @@ where
             .extensions()
             .get::<atscale_core::Context>()
             .and_then(atscale_core::Context::deadline);
+        let target = Some(super::http::target(req.uri()));
         GrpcErrorsFuture {
             inner: self.inner.call(req),
             started: Instant::now(),
             deadline,
+            target,
         }
     }
 }
@@ -256,6 +152,7 @@ pin_project! {
         inner: F,
         started: Instant,
         deadline: Option<atscale_core::Deadline>,
+        target: Option<String>,
     }
 }
 
@@ -282,7 +179,7 @@ where
                         (Some(_), Some(deadline)) => {
                             Box::new(DeadlineExceeded::at(*deadline, tokio::time::Instant::now()))
                         }
-                        _ => err,
+                        _ => super::unreachable(err, || this.target.take().unwrap_or_default()),
                     },
                 ));
             }
@@ -300,6 +197,7 @@ where
 mod tests {
     use std::collections::HashMap;
 
+    use atscale_core::{Kind, Origin, RateLimited};
     use tonic_types::{ErrorDetail, ErrorInfo, RequestInfo, RetryInfo};
 
     use super::*;
@@ -344,7 +242,10 @@ mod tests {
              (error id 0123456789abcdef0123456789abcdef)"
         );
         assert!(!failure.to_string().contains("safe message"));
-        assert_eq!(failure.status().code(), Code::ResourceExhausted);
+        assert_eq!(
+            failure.grpc_status().unwrap().code(),
+            Code::ResourceExhausted
+        );
     }
 
     #[test]
@@ -431,7 +332,7 @@ mod tests {
         // An error status in the head is a RemoteFailure.
         let err = call("/failed").await.unwrap_err();
         let failure = atscale_core::find::<RemoteFailure>(&*err).unwrap();
-        assert_eq!(failure.status().code(), Code::Unavailable);
+        assert_eq!(failure.grpc_status().unwrap().code(), Code::Unavailable);
         // Anything else is a response.
         call("/").await.unwrap();
     }
