@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use atscale_core::{
     BoxError, DeadlineExceeded, HedgeExhausted, Interrupted, Kind, MalformedDeadline, Origin,
-    RateLimited, find,
+    Unreachable, find,
 };
 use http::{HeaderValue, Method, StatusCode, Uri};
 
@@ -152,8 +152,10 @@ impl Enriched {
                 Side::Server => Kind::Internal,
                 Side::Client => Kind::Upstream,
             });
-        let retry_after = (kind == Kind::RateLimited)
-            .then(|| find::<RateLimited>(err).map(RateLimited::retry_after))
+        // Only where a client is told to come back: a rate limit, or a
+        // service with no room that said when it expects some.
+        let retry_after = matches!(kind, Kind::RateLimited | Kind::Overloaded)
+            .then(|| atscale_core::retry_after(err))
             .flatten();
         let deadline = (kind == Kind::DeadlineExceeded)
             .then(|| deadline_of(err).map(|d| d.origin()))
@@ -419,7 +421,7 @@ fn layer_of(kind: Kind, nested: Option<&Enriched>) -> Option<&'static str> {
         Kind::RateLimited => Some("ratelimit"),
         Kind::Stalled => Some("heartbeat"),
         Kind::HedgeExhausted => Some("hedge"),
-        Kind::Upstream => Some("upstream"),
+        Kind::Upstream | Kind::Unreachable => Some("upstream"),
         Kind::Internal => Some("service"),
         _ => nested.and_then(Enriched::layer),
     }
@@ -433,6 +435,7 @@ fn words(kind: Kind) -> &'static str {
         Kind::Overloaded => "overloaded",
         Kind::Stalled => "stalled",
         Kind::HedgeExhausted => "hedged attempts exhausted",
+        Kind::Unreachable => "dependency unreachable",
         Kind::Cancelled => "cancelled",
         Kind::BadRequest => "bad request",
         Kind::Upstream => "upstream failure",
@@ -448,6 +451,7 @@ pub(crate) fn title(kind: Kind) -> &'static str {
         Kind::Overloaded => "Service overloaded",
         Kind::Stalled => "Request stalled",
         Kind::HedgeExhausted => "All attempts failed",
+        Kind::Unreachable => "Dependency unreachable",
         Kind::Cancelled => "Request cancelled",
         Kind::BadRequest => "Bad request",
         Kind::Upstream => "Upstream failure",
@@ -477,7 +481,28 @@ fn safe_message(
                 None => Cow::Borrowed("Too many requests: retry later."),
             };
         }
-        Kind::Overloaded => "The service is overloaded: retry later.",
+        Kind::Overloaded => {
+            return match retry_after {
+                Some(after) => Cow::Owned(format!(
+                    "The service is overloaded: retry after {} s.",
+                    retry_after_secs(after)
+                )),
+                None => Cow::Borrowed("The service is overloaded: retry later."),
+            };
+        }
+        Kind::Unreachable => {
+            // The dependency's name is the one this service gave it (a
+            // client stack's name), never an address from the error text.
+            return match find::<Unreachable>(err) {
+                Some(u) => Cow::Owned(format!(
+                    "A service this one depends on ({}) could not be reached: retry later.",
+                    u.dependency()
+                )),
+                None => Cow::Borrowed(
+                    "A service this one depends on could not be reached: retry later.",
+                ),
+            };
+        }
         Kind::Stalled => "The request stopped making progress and was stopped: retry later.",
         Kind::HedgeExhausted => "Every attempt to serve the request failed.",
         Kind::Cancelled => "The request was cancelled.",
@@ -621,7 +646,7 @@ impl FromStr for ErrorId {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use atscale_core::{Cancelled, Overloaded, Stalled};
+    use atscale_core::{Cancelled, Overloaded, RateLimited, Stalled};
 
     fn config() -> Config {
         Config::new("checkout".into(), None, false).unwrap()
@@ -708,6 +733,85 @@ mod tests {
                 .to_string()
                 .ends_with(": connection refused")
         );
+    }
+
+    #[test]
+    fn overloaded_with_a_retry_after_tells_the_client_when() {
+        let err = Enriched::new(
+            &config(),
+            Side::Server,
+            meta("/a"),
+            Box::new(Wrap(
+                "admitting",
+                Box::new(Overloaded::with_retry_after(Duration::from_millis(2500))),
+            )),
+        );
+        assert_eq!(err.kind(), Kind::Overloaded);
+        assert_eq!(err.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(err.retry_after(), Some(Duration::from_millis(2500)));
+        assert_eq!(err.message(), "The service is overloaded: retry after 3 s.");
+        let plain = Enriched::new(
+            &config(),
+            Side::Server,
+            meta("/a"),
+            Box::new(Overloaded::new()),
+        );
+        assert_eq!(plain.retry_after(), None);
+    }
+
+    #[cfg(feature = "tonic")]
+    #[test]
+    fn grpc_answers_carry_server_pushback() {
+        let err = Enriched::new(
+            &config(),
+            Side::Server,
+            meta("/a"),
+            Box::new(RateLimited::new(Duration::from_millis(1500))),
+        );
+        let status = crate::grpc::status(&err, false);
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(
+            status.metadata().get("grpc-retry-pushback-ms").unwrap(),
+            "1500"
+        );
+        let err = Enriched::new(
+            &config(),
+            Side::Server,
+            meta("/a"),
+            Box::new(Overloaded::new()),
+        );
+        let status = crate::grpc::status(&err, false);
+        assert!(status.metadata().get("grpc-retry-pushback-ms").is_none());
+    }
+
+    #[test]
+    fn unreachable_names_the_dependency_not_the_address() {
+        let refused = std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "connect to 10.1.2.3:8080 refused",
+        );
+        let err = Enriched::new(
+            &config(),
+            Side::Client,
+            meta("http://10.1.2.3:8080/x"),
+            Box::new(Unreachable::new("billing").with_source(refused)),
+        );
+        assert_eq!(err.kind(), Kind::Unreachable);
+        assert_eq!(err.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            err.message(),
+            "A service this one depends on (billing) could not be reached: retry later."
+        );
+        assert_eq!(err.layer(), Some("upstream"));
+        // A bare refused connection is the same kind, without a name.
+        let bare = Enriched::new(
+            &config(),
+            Side::Client,
+            meta("http://10.1.2.3:8080/x"),
+            Box::new(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)),
+        );
+        assert_eq!(bare.kind(), Kind::Unreachable);
+        assert!(!bare.message().contains("10.1.2.3"), "{}", bare.message());
     }
 
     #[test]

@@ -36,6 +36,10 @@ pub(crate) fn response<B>(err: &Enriched, internal_details: bool) -> Response<Re
             HeaderValue::from_str(&percent_encode(err.message()))
                 .expect("percent-encoding leaves only visible ASCII"),
         );
+        if let Some(after) = err.retry_after() {
+            let millis = u64::try_from(after.as_millis()).unwrap_or(u64::MAX);
+            headers.insert(PUSHBACK, HeaderValue::from(millis));
+        }
         res
     }
 }
@@ -118,8 +122,19 @@ pub(crate) fn status(err: &Enriched, internal_details: bool) -> tonic::Status {
         details.push(DebugInfo::new(chain, err.report().to_string()).into());
     }
     let code = tonic::Code::from(err.kind().grpc_code() as i32);
-    tonic::Status::with_error_details_vec(code, err.message(), details)
+    let mut status = tonic::Status::with_error_details_vec(code, err.message(), details);
+    if let Some(after) = err.retry_after() {
+        let millis = u64::try_from(after.as_millis()).unwrap_or(u64::MAX);
+        status
+            .metadata_mut()
+            .insert(PUSHBACK, tonic::metadata::MetadataValue::from(millis));
+    }
+    status
 }
+
+/// gRFC A6 server pushback, written with every retry-after (rate limited,
+/// overloaded): a retrying client waits exactly this many milliseconds.
+const PUSHBACK: &str = "grpc-retry-pushback-ms";
 
 #[cfg(test)]
 mod tests {

@@ -90,10 +90,13 @@
 //! - **Client** ([`ErrorEnrichLayer::client`]): responses pass through; an
 //!   error of an outgoing call becomes an [`Enriched`] error naming the
 //!   target (the URI authority), the method and path, and whether the
-//!   deadline was inherited. Errors outside the vocabulary (a refused
-//!   connection) are [`Kind::Upstream`](atscale_core::Kind::Upstream). When
-//!   such an error travels up into a server-mode layer, its kind is kept:
-//!   the caller sees 502, not 500.
+//!   deadline was inherited. Errors are classified by
+//!   [`atscale_core::classify`]: a refused connection is
+//!   [`Kind::Unreachable`](atscale_core::Kind::Unreachable) (503: the request
+//!   never reached the server), and errors it does not know are
+//!   [`Kind::Upstream`](atscale_core::Kind::Upstream). When such an error
+//!   travels up into a server-mode layer, its kind is kept: the caller sees
+//!   503 or 502, not 500.
 //!
 //! # Backpressure
 //!
@@ -103,20 +106,23 @@
 //!
 //! # Errors
 //!
-//! The kind is the first vocabulary type in the `source()` chain,
-//! outermost first; an [`Enriched`] error from a client-mode layer further
+//! The kind is the first error in the `source()` chain, outermost first,
+//! that [`atscale_core::classify`] knows (the vocabulary, the application's
+//! mappings, tower / hyper / h2 / tonic / io errors); an [`Enriched`] error from a client-mode layer further
 //! in keeps its kind.
 //!
 //! | error in the chain | kind | HTTP | gRPC | failing layer |
 //! | --- | --- | --- | --- | --- |
 //! | `DeadlineExceeded`, `Interrupted::DeadlineExceeded` | `deadline_exceeded` | 504 | `DEADLINE_EXCEEDED` | `deadline` |
 //! | `MalformedDeadline` | `bad_request` | 400 | `INVALID_ARGUMENT` | `deadline` |
-//! | `RateLimited` | `rate_limited` | 429 + `Retry-After` | `RESOURCE_EXHAUSTED` + `RetryInfo` | `ratelimit` |
-//! | `Overloaded` | `overloaded` | 503 | `UNAVAILABLE` | — |
+//! | `RateLimited` | `rate_limited` | 429 + `Retry-After` | `RESOURCE_EXHAUSTED` + `RetryInfo` + `grpc-retry-pushback-ms` | `ratelimit` |
+//! | `Overloaded` | `overloaded` | 503 (+ `Retry-After` when it says) | `UNAVAILABLE` (+ `RetryInfo`, `grpc-retry-pushback-ms`) | — |
+//! | `Unreachable`, a refused connection | `unreachable` | 503 | `UNAVAILABLE` | `upstream` |
 //! | `Stalled` | `stalled` | 503 | `UNAVAILABLE` | `heartbeat` |
 //! | `HedgeExhausted` | `hedge_exhausted` | 502 | `UNAVAILABLE` | `hedge` (with `attempts`) |
 //! | `Cancelled`, `Interrupted::Cancelled` | `cancelled` | 499 | `CANCELLED` | — |
 //! | anything else, client mode | `upstream` | 502 | `UNAVAILABLE` | `upstream` |
+//! | a type mapped with [`atscale_core::classify::map`] | as mapped | | | |
 //! | anything else (and panics), server mode | `internal` | 500 | `INTERNAL` | `service` |
 //!
 //! Client mode fails with [`Enriched`]; server mode never fails.

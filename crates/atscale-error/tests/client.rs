@@ -32,7 +32,7 @@ fn http_client() -> HttpClient {
 }
 
 #[tokio::test]
-async fn a_failed_call_names_its_target_and_is_upstream() {
+async fn a_refused_call_names_its_target_and_never_reached_the_server() {
     let (logs, _guard) = capture_logs();
     let target = closed_port().await;
     let client = ServiceBuilder::new()
@@ -43,8 +43,9 @@ async fn a_failed_call_names_its_target_and_is_upstream() {
         .unwrap();
     let err: Enriched = client.oneshot(req).await.unwrap_err();
 
-    assert_eq!(err.kind(), Kind::Upstream);
-    assert_eq!(err.status(), StatusCode::BAD_GATEWAY);
+    // Connection refused: the request never reached the server (safe to retry).
+    assert_eq!(err.kind(), Kind::Unreachable);
+    assert_eq!(err.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(err.target(), Some(target.to_string().as_str()));
     assert_eq!(err.method(), http::Method::POST);
     assert_eq!(err.route(), "/charge");
@@ -53,7 +54,7 @@ async fn a_failed_call_names_its_target_and_is_upstream() {
     assert_eq!(
         err.to_string(),
         format!(
-            "upstream failure calling {target} (POST /charge), error id {}",
+            "dependency unreachable calling {target} (POST /charge), error id {}",
             err.id()
         )
     );
@@ -66,7 +67,7 @@ async fn a_failed_call_names_its_target_and_is_upstream() {
         line.field("target_authority"),
         Some(target.to_string().as_str())
     );
-    assert_eq!(line.field("kind"), Some("upstream"));
+    assert_eq!(line.field("kind"), Some("unreachable"));
     assert!(!line.field("chain").unwrap().is_empty());
     assert!(!format!("{line:?}").contains("4111"), "no query in logs");
 }
@@ -103,7 +104,7 @@ async fn a_deadline_says_whether_it_was_inherited() {
 /// A server whose handler makes an outgoing call that fails: the server
 /// answers 502 (upstream), not 500, and both hops log the error.
 #[tokio::test]
-async fn an_upstream_failure_travels_up_to_the_server_as_502() {
+async fn a_refused_dependency_travels_up_to_the_server_as_503() {
     let (logs, _guard) = capture_logs();
     let target = closed_port().await;
     let outgoing = ServiceBuilder::new()
@@ -137,11 +138,15 @@ async fn an_upstream_failure_travels_up_to_the_server_as_502() {
         )
         .await
         .unwrap();
-    assert_eq!(res.status(), StatusCode::BAD_GATEWAY);
+    // The refused connection keeps its meaning through both layers.
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
     let body = res.into_body().collect().await.unwrap().to_bytes();
     let doc: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    assert_eq!(doc["code"], "upstream");
-    assert_eq!(doc["detail"], "A service this one depends on failed.");
+    assert_eq!(doc["code"], "unreachable");
+    assert_eq!(
+        doc["detail"],
+        "A service this one depends on could not be reached: retry later."
+    );
     assert!(!String::from_utf8_lossy(&body).contains(&target.to_string()));
 
     let server_line = logs.by_id(doc["error_id"].as_str().unwrap());
@@ -154,7 +159,7 @@ async fn an_upstream_failure_travels_up_to_the_server_as_502() {
     let chain = server_line.field("chain").unwrap();
     assert!(
         chain.starts_with(&format!(
-            "upstream failure calling {target} (GET /price), error id {client_id}"
+            "dependency unreachable calling {target} (GET /price), error id {client_id}"
         )),
         "{chain}"
     );
