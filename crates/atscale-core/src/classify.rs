@@ -4,7 +4,7 @@
 //! [`classify`], which walks an error's `source()` chain, outermost first,
 //! and stops at the first error it knows. For each error it asks, in order:
 //!
-//! 1. the atscale vocabulary ([`DeadlineExceeded`], [`RateLimited`], …);
+//! 1. the atscale vocabulary ([`DeadlineExceeded`](crate::DeadlineExceeded), [`RateLimited`], …);
 //! 2. the application's own mappings ([`register`], [`map`]);
 //! 3. the foreign errors users meet next to atscale, each behind the feature
 //!    of its crate (table below).
