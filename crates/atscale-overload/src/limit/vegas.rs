@@ -1,0 +1,87 @@
+use super::{Algorithm, Sample, nanos};
+
+/// TCP Vegas applied to concurrency (Netflix concurrency-limits'
+/// `VegasLimit`): estimates the queue as `limit × (1 − rtt_min / rtt)` and
+/// keeps it between `alpha = 3·log10(limit)` and `beta = 6·log10(limit)`:
+/// grows by `beta` when the queue is under `log10(limit)`, by `log10(limit)`
+/// under `alpha`, shrinks by `log10(limit)` over `beta` or on a drop.
+///
+/// The minimum latency is re-probed every `probe` samples × limit (default
+/// 30), so a lasting change of the service's speed is eventually learnt.
+#[derive(Clone, Debug)]
+pub struct Vegas {
+    rtt_min: f64,
+    probe: u64,
+    seen: u64,
+    smoothing: f64,
+}
+
+impl Default for Vegas {
+    fn default() -> Self {
+        Vegas {
+            rtt_min: f64::INFINITY,
+            probe: 30,
+            seen: 0,
+            smoothing: 1.0,
+        }
+    }
+}
+
+impl Vegas {
+    /// Netflix's defaults.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Re-learn the minimum latency after this many samples per unit of limit (default 30).
+    #[must_use]
+    pub fn probe(mut self, probe: u64) -> Self {
+        self.probe = probe.max(1);
+        self
+    }
+
+    /// The weight of each new estimate (default 1, in (0, 1]).
+    #[must_use]
+    pub fn smoothing(mut self, smoothing: f64) -> Self {
+        self.smoothing = smoothing.clamp(f64::MIN_POSITIVE, 1.0);
+        self
+    }
+}
+
+fn log10(limit: f64) -> f64 {
+    limit.max(1.0).log10().max(1.0)
+}
+
+impl Algorithm for Vegas {
+    fn update(&mut self, limit: f64, sample: &Sample) -> f64 {
+        let rtt = nanos(sample.latency()).max(1.0);
+        self.seen += 1;
+        if self.seen as f64 > self.probe as f64 * limit {
+            // Probe: forget the minimum so the next samples set it afresh.
+            self.seen = 0;
+            self.rtt_min = rtt;
+            return limit;
+        }
+        if rtt < self.rtt_min {
+            self.rtt_min = rtt;
+            return limit;
+        }
+        let queue = (limit * (1.0 - self.rtt_min / rtt)).ceil();
+        let step = log10(limit);
+        let (alpha, beta) = (3.0 * step, 6.0 * step);
+        let estimate = if sample.dropped() {
+            limit - step
+        } else if (sample.in_flight() as f64) * 2.0 < limit {
+            return limit;
+        } else if queue <= step {
+            limit + beta
+        } else if queue < alpha {
+            limit + step
+        } else if queue > beta {
+            limit - step
+        } else {
+            return limit;
+        };
+        limit * (1.0 - self.smoothing) + estimate * self.smoothing
+    }
+}

@@ -1,0 +1,562 @@
+//! The shared admission state: the limit, the requests in flight, and the
+//! bounded admission queue (CoDel, adaptive LIFO, criticality, deadlines).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context as TaskContext, Poll, Waker};
+use std::time::Duration;
+
+use atscale_core::{Clock, Deadline, Overloaded};
+use tokio::time::Instant;
+
+use crate::codel::{Codel, Head};
+use crate::criticality::Criticality;
+use crate::limit::{Algorithm, Sample};
+
+/// The settings the builder validated.
+#[derive(Debug)]
+pub(crate) struct Settings {
+    pub(crate) min: usize,
+    pub(crate) max: usize,
+    pub(crate) initial: usize,
+    pub(crate) capacity: usize,
+    pub(crate) deadline_aware: bool,
+}
+
+/// Shared by every clone of the layer and its services.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    state: Mutex<State>,
+    clock: Clock,
+    settings: Settings,
+    limit: AtomicUsize,
+    in_flight: AtomicUsize,
+    queued: AtomicUsize,
+}
+
+#[derive(Debug)]
+struct State {
+    algorithm: Box<dyn Algorithm>,
+    /// The algorithm's estimate, clamped to [min, max].
+    estimate: f64,
+    in_flight: usize,
+    queues: Queues,
+    decided: HashMap<u64, Decision>,
+    next_id: u64,
+    codel: Codel,
+    /// EWMA of successful requests' service times, in nanoseconds.
+    service: Option<f64>,
+}
+
+#[derive(Debug)]
+struct Waiter {
+    enqueued: u64,
+    deadline: Option<Instant>,
+    waker: Option<Waker>,
+}
+
+#[derive(Debug)]
+enum Decision {
+    Granted { in_flight: usize, at: u64 },
+    Shed { retry_after: Duration },
+}
+
+/// One queue per criticality (index 0 critical, 2 sheddable), keyed by arrival order.
+#[derive(Debug, Default)]
+struct Queues {
+    by_class: [BTreeMap<u64, Waiter>; 3],
+    len: usize,
+}
+
+impl Queues {
+    fn insert(&mut self, class: usize, id: u64, waiter: Waiter) {
+        self.by_class[class].insert(id, waiter);
+        self.len += 1;
+    }
+
+    fn remove(&mut self, class: usize, id: u64) -> Option<Waiter> {
+        let w = self.by_class[class].remove(&id)?;
+        self.len -= 1;
+        Some(w)
+    }
+
+    /// The oldest waiter of all classes.
+    fn oldest(&self) -> Option<&Waiter> {
+        self.by_class
+            .iter()
+            .filter_map(|q| q.first_key_value())
+            .min_by_key(|(id, _)| **id)
+            .map(|(_, w)| w)
+    }
+
+    /// Removes the oldest waiter of the lowest non-empty class.
+    fn pop_victim(&mut self) -> Option<(u64, Waiter)> {
+        let q = self.by_class.iter_mut().rev().find(|q| !q.is_empty())?;
+        let victim = q.pop_first()?;
+        self.len -= 1;
+        Some(victim)
+    }
+
+    /// Removes the next waiter to serve: from the highest non-empty class, its
+    /// oldest (FIFO) or newest (LIFO).
+    fn pop_next(&mut self, lifo: bool) -> Option<(u64, Waiter)> {
+        let q = self.by_class.iter_mut().find(|q| !q.is_empty())?;
+        let next = if lifo { q.pop_last() } else { q.pop_first() }?;
+        self.len -= 1;
+        Some(next)
+    }
+
+    /// How many would be served before a new arrival of class `class`.
+    fn ahead(&self, class: usize, lifo: bool) -> usize {
+        let end = if lifo { class } else { class + 1 };
+        self.by_class[..end].iter().map(BTreeMap::len).sum()
+    }
+}
+
+/// The result of [`Shared::arrive`].
+#[derive(Debug)]
+pub(crate) enum Arrival {
+    Admitted(Permit),
+    Queued(Ticket),
+    Refused(Overloaded),
+}
+
+fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+pub(crate) fn overloaded(retry_after: Duration) -> Overloaded {
+    Overloaded::with_retry_after(retry_after)
+}
+
+impl Shared {
+    pub(crate) fn new(
+        algorithm: Box<dyn Algorithm>,
+        settings: Settings,
+        codel: crate::CoDel,
+        clock: Clock,
+    ) -> Self {
+        let initial = settings.initial;
+        Shared {
+            state: Mutex::new(State {
+                algorithm,
+                estimate: initial as f64,
+                in_flight: 0,
+                queues: Queues::default(),
+                decided: HashMap::new(),
+                next_id: 0,
+                codel: Codel::new(codel),
+                service: None,
+            }),
+            clock,
+            settings,
+            limit: AtomicUsize::new(initial),
+            in_flight: AtomicUsize::new(0),
+            queued: AtomicUsize::new(0),
+        }
+    }
+
+    pub(crate) fn limit(&self) -> usize {
+        self.limit.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn service_time(&self) -> Option<Duration> {
+        lock(&self.state)
+            .service
+            .map(|ns| Duration::from_nanos(ns as u64))
+    }
+
+    pub(crate) fn standing(&self) -> bool {
+        lock(&self.state).codel.standing()
+    }
+
+    fn publish(&self, st: &State) {
+        self.limit.store(st.limit(), Ordering::Relaxed);
+        self.in_flight.store(st.in_flight, Ordering::Relaxed);
+        self.queued.store(st.queues.len, Ordering::Relaxed);
+    }
+
+    /// A request arrives: admitted now, queued, or refused.
+    pub(crate) fn arrive(
+        self: &Arc<Self>,
+        criticality: Criticality,
+        deadline: Option<Deadline>,
+    ) -> Arrival {
+        let now = self.clock.now_nanos();
+        let mut wakers = Vec::new();
+        let mut st = lock(&self.state);
+        let limit = st.limit();
+        // Remaining deadline, read only when it can matter.
+        let remaining = match (self.settings.deadline_aware, deadline, st.service) {
+            (true, Some(d), Some(_)) => Some(d.remaining()),
+            _ => None,
+        };
+        if st.queues.len == 0 && st.in_flight < limit {
+            if let (Some(left), Some(service)) = (remaining, st.service) {
+                if nanos(left) < service {
+                    // Even unqueued it would not finish in time.
+                    return Arrival::Refused(overloaded(Duration::from_nanos(service as u64)));
+                }
+            }
+            st.in_flight += 1;
+            let in_flight = st.in_flight;
+            self.in_flight.store(in_flight, Ordering::Relaxed);
+            drop(st);
+            return Arrival::Admitted(Permit::new(self.clone(), now, in_flight, deadline));
+        }
+        let class = criticality.index();
+        let lifo = st.codel.standing();
+        let ahead = st.queues.ahead(class, lifo);
+        let per_slot = st.service.map(|s| s / limit.max(1) as f64);
+        let wait = per_slot.map(|p| (ahead + 1) as f64 * p);
+        let retry_after = retry_after(st.service, per_slot, st.queues.len);
+        if lifo && criticality == Criticality::Sheddable {
+            return Arrival::Refused(overloaded(retry_after));
+        }
+        if let (Some(left), Some(wait), Some(service)) = (remaining, wait, st.service) {
+            if nanos(left) < wait + service {
+                return Arrival::Refused(overloaded(retry_after));
+            }
+        }
+        if st.queues.len >= self.settings.capacity {
+            // Full: a waiter of lower criticality makes room, else refuse.
+            let lowest = st.queues.by_class.iter().rposition(|q| !q.is_empty());
+            match lowest {
+                Some(low) if low > class => {
+                    let (id, waiter) = st.queues.pop_victim().expect("a waiter");
+                    st.shed(id, waiter, retry_after, &mut wakers);
+                }
+                _ => return Arrival::Refused(overloaded(retry_after)),
+            }
+        }
+        let id = st.next_id;
+        st.next_id += 1;
+        st.queues.insert(
+            class,
+            id,
+            Waiter {
+                enqueued: now,
+                deadline: deadline.map(|d| d.instant()),
+                waker: None,
+            },
+        );
+        st.dispatch(now, &mut wakers);
+        let arrival = match st.decided.remove(&id) {
+            Some(Decision::Granted { in_flight, at }) => {
+                Arrival::Admitted(Permit::new(self.clone(), at, in_flight, deadline))
+            }
+            Some(Decision::Shed { retry_after }) => Arrival::Refused(overloaded(retry_after)),
+            None => Arrival::Queued(Ticket {
+                shared: Some(self.clone()),
+                id,
+                class,
+                deadline,
+            }),
+        };
+        self.publish(&st);
+        drop(st);
+        wakers.into_iter().for_each(Waker::wake);
+        arrival
+    }
+
+    /// A request in service finished (`sample` = what the algorithm should learn).
+    fn release(&self, sample: Option<(Sample, bool)>) {
+        let now = self.clock.now_nanos();
+        let mut wakers = Vec::new();
+        let mut st = lock(&self.state);
+        st.in_flight -= 1;
+        if let Some((sample, success)) = sample {
+            let estimate = st.estimate;
+            let next = st.algorithm.update(estimate, &sample);
+            st.estimate = if next.is_finite() {
+                next.clamp(self.settings.min as f64, self.settings.max as f64)
+            } else {
+                st.estimate
+            };
+            if success {
+                let latency = nanos(sample.latency());
+                st.service = Some(match st.service {
+                    Some(s) => s * 0.9 + latency * 0.1,
+                    None => latency,
+                });
+            }
+        }
+        if st.queues.len > 0 {
+            st.dispatch(now, &mut wakers);
+            self.publish(&st);
+        } else {
+            self.limit.store(st.limit(), Ordering::Relaxed);
+            self.in_flight.store(st.in_flight, Ordering::Relaxed);
+        }
+        drop(st);
+        wakers.into_iter().for_each(Waker::wake);
+    }
+}
+
+fn retry_after(service: Option<f64>, per_slot: Option<f64>, queued: usize) -> Duration {
+    // The time for the queue ahead to drain, at least one service time.
+    match (service, per_slot) {
+        (Some(s), Some(p)) => Duration::from_nanos(((queued + 1) as f64 * p).max(s) as u64),
+        _ => Duration::from_millis(100),
+    }
+    .max(Duration::from_millis(1))
+}
+
+fn nanos(d: Duration) -> f64 {
+    d.as_nanos() as f64
+}
+
+impl State {
+    fn limit(&self) -> usize {
+        // Whole requests; the clamp keeps it within [min, max].
+        (self.estimate as usize).max(1)
+    }
+
+    fn shed(&mut self, id: u64, waiter: Waiter, retry_after: Duration, wakers: &mut Vec<Waker>) {
+        self.decided.insert(id, Decision::Shed { retry_after });
+        wakers.extend(waiter.waker);
+    }
+
+    /// Grants free slots to waiters: CoDel first drops what it must, then the
+    /// highest criticality is served, oldest first, newest first while the
+    /// queue is standing. A waiter that could no longer finish before its
+    /// deadline is refused instead of served.
+    fn dispatch(&mut self, now: u64, wakers: &mut Vec<Waker>) {
+        let mut tokio_now = None;
+        while self.in_flight < self.limit() && self.queues.len > 0 {
+            let service = self.service;
+            let per_slot = service.map(|s| s / self.limit() as f64);
+            let retry = retry_after(service, per_slot, self.queues.len);
+            let mut view = CodelView {
+                queues: &mut self.queues,
+                decided: &mut self.decided,
+                wakers,
+                retry_after: retry,
+            };
+            if !self.codel.dequeue(now, &mut view) {
+                break;
+            }
+            let lifo = self.codel.standing();
+            let Some((id, waiter)) = self.queues.pop_next(lifo) else {
+                break;
+            };
+            if let (Some(deadline), Some(service)) = (waiter.deadline, service) {
+                let t = *tokio_now.get_or_insert_with(Instant::now);
+                if nanos(deadline.saturating_duration_since(t)) < service {
+                    self.shed(id, waiter, retry, wakers);
+                    continue;
+                }
+            }
+            self.in_flight += 1;
+            self.decided.insert(
+                id,
+                Decision::Granted {
+                    in_flight: self.in_flight,
+                    at: now,
+                },
+            );
+            wakers.extend(waiter.waker);
+        }
+    }
+}
+
+/// The queue as CoDel sees it: the head is the oldest waiter; a drop sheds
+/// the oldest waiter of the lowest criticality.
+struct CodelView<'a> {
+    queues: &'a mut Queues,
+    decided: &'a mut HashMap<u64, Decision>,
+    wakers: &'a mut Vec<Waker>,
+    retry_after: Duration,
+}
+
+impl Head for CodelView<'_> {
+    fn head(&self, now: u64) -> Option<(u64, usize)> {
+        let w = self.queues.oldest()?;
+        Some((now.saturating_sub(w.enqueued), self.queues.len - 1))
+    }
+
+    fn drop_head(&mut self, _now: u64) {
+        if let Some((id, waiter)) = self.queues.pop_victim() {
+            self.decided.insert(
+                id,
+                Decision::Shed {
+                    retry_after: self.retry_after,
+                },
+            );
+            self.wakers.extend(waiter.waker);
+        }
+    }
+}
+
+/// A place in the admission queue; dropping it gives the place (or the slot
+/// it was granted) back.
+#[derive(Debug)]
+pub(crate) struct Ticket {
+    shared: Option<Arc<Shared>>,
+    id: u64,
+    class: usize,
+    deadline: Option<Deadline>,
+}
+
+/// Why a queued request left without being served.
+#[derive(Debug)]
+pub(crate) enum Left {
+    Shed(Overloaded),
+    Expired(Deadline),
+}
+
+impl Ticket {
+    pub(crate) fn deadline(&self) -> Option<Deadline> {
+        self.deadline
+    }
+
+    /// Ready with a permit once granted, or with why the request left.
+    pub(crate) fn poll(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<Permit, Left>> {
+        let shared = self.shared.as_ref().expect("polled after completion");
+        let mut st = lock(&shared.state);
+        match st.decided.remove(&self.id) {
+            Some(Decision::Granted { in_flight, at }) => {
+                drop(st);
+                let shared = self.shared.take().expect("checked");
+                Poll::Ready(Ok(Permit::new(shared, at, in_flight, self.deadline)))
+            }
+            Some(Decision::Shed { retry_after }) => {
+                drop(st);
+                self.shared = None;
+                Poll::Ready(Err(Left::Shed(overloaded(retry_after))))
+            }
+            None => match st.queues.by_class[self.class].get_mut(&self.id) {
+                Some(waiter) => {
+                    match &waiter.waker {
+                        Some(w) if w.will_wake(cx.waker()) => {}
+                        _ => waiter.waker = Some(cx.waker().clone()),
+                    }
+                    Poll::Pending
+                }
+                None => {
+                    drop(st);
+                    self.shared = None;
+                    Poll::Ready(Err(Left::Shed(overloaded(Duration::from_millis(1)))))
+                }
+            },
+        }
+    }
+
+    /// The deadline passed while queued: leave (a slot granted meanwhile is
+    /// given back).
+    pub(crate) fn expire(&mut self) -> Left {
+        let deadline = self.deadline.expect("only requests with a deadline expire");
+        match self.leave() {
+            Some(Decision::Shed { retry_after }) => Left::Shed(overloaded(retry_after)),
+            _ => Left::Expired(deadline),
+        }
+    }
+
+    /// Leaves the queue; returns the decision that was waiting, if any (a
+    /// granted slot is released).
+    fn leave(&mut self) -> Option<Decision> {
+        let shared = self.shared.take()?;
+        let now = shared.clock.now_nanos();
+        let mut wakers = Vec::new();
+        let mut st = lock(&shared.state);
+        let decision = st.decided.remove(&self.id);
+        match decision {
+            Some(Decision::Granted { .. }) => {
+                st.in_flight -= 1;
+                st.dispatch(now, &mut wakers);
+            }
+            Some(Decision::Shed { .. }) => {}
+            None => {
+                st.queues.remove(self.class, self.id);
+            }
+        }
+        shared.publish(&st);
+        drop(st);
+        wakers.into_iter().for_each(Waker::wake);
+        decision
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.leave();
+    }
+}
+
+/// A slot in service; dropping it (or [`finish`](Permit::finish)) gives it back
+/// and teaches the algorithm.
+#[derive(Debug)]
+pub(crate) struct Permit {
+    shared: Option<Arc<Shared>>,
+    start: u64,
+    in_flight: usize,
+    deadline: Option<Deadline>,
+}
+
+/// How a request in service ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Answered.
+    Success,
+    /// Failed with a sign of overload (overloaded, rate limited, deadline).
+    Dropped,
+    /// Failed otherwise: nothing to learn about load.
+    Ignored,
+}
+
+impl Permit {
+    fn new(shared: Arc<Shared>, start: u64, in_flight: usize, deadline: Option<Deadline>) -> Self {
+        Permit {
+            shared: Some(shared),
+            start,
+            in_flight,
+            deadline,
+        }
+    }
+
+    pub(crate) fn finish(mut self, outcome: Outcome) {
+        if let Some(shared) = self.shared.take() {
+            let sample = match outcome {
+                Outcome::Ignored => None,
+                _ => {
+                    let latency = shared.clock.now_nanos().saturating_sub(self.start);
+                    let dropped = outcome == Outcome::Dropped;
+                    Some((
+                        Sample::new(Duration::from_nanos(latency), self.in_flight, dropped),
+                        !dropped,
+                    ))
+                }
+            };
+            shared.release(sample);
+        }
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if let Some(shared) = self.shared.take() {
+            // Dropped in service: by its deadline (a drop to learn from), or
+            // by a caller that went away (nothing to learn).
+            let expired = self
+                .deadline
+                .is_some_and(|d| d.is_expired_at(Instant::now()));
+            let sample = expired.then(|| {
+                let latency = shared.clock.now_nanos().saturating_sub(self.start);
+                (
+                    Sample::new(Duration::from_nanos(latency), self.in_flight, true),
+                    false,
+                )
+            });
+            shared.release(sample);
+        }
+    }
+}
