@@ -8,9 +8,11 @@
 //!                                       (axum)          (tonic)          └──▶ B-fast
 //! ```
 //!
-//! Real clock, short deadlines, and awaited signals (monitors, channels)
-//! instead of sleeps. The test runtime is current-thread, so the log capture
-//! sees the log lines of every hop.
+//! Real clock, deadlines with room for a machine three times slower than
+//! this one, and awaited signals (monitors, channels) instead of sleeps,
+//! each awaited with a bound ([`bounded`]) so a regression fails the test
+//! instead of hanging CI. The test runtime is current-thread, so the log
+//! capture sees the log lines of every hop.
 
 #[path = "../crates/atscale-error/tests/support/mod.rs"]
 mod support;
@@ -49,14 +51,29 @@ use tower::{Layer, ServiceBuilder, ServiceExt, service_fn};
 /// internal error holding a secret.
 const MODE: &str = "x-mode";
 
-/// B's own budget: shorter than any the gateway's caller sets here, so a
-/// hanging B is ended by B's deadline, not by an outer one.
-const B_BUDGET: Duration = Duration::from_millis(300);
+/// B's own budget: shorter than the long budget the gateway's caller sets
+/// here, so a hanging B is ended by B's deadline, not by an outer one.
+const B_BUDGET: Duration = Duration::from_millis(1_000);
 
 /// The budgets the test client gives the gateway in `x-deadline-ms`: one
-/// shorter than B's own, one longer.
-const SHORT_MS: u64 = 250;
-const LONG_MS: u64 = 3_000;
+/// shorter than B's own, one longer. The short one must cover three hops
+/// and a 50 ms hedge (about 60 ms here): 800 ms keeps that on a machine
+/// many times slower.
+const SHORT_MS: u64 = 800;
+const LONG_MS: u64 = 5_000;
+
+/// The longest any awaited signal may take before the test fails: far
+/// above any budget here, far below CI's own timeout.
+const BOUND: Duration = Duration::from_secs(30);
+
+/// Awaits `fut`, failing the test with `what` if it takes longer than
+/// [`BOUND`].
+async fn bounded<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    match tokio::time::timeout(BOUND, fut).await {
+        Ok(out) => out,
+        Err(_) => panic!("{what}: not within {BOUND:?}"),
+    }
+}
 
 /// What each hop saw: its name and the deadline left when its handler ran.
 type Seen = mpsc::UnboundedSender<(&'static str, Duration, Origin)>;
@@ -234,12 +251,17 @@ async fn get(hops: &Hops, budget_ms: u64, mode: Option<&str>) -> Answer {
     if let Some(mode) = mode {
         req = req.header(MODE, mode);
     }
-    let res = client
-        .request(req.body(Empty::new()).unwrap())
-        .await
-        .unwrap();
+    let res = bounded(
+        "the gateway's answer",
+        client.request(req.body(Empty::new()).unwrap()),
+    )
+    .await
+    .unwrap();
     let (parts, body) = res.into_parts();
-    let body = body.collect().await.unwrap().to_bytes();
+    let body = bounded("the gateway's body", body.collect())
+        .await
+        .unwrap()
+        .to_bytes();
     Answer {
         status: parts.status,
         headers: parts.headers,
@@ -251,7 +273,8 @@ async fn get(hops: &Hops, budget_ms: u64, mode: Option<&str>) -> Answer {
 async fn seen(hops: &mut Hops, n: usize) -> Vec<(&'static str, Duration, Origin)> {
     let mut out = Vec::new();
     while out.len() < n {
-        out.push(hops.seen.recv().await.unwrap());
+        let report = bounded("a hop's report", hops.seen.recv()).await;
+        out.push(report.expect("the hops hold the sender"));
     }
     out
 }
@@ -302,7 +325,7 @@ fn assert_nothing_internal(answer: &Answer, inner_ids: &[&str]) {
 #[tokio::test]
 async fn the_deadline_is_inherited_hop_by_hop_and_an_expiry_at_b_is_a_504_at_the_gateway() {
     let (logs, _guard) = capture_logs();
-    let mut hops = start(10).await;
+    let mut hops = bounded("starting the hops", start(10)).await;
 
     // A call that succeeds: every hop inherits the caller's deadline (250 ms,
     // shorter than B's own budget), with less and less of it left.
@@ -374,14 +397,14 @@ async fn the_deadline_is_inherited_hop_by_hop_and_an_expiry_at_b_is_a_504_at_the
     assert_eq!(logged(&logs, &b_id, "service"), "b");
     assert_eq!(logged(&logs, &b_id, "layer"), "deadline");
     assert_eq!(logged(&logs, &b_id, "deadline_origin"), "local");
-    assert!(logged(&logs, &b_id, "chain").contains("(budget 300ms, local)"));
+    assert!(logged(&logs, &b_id, "chain").contains(&format!("(budget {B_BUDGET:?}, local)")));
     assert_nothing_internal(&expired, &[&a_id, &b_id]);
 }
 
 #[tokio::test]
 async fn the_rate_limit_at_a_is_a_429_with_retry_after_at_the_gateway() {
     let (logs, _guard) = capture_logs();
-    let hops = start(2).await;
+    let hops = bounded("starting the hops", start(2)).await;
     for _ in 0..2 {
         let ok = get(&hops, LONG_MS, None).await;
         assert_eq!(ok.status, 200, "{}", ok.body);
@@ -406,7 +429,7 @@ async fn the_rate_limit_at_a_is_a_429_with_retry_after_at_the_gateway() {
     );
     assert_eq!(logged(&logs, &a_id, "layer"), "ratelimit");
     // A refused before calling B: B saw only the two calls that passed.
-    hops.a_server.wait_finished(3).await;
+    bounded("A finishing 3 calls", hops.a_server.wait_finished(3)).await;
     assert_eq!(hops.a_server.counts().error(), 1);
     assert_eq!(hops.b_fast.counts().ok(), 2);
     assert_nothing_internal(&limited, &[&a_id]);
@@ -415,7 +438,7 @@ async fn the_rate_limit_at_a_is_a_429_with_retry_after_at_the_gateway() {
 #[tokio::test]
 async fn hedging_at_a_answers_from_the_fast_replica_while_the_slow_one_is_pending() {
     let _logs = capture_logs();
-    let hops = start(10).await;
+    let hops = bounded("starting the hops", start(10)).await;
     // Replicas take first attempts in turn, so of two calls one starts on
     // the slow replica (which never answers) and is answered by the hedge.
     for _ in 0..2 {
@@ -433,15 +456,18 @@ async fn hedging_at_a_answers_from_the_fast_replica_while_the_slow_one_is_pendin
     assert_eq!(hops.b_slow.counts().ok(), 0);
     assert_eq!(hops.b_fast.counts().ok(), 2);
     // The losing attempts are then cancelled, and the slow replica sees it.
-    hops.b_slow
-        .wait_for(|c| c.cancelled() >= 1 && c.cancelled() == c.started())
-        .await;
+    bounded(
+        "the slow replica seeing its calls cancelled",
+        hops.b_slow
+            .wait_for(|c| c.cancelled() >= 1 && c.cancelled() == c.started()),
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn the_heartbeat_monitors_see_every_hops_work() {
     let _logs = capture_logs();
-    let hops = start(10).await;
+    let hops = bounded("starting the hops", start(10)).await;
     // The slow replica's call is started before the gateway answers (the
     // hedge fires only after it), and it never answers.
     let first = get(&hops, LONG_MS, None).await;
@@ -450,18 +476,32 @@ async fn the_heartbeat_monitors_see_every_hops_work() {
     assert_eq!(second.status, 200);
 
     // Every hop, server side and client side, reports both calls.
-    hops.gateway_server.wait_finished(2).await;
-    hops.gateway_client.wait_finished(2).await;
-    hops.a_server.wait_finished(2).await;
+    bounded(
+        "the gateway server finishing 2",
+        hops.gateway_server.wait_finished(2),
+    )
+    .await;
+    bounded(
+        "the gateway client finishing 2",
+        hops.gateway_client.wait_finished(2),
+    )
+    .await;
+    bounded("A's server finishing 2", hops.a_server.wait_finished(2)).await;
     // A's client reports each attempt: two calls plus one hedge, the
     // hedge's loser cancelled.
-    hops.a_client
-        .wait_for(|c| c.ok() == 2 && c.cancelled() >= 1 && c.finished() == c.started())
-        .await;
-    hops.b_fast.wait_finished(2).await;
-    hops.b_slow
-        .wait_for(|c| c.cancelled() >= 1 && c.cancelled() == c.started())
-        .await;
+    bounded(
+        "A's client: 2 ok and the hedge's loser cancelled",
+        hops.a_client
+            .wait_for(|c| c.ok() == 2 && c.cancelled() >= 1 && c.finished() == c.started()),
+    )
+    .await;
+    bounded("the fast replica finishing 2", hops.b_fast.wait_finished(2)).await;
+    bounded(
+        "the slow replica seeing its calls cancelled",
+        hops.b_slow
+            .wait_for(|c| c.cancelled() >= 1 && c.cancelled() == c.started()),
+    )
+    .await;
     for monitor in [
         &hops.gateway_server,
         &hops.gateway_client,
@@ -476,7 +516,7 @@ async fn the_heartbeat_monitors_see_every_hops_work() {
 #[tokio::test]
 async fn an_internal_failure_at_b_leaks_nothing_and_every_error_id_is_logged() {
     let (logs, _guard) = capture_logs();
-    let hops = start(10).await;
+    let hops = bounded("starting the hops", start(10)).await;
     let failed = get(&hops, LONG_MS, Some("fail")).await;
     // B's bug is an upstream failure for everyone above it.
     assert_eq!(failed.status, 502, "{}", failed.body);
@@ -504,6 +544,10 @@ async fn an_internal_failure_at_b_leaks_nothing_and_every_error_id_is_logged() {
     for id in [gateway_id, &a_id, &b_id] {
         assert_eq!(ids.iter().filter(|i| *i == id).count(), 1, "{id}");
     }
-    hops.gateway_server.wait_finished(1).await;
+    bounded(
+        "the gateway server finishing 1",
+        hops.gateway_server.wait_finished(1),
+    )
+    .await;
     assert_eq!(hops.gateway_server.counts().error(), 1);
 }
