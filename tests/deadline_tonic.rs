@@ -1,10 +1,20 @@
 //! `grpc-timeout` honoured by a real tonic server and written by a real tonic
 //! client, on loopback (tonic-health's generated service: no protoc needed).
+//!
+//! What the server answers on expiry is read with a raw HTTP/2 client
+//! ([`raw_check`]) that writes `grpc-timeout` itself and runs no timer: a
+//! tonic `Channel` wraps every call in its own `grpc-timeout` timer and
+//! reports its expiry as `CANCELLED` "Timeout expired" before any server
+//! answer can arrive, so through it the server's answer cannot be seen.
 
 mod loopback;
 
 use std::net::SocketAddr;
 use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use atscale::core::{BoxError, Context, Kind, Origin};
 use atscale::deadline::DeadlineLayer;
@@ -72,6 +82,89 @@ fn errors_to_status(
     })
 }
 
+/// The longest any awaited signal may take before the test fails.
+const BOUND: Duration = Duration::from_secs(30);
+
+/// Awaits `fut`, failing the test with `what` if it takes longer than [`BOUND`].
+async fn bounded<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    match tokio::time::timeout(BOUND, fut).await {
+        Ok(out) => out,
+        Err(_) => panic!("{what}: not within {BOUND:?}"),
+    }
+}
+
+/// A raw HTTP/2 connection to `addr`: no tonic, no timer of its own.
+async fn raw_connection(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+    let io = TokioIo::new(tokio::net::TcpStream::connect(addr).await.unwrap());
+    let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+/// `grpc.health.v1.Health/Check` for the empty service name, written by
+/// hand: `grpc-timeout` as given (`"150m"`), and stalled by the server when
+/// `stall`. Answers `grpc-status` and the decoded `grpc-message`, read from
+/// the response head (a trailers-only answer) or else from the trailers.
+async fn raw_check(
+    send: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    timeout: &str,
+    stall: bool,
+) -> (String, String) {
+    // One gRPC frame: not compressed, length 0 (the empty HealthCheckRequest).
+    let frame = Bytes::from_static(&[0, 0, 0, 0, 0]);
+    let mut req = http::Request::post("http://localhost/grpc.health.v1.Health/Check")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", timeout);
+    if stall {
+        req = req.header("x-stall", "1");
+    }
+    send.ready().await.unwrap();
+    let res = send
+        .send_request(req.body(Full::new(frame)).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let (head, body) = res.into_parts();
+    let trailers = if head.headers.contains_key("grpc-status") {
+        head.headers
+    } else {
+        body.collect()
+            .await
+            .unwrap()
+            .trailers()
+            .cloned()
+            .expect("a gRPC answer ends with trailers")
+    };
+    let text = |name: &str| {
+        trailers
+            .get(name)
+            .map(|v| percent_decode(v.to_str().unwrap()))
+            .unwrap_or_default()
+    };
+    (text("grpc-status"), text("grpc-message"))
+}
+
+/// `grpc-message` is percent-encoded (gRPC over HTTP/2, "Responses").
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap();
+            out.push(u8::from_str_radix(hex, 16).unwrap());
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).unwrap()
+}
+
 fn check(stall: bool, timeout: Option<Duration>) -> tonic::Request<HealthCheckRequest> {
     let mut req = tonic::Request::new(HealthCheckRequest {
         service: String::new(),
@@ -101,21 +194,22 @@ async fn the_server_honours_grpc_timeout() {
     assert_eq!(deadline.origin(), Origin::GrpcTimeout);
     assert!(deadline.budget() <= Duration::from_secs(2));
 
-    // A stalled call is cut by the server at the caller's 150 ms, not its own 30 s.
-    // tonic's server enforces grpc-timeout itself too, from further out, so
-    // its timer (CANCELLED "Timeout expired") and ours (DEADLINE_EXCEEDED)
-    // race; either way the request's context must end up cancelled.
+    // Through a tonic client, a stalled call ends at the caller's 150 ms
+    // (not the server's own 30 s) with tonic's own CANCELLED "Timeout
+    // expired": its Channel runs a grpc-timeout timer of its own and gives
+    // up before the server's answer can arrive. What the server answered
+    // is read below without tonic.
     let status = client
         .check(check(true, Some(Duration::from_millis(150))))
         .await
         .unwrap_err();
-    let ours = status.message().contains("deadline exceeded after")
-        && status.message().contains("grpc-timeout");
-    let tonics = status.code() == tonic::Code::Cancelled && status.message() == "Timeout expired";
-    assert!(ours || tonics, "{status:?}");
-    let (_, cx) = seen.recv().await.unwrap();
+    assert_eq!(status.code(), tonic::Code::Cancelled, "{status:?}");
+    assert_eq!(status.message(), "Timeout expired", "{status:?}");
+    let (_, cx) = bounded("the stalled call reaching the server", seen.recv())
+        .await
+        .unwrap();
     assert_eq!(cx.deadline().unwrap().budget(), Duration::from_millis(150));
-    cx.cancelled().await;
+    bounded("the stalled call's context cancelled", cx.cancelled()).await;
 
     // A malformed grpc-timeout is rejected, not ignored (tonic alone would ignore it).
     let mut req = check(false, None);
@@ -127,6 +221,61 @@ async fn the_server_honours_grpc_timeout() {
         status.message().contains("malformed grpc-timeout header"),
         "{status:?}"
     );
+}
+
+/// The server's own answer to an expired call, many times over, with
+/// budgets spread over a few milliseconds so the timers' deadlines fall at
+/// every phase of tokio's 1 ms tick: `DEADLINE_EXCEEDED` from our layer,
+/// with its details, never tonic's server timer (`CANCELLED`), and every
+/// expired request's context cancelled.
+#[tokio::test]
+async fn an_expired_call_is_answered_deadline_exceeded_by_the_layer() {
+    const CALLS: usize = 200;
+    const AT_ONCE: usize = 20;
+    let (seen_tx, mut seen) = mpsc::unbounded_channel();
+    let addr = health_server(seen_tx).await;
+    let send = raw_connection(addr).await;
+
+    // A call within its deadline answers OK through the same raw client.
+    let (status, message) = bounded("an OK call", raw_check(&mut send.clone(), "2S", false)).await;
+    assert_eq!((status.as_str(), message.as_str()), ("0", ""));
+    let _ = bounded("the OK call reaching the server", seen.recv()).await;
+
+    let mut answered = 0;
+    while answered < CALLS {
+        let calls: Vec<_> = (0..AT_ONCE)
+            .map(|i| {
+                let mut send = send.clone();
+                let budget_ms = 20 + (answered + i) % 7;
+                tokio::spawn(async move {
+                    let timeout = format!("{budget_ms}m");
+                    (budget_ms, raw_check(&mut send, &timeout, true).await)
+                })
+            })
+            .collect();
+        for call in calls {
+            let (budget_ms, (status, message)) =
+                bounded("a stalled call's answer", call).await.unwrap();
+            assert_eq!(
+                status, "4",
+                "DEADLINE_EXCEEDED, not tonic's own timer: {message:?}"
+            );
+            assert!(message.starts_with("deadline exceeded after "), "{message}");
+            assert!(
+                message.ends_with(&format!("(budget {budget_ms}ms, grpc-timeout)")),
+                "{message}"
+            );
+            answered += 1;
+        }
+    }
+    for _ in 0..CALLS {
+        let (header, cx) = bounded("a stalled call reaching the server", seen.recv())
+            .await
+            .unwrap();
+        assert!(header.is_some_and(|h| h.ends_with('m')));
+        assert_eq!(cx.deadline().unwrap().origin(), Origin::GrpcTimeout);
+        bounded("an expired call's context cancelled", cx.cancelled()).await;
+    }
 }
 
 #[tokio::test]
