@@ -123,10 +123,15 @@
 //! `CANCELLED` "Timeout expired"), but it ignores a malformed value and
 //! gives handlers no context. With `DeadlineLayer::server` in
 //! `Server::builder().layer(..)`, a malformed value is rejected, the handler
-//! and its outgoing calls see the deadline, and expiry (whichever timer
-//! fires first) cancels the request's context. tonic's server resets the
-//! stream when a layer returns an error: put ErrorEnrich outside to answer
-//! with a proper `Status`.
+//! and its outgoing calls see the deadline, and on expiry the server
+//! answers `DEADLINE_EXCEEDED` from this layer (tonic starts its own timer
+//! just after calling the layers, so ours is due first) and cancels the
+//! request's context. tonic's server resets the stream when a layer returns
+//! an error: put ErrorEnrich outside to answer with a proper `Status`. A
+//! plain tonic client never sees that answer: its `Channel` runs its own
+//! `grpc-timeout` timer and reports the expiry first, as `CANCELLED`
+//! "Timeout expired"; the client stack (`DeadlineLayer::client` around the
+//! `Channel`) reports it as `DEADLINE_EXCEEDED`.
 //!
 //! # Ordering
 //!
