@@ -10,7 +10,10 @@ use super::{Algorithm, ExpAvg, Sample, nanos};
 /// `limit × (1 − smoothing) + new_limit × smoothing`. The long average decays
 /// faster when it is more than twice the short one, so the limit recovers
 /// soon after a period of overload. The limit does not grow while fewer
-/// than half of it are in use (the service is not the bottleneck then).
+/// than half of it are in use (the service is not the bottleneck then), but
+/// unlike Netflix's it still shrinks then: a limit far above the demand
+/// would otherwise stay there while the service slows down, and be wrong
+/// the moment demand rises.
 ///
 /// Defaults as Netflix's: tolerance 1.5, smoothing 0.2, queue 4, long
 /// window 600 samples.
@@ -69,11 +72,14 @@ impl Algorithm for Gradient2 {
         if long / short > 2.0 {
             self.long.set(long * 0.95);
         }
-        if (sample.in_flight() as f64) < limit / 2.0 {
-            return limit;
-        }
         let gradient = (self.tolerance * long / short).clamp(0.5, 1.0);
         let estimate = limit * gradient + self.queue;
-        limit * (1.0 - self.smoothing) + estimate * self.smoothing
+        let next = limit * (1.0 - self.smoothing) + estimate * self.smoothing;
+        if (sample.in_flight() as f64) < limit / 2.0 {
+            // App-limited: the limit is not what holds requests back, so it
+            // must not grow; it still shrinks when latency says so.
+            return next.min(limit);
+        }
+        next
     }
 }

@@ -6,6 +6,9 @@ use super::{Algorithm, Sample, nanos};
 /// grows by `beta` when the queue is under `log10(limit)`, by `log10(limit)`
 /// under `alpha`, shrinks by `log10(limit)` over `beta` or on a drop.
 ///
+/// Unlike Netflix's, the limit still shrinks while fewer than half of it are
+/// in use, if the queue estimate says so (it only stops growing then).
+///
 /// The minimum latency is re-probed every `probe` samples × limit (default
 /// 30), so a lasting change of the service's speed is eventually learnt.
 #[derive(Clone, Debug)]
@@ -69,9 +72,11 @@ impl Algorithm for Vegas {
         let queue = (limit * (1.0 - self.rtt_min / rtt)).ceil();
         let step = log10(limit);
         let (alpha, beta) = (3.0 * step, 6.0 * step);
+        let app_limited = (sample.in_flight() as f64) * 2.0 < limit;
         let estimate = if sample.dropped() {
             limit - step
-        } else if (sample.in_flight() as f64) * 2.0 < limit {
+        } else if app_limited && queue < alpha {
+            // Not the bottleneck: do not grow (but do shrink, below).
             return limit;
         } else if queue <= step {
             limit + beta

@@ -1,0 +1,135 @@
+//! Each limit algorithm's response to a change of latency, on tokio's paused
+//! clock: the limit goes down while the backend queues, back up after.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use atscale_core::Clock;
+use atscale_overload::OverloadLayer;
+use atscale_overload::limit::{Aimd, Algorithm, Gradient2, Sample, Vegas};
+use tokio::sync::Semaphore;
+use tower::{Layer, ServiceExt, service_fn};
+
+const MS: Duration = Duration::from_millis(1);
+
+/// Runs 300 closed-loop clients (more than the maximum limit, 200) for three 3-second phases: a backend that
+/// takes 10 ms whatever the concurrency, then one with 4 workers (so every
+/// request beyond 4 queues inside it), then the first again. Returns the
+/// mean limit over the last 1.5 s of each phase.
+async fn phases(algorithm: impl Algorithm) -> [f64; 3] {
+    let layer = OverloadLayer::builder()
+        .algorithm(algorithm)
+        .min_limit(1)
+        .max_limit(200)
+        .initial_limit(20)
+        .clock(Clock::tokio())
+        .build()
+        .unwrap();
+    let adm = layer.admission();
+    let narrow = Arc::new(AtomicBool::new(false));
+    let workers = Arc::new(Semaphore::new(4));
+    let backend = {
+        let narrow = narrow.clone();
+        service_fn(move |_req: http::Request<()>| {
+            let narrow = narrow.load(Ordering::Relaxed);
+            let workers = workers.clone();
+            async move {
+                let _worker = if narrow {
+                    Some(workers.acquire_owned().await.unwrap())
+                } else {
+                    None
+                };
+                tokio::time::sleep(10 * MS).await;
+                Ok::<_, std::convert::Infallible>(())
+            }
+        })
+    };
+    let svc = layer.layer(backend);
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for _ in 0..300 {
+        let (svc, stop) = (svc.clone(), stop.clone());
+        clients.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let _ = svc.clone().oneshot(http::Request::new(())).await;
+            }
+        }));
+    }
+    let mut means = [0.0; 3];
+    for (phase, mean) in means.iter_mut().enumerate() {
+        narrow.store(phase == 1, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let mut sum = 0usize;
+        for _ in 0..150 {
+            tokio::time::sleep(10 * MS).await;
+            sum += adm.limit();
+        }
+        *mean = sum as f64 / 150.0;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        tokio::time::timeout(Duration::from_secs(5), c)
+            .await
+            .expect("clients stop")
+            .unwrap();
+    }
+    assert_eq!((adm.in_flight(), adm.queue_depth()), (0, 0));
+    means
+}
+
+fn assert_down_then_up(name: &str, [fast, queueing, recovered]: [f64; 3]) {
+    println!("{name}: {fast:.1} -> {queueing:.1} -> {recovered:.1}");
+    assert!(
+        queueing < fast / 2.0,
+        "{name}: the limit did not go down under queueing: {fast:.1} -> {queueing:.1}"
+    );
+    assert!(
+        recovered > queueing * 2.0,
+        "{name}: the limit did not come back: {queueing:.1} -> {recovered:.1}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn gradient2_goes_down_under_queueing_and_back_up_after() {
+    assert_down_then_up("gradient2", phases(Gradient2::new()).await);
+}
+
+#[tokio::test(start_paused = true)]
+async fn vegas_goes_down_under_queueing_and_back_up_after() {
+    assert_down_then_up("vegas", phases(Vegas::new()).await);
+}
+
+#[tokio::test(start_paused = true)]
+async fn aimd_goes_down_under_queueing_and_back_up_after() {
+    assert_down_then_up("aimd", phases(Aimd::new().latency(50 * MS)).await);
+}
+
+#[test]
+fn gradient2_on_exact_samples() {
+    let mut g = Gradient2::new();
+    // Same latency: gradient 1, the limit grows by the queue allowance × smoothing.
+    let steady = Sample::new(10 * MS, 20, false);
+    let limit = g.update(20.0, &steady);
+    assert!((limit - 20.8).abs() < 1e-9, "{limit}");
+    // App-limited (fewer than half in use): unchanged.
+    assert_eq!(g.update(20.0, &Sample::new(10 * MS, 5, false)), 20.0);
+    // Four times slower than the long average: gradient 0.5.
+    let mut g = Gradient2::new();
+    for _ in 0..10 {
+        g.update(20.0, &steady);
+    }
+    let slow = g.update(20.0, &Sample::new(40 * MS, 20, false));
+    // long ≈ (10×10 + 40)/11 = 12.7 ms; 1.5 × 12.7 / 40 < 0.5 → 0.5:
+    // 20 × 0.8 + (20 × 0.5 + 4) × 0.2 = 18.8
+    assert!((slow - 18.8).abs() < 1e-9, "{slow}");
+}
+
+#[test]
+fn aimd_on_exact_samples() {
+    let mut a = Aimd::new().latency(50 * MS);
+    assert_eq!(a.update(10.0, &Sample::new(10 * MS, 10, false)), 11.0);
+    assert_eq!(a.update(10.0, &Sample::new(10 * MS, 2, false)), 10.0);
+    assert_eq!(a.update(10.0, &Sample::new(60 * MS, 10, false)), 9.0);
+    assert_eq!(a.update(10.0, &Sample::new(10 * MS, 10, true)), 9.0);
+}
