@@ -16,8 +16,7 @@ use super::{Answer, Implied, RemoteFailure, Said};
 
 impl RemoteFailure {
     /// Reads `status` (its code and rich details); `elapsed` is how long the
-    /// call took, used as the budget of a
-    /// [`DeadlineExceeded`](atscale_core::DeadlineExceeded).
+    /// call took, used as the budget of a [`DeadlineExceeded`].
     #[cfg_attr(docsrs, doc(cfg(feature = "tonic")))]
     pub fn new(mut status: Status, elapsed: Duration) -> Self {
         let details = status.get_error_details();
@@ -67,7 +66,7 @@ impl RemoteFailure {
 }
 
 /// Turns trailers-only gRPC error responses into [`RemoteFailure`] errors;
-/// see the [module docs](self).
+/// see the [module docs](super).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct GrpcErrorsLayer {
     _priv: (),
@@ -100,9 +99,6 @@ impl<S> Layer<S> for GrpcErrorsLayer {
 /// [`GrpcErrors`] fails with [`DeadlineExceeded`] for the deadline of the
 /// request's [`Context`](atscale_core::Context), the one the header came
 /// from, so the deadline is reported as such whichever timer fires first.
-/// A transport error showing that the call never reached the server (a
-/// refused connection) is [`Unreachable`](atscale_core::Unreachable),
-/// naming the URI authority.
 ///
 /// # Backpressure
 ///
@@ -134,12 +130,10 @@ where
             .extensions()
             .get::<atscale_core::Context>()
             .and_then(atscale_core::Context::deadline);
-        let target = Some(super::http::target(req.uri()));
         GrpcErrorsFuture {
             inner: self.inner.call(req),
             started: Instant::now(),
             deadline,
-            target,
         }
     }
 }
@@ -152,7 +146,6 @@ pin_project! {
         inner: F,
         started: Instant,
         deadline: Option<atscale_core::Deadline>,
-        target: Option<String>,
     }
 }
 
@@ -179,7 +172,7 @@ where
                         (Some(_), Some(deadline)) => {
                             Box::new(DeadlineExceeded::at(*deadline, tokio::time::Instant::now()))
                         }
-                        _ => super::unreachable(err, || this.target.take().unwrap_or_default()),
+                        _ => err,
                     },
                 ));
             }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use atscale_core::{BoxError, Kind};
 use bytes::Buf;
 use http::header::{CONTENT_TYPE, RETRY_AFTER};
-use http::{HeaderMap, StatusCode, Uri};
+use http::{HeaderMap, StatusCode};
 use http_body::Body;
 use pin_project_lite::pin_project;
 use tower_layer::Layer;
@@ -20,12 +20,6 @@ use super::{Answer, Implied, RemoteFailure, Said};
 
 /// The most of an error answer's body read for its problem document.
 const PROBLEM_LIMIT: usize = 16 * 1024;
-
-/// The dependency a request goes to, for errors: its URI authority.
-pub(super) fn target(uri: &Uri) -> String {
-    uri.authority()
-        .map_or_else(|| String::from("the dependency"), |a| a.to_string())
-}
 
 impl RemoteFailure {
     /// Reads an HTTP error answer: its `status`, its `Retry-After` header,
@@ -79,23 +73,24 @@ impl RemoteFailure {
 }
 
 /// Turns HTTP error answers (429 and 5xx) into [`RemoteFailure`] errors,
-/// and refused connections into [`Unreachable`](atscale_core::Unreachable);
-/// see the [module docs](super).
+/// and refused connections to a named dependency into
+/// [`Unreachable`](atscale_core::Unreachable); see the [module docs](super).
 #[derive(Clone, Debug, Default)]
 pub struct HttpErrorsLayer {
     dependency: Option<Arc<str>>,
 }
 
 impl HttpErrorsLayer {
-    /// The layer; an unreachable dependency is named by the request's URI
-    /// authority.
+    /// The layer, for a dependency without a name: a refused connection
+    /// is still [`Kind::Unreachable`] (its `std::io::Error` says so), but
+    /// answers do not say which dependency it was.
     pub const fn new() -> Self {
         HttpErrorsLayer { dependency: None }
     }
 
     /// Names the dependency `name` (`inventory`) in
-    /// [`Unreachable`](atscale_core::Unreachable) errors, rather than by
-    /// its address.
+    /// [`Unreachable`](atscale_core::Unreachable) errors: the name (never
+    /// an address) is in the user-safe message of the 503.
     #[must_use]
     pub fn dependency(mut self, name: impl Into<Arc<str>>) -> Self {
         self.dependency = Some(name.into());
@@ -122,7 +117,8 @@ impl<S> Layer<S> for HttpErrorsLayer {
 /// handles), pass through untouched. A transport error showing that the
 /// request never reached the server (a refused connection, a DNS failure)
 /// becomes [`Unreachable`](atscale_core::Unreachable) naming the
-/// dependency; any other transport error passes as it is.
+/// dependency, when the layer has its name; any other transport error
+/// passes as it is.
 ///
 /// # Backpressure
 ///
@@ -152,32 +148,12 @@ where
     }
 
     fn call(&mut self, req: http::Request<ReqB>) -> Self::Future {
-        // Named only when a call fails: no allocation on the success path.
-        let dependency = match &self.dependency {
-            Some(name) => Dependency::Named(name.clone()),
-            None => Dependency::Uri(req.uri().clone()),
-        };
         HttpErrorsFuture {
             state: State::Waiting {
                 inner: self.inner.call(req),
             },
             started: Instant::now(),
-            dependency,
-        }
-    }
-}
-
-#[derive(Debug)]
-enum Dependency {
-    Named(Arc<str>),
-    Uri(Uri),
-}
-
-impl Dependency {
-    fn name(&self) -> String {
-        match self {
-            Dependency::Named(name) => name.to_string(),
-            Dependency::Uri(uri) => target(uri),
+            dependency: self.dependency.clone(),
         }
     }
 }
@@ -189,7 +165,7 @@ pin_project! {
         #[pin]
         state: State<F, B>,
         started: Instant,
-        dependency: Dependency,
+        dependency: Option<Arc<str>>,
     }
 }
 
@@ -225,10 +201,11 @@ where
                     let res = match ready!(inner.poll(cx)) {
                         Ok(res) => res,
                         Err(err) => {
-                            let dependency = &*this.dependency;
-                            return Poll::Ready(Err(super::unreachable(err.into(), || {
-                                dependency.name()
-                            })));
+                            let err = err.into();
+                            return Poll::Ready(Err(match this.dependency {
+                                Some(name) => super::unreachable(err, name),
+                                None => err,
+                            }));
                         }
                     };
                     let status = res.status();
@@ -441,12 +418,13 @@ mod tests {
                     .unwrap(),
             )
         };
-        let err = refused(None).await.unwrap_err();
-        let unreachable = atscale_core::find::<Unreachable>(&*err).unwrap();
-        assert_eq!(unreachable.dependency(), "10.0.0.7:8080");
-        assert_eq!(Kind::of(&*err), Kind::Unreachable);
         let err = refused(Some("backend")).await.unwrap_err();
         assert_eq!(err.to_string(), "could not reach backend");
+        assert_eq!(Kind::of(&*err), Kind::Unreachable);
+        // Without a name, never the address: the kind alone.
+        let err = refused(None).await.unwrap_err();
+        assert!(atscale_core::find::<Unreachable>(&*err).is_none());
+        assert_eq!(Kind::of(&*err), Kind::Unreachable);
         // Other transport errors pass as they are.
         let transport = service_fn(|_req: http::Request<()>| async {
             Err::<http::Response<Full<Bytes>>, _>(BoxError::from("boom"))

@@ -35,9 +35,10 @@
 //! | anything else | any other code | any other 5xx | none: the client stack makes it `Kind::Upstream` (502), and keeps that kind up through a server-mode ErrorEnrich |
 //!
 //! A transport error that shows the request never reached the server (a
-//! refused connection) becomes [`Unreachable`] naming the dependency (503,
-//! `UNAVAILABLE`, safe to retry), distinct from a server that answered an
-//! error.
+//! refused connection) is [`Kind::Unreachable`] (503, `UNAVAILABLE`, safe to
+//! retry), distinct from a server that answered an error; [`HttpErrors`]
+//! given the dependency's name makes it [`Unreachable`] naming it, so the
+//! 503 says which dependency is down.
 
 use std::error::Error;
 use std::fmt;
@@ -236,11 +237,11 @@ impl Error for RemoteFailure {
 /// A transport error that shows the request never reached `dependency`
 /// (its chain classifies as [`Kind::Unreachable`]), as [`Unreachable`]
 /// naming it; any other error as it is.
-fn unreachable(err: BoxError, dependency: impl FnOnce() -> String) -> BoxError {
+fn unreachable(err: BoxError, dependency: &str) -> BoxError {
     if Kind::find(&*err) == Some(Kind::Unreachable)
         && atscale_core::find::<Unreachable>(&*err).is_none()
     {
-        Box::new(Unreachable::new(dependency()).with_source(err))
+        Box::new(Unreachable::new(dependency).with_source(err))
     } else {
         err
     }

@@ -1,14 +1,16 @@
 //! The recommended stacks, one line each: [`server`](fn@server) for axum and
 //! tonic servers, [`grpc_client`](fn@grpc_client) (also named [`client`]) for
-//! tonic `Channel`s.
+//! tonic `Channel`s, [`http_client`](fn@http_client) for HTTP clients.
 //!
 //! | stack | layers, outermost first | use it for |
 //! | --- | --- | --- |
 //! | [`ServerStack`] | ErrorEnrich → Deadline (reads `grpc-timeout` and `x-deadline-ms`) → Heartbeat → RateLimit (optional) → your service | every axum `Router` (`Router::layer`) and tonic server (`Server::builder().layer`) |
 //! | [`ClientStack`] | ErrorEnrich (client) → Deadline (writes `grpc-timeout`) → RateLimit (optional) → BufferBody + Hedge (optional) → Heartbeat → [`GrpcErrors`](crate::remote::GrpcErrors) → tonic `Channel` | every tonic generated client (`FooClient::new(stack.layer(channel))`) |
+//! | [`HttpClientStack`] | ErrorEnrich (client) → Deadline (writes `x-deadline-ms`) → RateLimit (optional) → BufferBody + Hedge (optional, idempotent methods) → Heartbeat → [`HttpErrors`](crate::remote::HttpErrors) → any tower HTTP client | every HTTP dependency (hyper-util's `Client`, …) |
 //!
 //! Each stack lives in a module of its own, with the table of the orders
-//! that go wrong beside it: [`mod@server`], [`mod@grpc_client`].
+//! that go wrong beside it: [`mod@server`], [`mod@grpc_client`],
+//! [`mod@http_client`].
 //!
 //! Every stack is a `Clone + Debug` builder that implements `tower::Layer`;
 //! each layer's settings can be replaced (`with_*`), optional layers slot in
@@ -68,6 +70,7 @@ use http::HeaderName;
 #[cfg(feature = "tonic")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tonic")))]
 pub mod grpc_client;
+pub mod http_client;
 pub mod server;
 
 #[cfg(feature = "tonic")]
@@ -75,6 +78,7 @@ pub use grpc_client::{
     ClientStack, GrpcHedgeLayer, StatusErrors, StatusFuture, TonicBody, Transport, client,
     grpc_client,
 };
+pub use http_client::{HttpClientStack, HttpHedgeLayer, HttpTransport, http_client};
 pub use server::{ServerStack, server};
 
 /// The header a plain HTTP caller puts its budget in, in whole milliseconds:

@@ -55,3 +55,36 @@ pub(crate) async fn channel(addr: SocketAddr) -> Channel {
         .await
         .unwrap()
 }
+
+/// Serves `app` (an axum router) on 127.0.0.1, on a port of its own; the
+/// server runs until the test's runtime ends.
+pub(crate) async fn serve_router(app: axum::Router) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+/// An address on 127.0.0.1 where nothing listens (a port that was just
+/// bound and released): connecting to it is refused.
+pub(crate) async fn closed_port() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap()
+}
+
+/// A hyper-util client for plain HTTP/1 over loopback, sending bodies of type `B`.
+pub(crate) fn http_client<B>()
+-> hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, B>
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+{
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http()
+}
+
+/// Awaits `fut`, failing the test (naming `what`) after 10 s.
+pub(crate) async fn bounded<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(std::time::Duration::from_secs(10), fut)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not happen within 10 s"))
+}

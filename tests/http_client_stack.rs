@@ -1,0 +1,301 @@
+//! The HTTP client stack over real servers on loopback: an axum gateway
+//! (the server stack) whose handler calls an axum backend (the server stack
+//! too) through `stack::http_client` over hyper-util's `Client`.
+//!
+//! - backend 429 → gateway 429 with the same `Retry-After`;
+//! - backend 504 → gateway 504 naming the deadline the gateway's caller set;
+//! - backend port closed → gateway 503 naming the dependency;
+//! - the backend sees the shrinking `x-deadline-ms`;
+//! - a backend's own text never reaches the gateway's caller.
+
+mod loopback;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use atscale::core::{BoxError, Context, DeadlineExceeded, Kind, RateLimited};
+use atscale::heartbeat::Monitor;
+use atscale::remote::RemoteFailure;
+use atscale::stack::{self, DEADLINE_HEADER};
+use axum::Router;
+use axum::body::Body;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use loopback::{bounded, closed_port, http_client, serve_router};
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tower::{Layer, ServiceExt, service_fn};
+
+/// What the backend's handler of `/deadline` saw, and what the gateway's
+/// handler saw of its calls' failures.
+type Seen = mpsc::UnboundedSender<String>;
+
+/// The backend: the server stack around a handler that fails in each way.
+async fn backend(seen: Seen) -> SocketAddr {
+    let handler = service_fn(move |req: http::Request<Body>| {
+        let seen = seen.clone();
+        async move {
+            match req.uri().path() {
+                "/limited" => Err(BoxError::from(RateLimited::new(Duration::from_secs(3)))),
+                // Work that needs more than what is left of the deadline it
+                // inherited fails at once, as the deadline layer does.
+                "/too-slow" => {
+                    let deadline = Context::current().and_then(|cx| cx.deadline()).unwrap();
+                    let now = tokio::time::Instant::now();
+                    Err(BoxError::from(DeadlineExceeded::at(deadline, now)))
+                }
+                // A backend that is not atscale's, answering its own text.
+                "/broken" => Ok(http::Response::builder()
+                    .status(500)
+                    .header("content-type", "application/problem+json")
+                    .body(Body::from(
+                        r#"{"type":"about:blank","status":500,"detail":"db password hunter2 rejected","service":"backend","error_id":"feedfacefeedfacefeedfacefeedface"}"#,
+                    ))
+                    .unwrap()),
+                _ => {
+                    let header = req.headers()[DEADLINE_HEADER].to_str().unwrap().to_owned();
+                    let origin = Context::current()
+                        .and_then(|cx| cx.deadline())
+                        .map(|d| d.origin().to_string())
+                        .unwrap();
+                    let _ = seen.send(format!("{header} {origin}"));
+                    Ok(http::Response::new(Body::from(header)))
+                }
+            }
+        }
+    });
+    let app = Router::new()
+        .fallback_service(stack::server("backend", Duration::from_secs(10)).layer(handler));
+    serve_router(app).await
+}
+
+struct Gateway {
+    addr: SocketAddr,
+    client_monitor: Monitor,
+    failures: mpsc::UnboundedReceiver<String>,
+}
+
+/// The gateway: `GET /{route}` calls the backend's `/{route}` (or, for
+/// `/down`, a dependency whose port is closed) through the HTTP client
+/// stack, and answers what it got; a failed call is the handler's error.
+async fn gateway(backend: SocketAddr) -> Gateway {
+    let to_backend =
+        stack::http_client("gateway", Duration::from_secs(5)).with_dependency("backend");
+    let client_monitor = to_backend.monitor().clone();
+    let backend_client = to_backend.layer(http_client::<Empty<Bytes>>());
+    let down = closed_port().await;
+    let inventory_client = stack::http_client("gateway", Duration::from_secs(5))
+        .with_dependency("inventory")
+        .layer(http_client::<Empty<Bytes>>());
+    let (failed, failures) = mpsc::unbounded_channel();
+
+    let handler = service_fn(move |req: http::Request<Body>| {
+        let backend_client = backend_client.clone();
+        let inventory_client = inventory_client.clone();
+        let failed = failed.clone();
+        async move {
+            let path = req.uri().path().to_owned();
+            let mut calls = 1;
+            let mut answers = Vec::new();
+            if path == "/shrinking" {
+                calls = 2;
+            }
+            for i in 0..calls {
+                if i > 0 {
+                    // Some work between the two calls.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                let (client, uri) = match path.as_str() {
+                    "/down" => (inventory_client.clone(), format!("http://{down}/items")),
+                    "/shrinking" => (backend_client.clone(), format!("http://{backend}/deadline")),
+                    other => (backend_client.clone(), format!("http://{backend}{other}")),
+                };
+                let call = http::Request::get(uri).body(Empty::new()).unwrap();
+                match client.oneshot(call).await {
+                    Ok(res) => {
+                        let body = res.into_body().collect().await?.to_bytes();
+                        answers.push(String::from_utf8(body.to_vec()).unwrap());
+                    }
+                    Err(err) => {
+                        let remote = atscale::core::find::<RemoteFailure>(&err);
+                        let _ = failed.send(format!(
+                            "{} {:?} {:?}",
+                            err.kind(),
+                            remote.and_then(RemoteFailure::service),
+                            remote.and_then(RemoteFailure::error_id),
+                        ));
+                        return Err(BoxError::from(err));
+                    }
+                }
+            }
+            Ok::<_, BoxError>(http::Response::new(Body::from(answers.join(","))))
+        }
+    });
+    let app = Router::new()
+        .fallback_service(stack::server("gateway", Duration::from_secs(10)).layer(handler));
+    Gateway {
+        addr: serve_router(app).await,
+        client_monitor,
+        failures,
+    }
+}
+
+struct Answer {
+    status: http::StatusCode,
+    headers: http::HeaderMap,
+    body: String,
+}
+
+impl Answer {
+    fn problem(&self) -> Value {
+        assert_eq!(
+            self.headers["content-type"], "application/problem+json",
+            "{}",
+            self.body
+        );
+        serde_json::from_str(&self.body).unwrap()
+    }
+}
+
+/// `GET path` on the gateway, with the caller's budget in `x-deadline-ms`.
+async fn get_gateway(gateway: &Gateway, path: &str, budget_ms: u64) -> Answer {
+    let req = http::Request::get(format!("http://{}{path}", gateway.addr))
+        .header(DEADLINE_HEADER, budget_ms.to_string())
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let res = bounded("the gateway's answer", http_client().request(req))
+        .await
+        .unwrap();
+    let (parts, body) = res.into_parts();
+    let body = bounded("the gateway's body", body.collect())
+        .await
+        .unwrap()
+        .to_bytes();
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body: String::from_utf8(body.to_vec()).unwrap(),
+    }
+}
+
+async fn start() -> (Gateway, mpsc::UnboundedReceiver<String>) {
+    let (seen, seen_rx) = mpsc::unbounded_channel();
+    let backend = backend(seen).await;
+    (gateway(backend).await, seen_rx)
+}
+
+#[tokio::test]
+async fn a_backend_429_is_a_gateway_429_with_the_same_retry_after() {
+    let (mut gateway, _) = start().await;
+    let answer = get_gateway(&gateway, "/limited", 2000).await;
+    assert_eq!(answer.status, 429, "{}", answer.body);
+    assert_eq!(answer.headers["retry-after"], "3");
+    let problem = answer.problem();
+    assert_eq!(problem["code"], "rate_limited");
+    assert_eq!(problem["retry_after"], 3);
+    assert_eq!(problem["service"], "gateway");
+    // The gateway's handler saw the backend's failure, with its id.
+    let failure = bounded("the failure", gateway.failures.recv())
+        .await
+        .unwrap();
+    assert!(
+        failure.starts_with("rate_limited Some(\"backend\") Some(\""),
+        "{failure}"
+    );
+    assert_eq!(gateway.client_monitor.counts().error(), 1);
+}
+
+#[tokio::test]
+async fn a_backend_504_is_a_gateway_504_naming_the_inherited_deadline() {
+    let (mut gateway, _) = start().await;
+    let answer = get_gateway(&gateway, "/too-slow", 2000).await;
+    assert_eq!(answer.status, 504, "{}", answer.body);
+    let problem = answer.problem();
+    assert_eq!(problem["code"], "deadline_exceeded");
+    // The backend's deadline was the one the gateway's caller set.
+    assert_eq!(problem["deadline_origin"], "parent");
+    assert_eq!(
+        problem["detail"],
+        "The request did not finish within the deadline its caller set."
+    );
+    let failure = bounded("the failure", gateway.failures.recv())
+        .await
+        .unwrap();
+    assert!(
+        failure.starts_with("deadline_exceeded Some(\"backend\")"),
+        "{failure}"
+    );
+}
+
+#[tokio::test]
+async fn a_closed_port_is_a_gateway_503_naming_the_dependency() {
+    let (mut gateway, _) = start().await;
+    let answer = get_gateway(&gateway, "/down", 2000).await;
+    assert_eq!(answer.status, 503, "{}", answer.body);
+    let problem = answer.problem();
+    assert_eq!(problem["code"], "unreachable");
+    let detail = problem["detail"].as_str().unwrap();
+    assert!(detail.contains("(inventory)"), "{detail}");
+    assert!(!answer.body.contains("127.0.0.1"), "{}", answer.body);
+    let failure = bounded("the failure", gateway.failures.recv())
+        .await
+        .unwrap();
+    assert_eq!(failure, "unreachable None None");
+}
+
+#[tokio::test]
+async fn the_backend_sees_the_shrinking_deadline() {
+    let (gateway, mut seen) = start().await;
+    let answer = get_gateway(&gateway, "/shrinking", 1000).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let first = bounded("the first call", seen.recv()).await.unwrap();
+    let second = bounded("the second call", seen.recv()).await.unwrap();
+    let ms = |s: &str| s.split(' ').next().unwrap().parse::<u64>().unwrap();
+    // Inherited from the gateway's caller (not the stacks' 5 s and 10 s
+    // budgets), and shrinking by the time spent between the calls.
+    assert!(ms(&first) <= 1000, "{first}");
+    assert!(ms(&second) <= ms(&first) - 50, "{first} then {second}");
+    // The backend reads it as a deadline from its caller's header.
+    assert!(first.ends_with(" header"), "{first}");
+}
+
+#[tokio::test]
+async fn a_backends_own_text_never_reaches_the_gateways_caller() {
+    let (mut gateway, _) = start().await;
+    let answer = get_gateway(&gateway, "/broken", 2000).await;
+    assert_eq!(answer.status, 502, "{}", answer.body);
+    let problem = answer.problem();
+    assert_eq!(problem["code"], "upstream");
+    for leak in ["hunter2", "feedface", "backend", "127.0.0.1"] {
+        assert!(
+            !answer.body.contains(leak),
+            "{leak} leaked: {}",
+            answer.body
+        );
+    }
+    // ... but the gateway's log has the backend's service and error id.
+    let failure = bounded("the failure", gateway.failures.recv())
+        .await
+        .unwrap();
+    assert_eq!(
+        failure,
+        "upstream Some(\"backend\") Some(\"feedfacefeedfacefeedfacefeedface\")"
+    );
+}
+
+#[tokio::test]
+async fn the_client_stack_error_keeps_the_kind_for_a_plain_caller() {
+    // Outside any server: the stack's error says the kind, the retry-after
+    // and the dependency, for code that handles it itself.
+    let (seen, _rx) = mpsc::unbounded_channel();
+    let backend = backend(seen).await;
+    let client =
+        stack::http_client("caller", Duration::from_secs(5)).layer(http_client::<Empty<Bytes>>());
+    let req = http::Request::get(format!("http://{backend}/limited"))
+        .body(Empty::new())
+        .unwrap();
+    let err = bounded("the call", client.oneshot(req)).await.unwrap_err();
+    assert_eq!(err.kind(), Kind::RateLimited);
+    assert_eq!(err.retry_after(), Some(Duration::from_secs(3)));
+    assert_eq!(err.status(), 429);
+}
