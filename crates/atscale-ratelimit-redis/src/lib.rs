@@ -149,6 +149,7 @@
 //! redis-server`) on a free loopback port; see `tests/support/mod.rs`.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod cluster;
 pub mod error;
 mod limiter;
 mod script;

@@ -29,6 +29,7 @@ pub struct RedisLimiter {
 
 struct Inner {
     key: String,
+    slot: u16,
     limit: Limit,
     interval_us: u64,
     /// What this process last learnt of the bucket (the local pre-check).
@@ -43,6 +44,7 @@ impl RedisLimiter {
         let interval_us = interval_us(&limit)?;
         Ok(RedisLimiter {
             inner: Arc::new(Inner {
+                slot: crate::cluster::slot(&key),
                 key,
                 limit,
                 interval_us,
@@ -54,6 +56,15 @@ impl RedisLimiter {
     /// The Redis key of the bucket.
     pub fn key(&self) -> &str {
         &self.inner.key
+    }
+
+    /// The Redis Cluster hash slot of the bucket's key (`CLUSTER KEYSLOT`).
+    ///
+    /// One admission is one atomic script when all its buckets share a
+    /// slot; see the [crate docs](crate#redis-cluster) for how keys are
+    /// tagged to make them.
+    pub fn slot(&self) -> u16 {
+        self.inner.slot
     }
 
     /// The limit the bucket enforces.
@@ -89,6 +100,7 @@ impl fmt::Debug for RedisLimiter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisLimiter")
             .field("key", &self.inner.key)
+            .field("slot", &self.inner.slot)
             .field("limit", &self.inner.limit)
             .field("local_check", &self.inner.mirror.is_some())
             .finish()
@@ -155,6 +167,62 @@ pub(crate) fn local_now() -> u64 {
 
 type Quota<K> = Arc<dyn Fn(&K) -> Limit + Send + Sync>;
 
+/// How a keyed table names its buckets.
+#[derive(Clone, Debug)]
+pub(crate) enum Layout {
+    /// One server: `<prefix><name>:<key>`.
+    Plain { base: Arc<str> },
+    /// A cluster, each key in a slot of its own: `<prefix>{k:<hash of
+    /// key>}:<name>:<key>`. Every table keyed by the same key puts it in
+    /// the same slot.
+    PerKey { prefix: Arc<str>, name: Arc<str> },
+    /// A cluster, every key under one tag: `<prefix>{<tag>}:<name>:<key>`.
+    Tagged {
+        prefix: Arc<str>,
+        tag: Arc<str>,
+        name: Arc<str>,
+    },
+}
+
+impl Layout {
+    fn key(&self, key: &dyn fmt::Display) -> String {
+        match self {
+            Layout::Plain { base } => format!("{base}:{key}"),
+            Layout::PerKey { prefix, name } => {
+                let key = key.to_string();
+                format!("{prefix}{{k:{:016x}}}:{name}:{key}", fnv1a(key.as_bytes()))
+            }
+            Layout::Tagged { prefix, tag, name } => format!("{prefix}{{{tag}}}:{name}:{key}"),
+        }
+    }
+
+    fn name(&self) -> &str {
+        match self {
+            Layout::Plain { base } => base,
+            Layout::PerKey { name, .. } | Layout::Tagged { name, .. } => name,
+        }
+    }
+}
+
+/// FNV-1a, 64 bits: a key's hash tag (placement only: the key itself is
+/// in the bucket's name, so two keys with one hash are still two buckets).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// Checks a hash tag: not empty, no braces.
+pub(crate) fn check_tag(tag: &str) -> Result<(), InvalidConfig> {
+    if tag.is_empty() || tag.contains(['{', '}']) {
+        return Err(InvalidConfig::new(format!(
+            "hash_tag: {tag:?} cannot be a Redis Cluster hash tag (it must be non-empty, \
+             without '{{' or '}}')"
+        )));
+    }
+    Ok(())
+}
+
 /// A bucket per key (client address, tenant, API key), kept in Redis under
 /// `<name>:<key>`; made by [`RedisStore::keyed`](crate::RedisStore::keyed).
 ///
@@ -165,7 +233,7 @@ type Quota<K> = Arc<dyn Fn(&K) -> Limit + Send + Sync>;
 /// [`Display`](fmt::Display) form. Keyed buckets are not pre-checked
 /// locally.
 pub struct RedisKeyedLimiter<K> {
-    name: Arc<str>,
+    layout: Layout,
     default: Limit,
     quota: Option<Quota<K>>,
 }
@@ -173,7 +241,7 @@ pub struct RedisKeyedLimiter<K> {
 impl<K> Clone for RedisKeyedLimiter<K> {
     fn clone(&self) -> Self {
         RedisKeyedLimiter {
-            name: self.name.clone(),
+            layout: self.layout.clone(),
             default: self.default,
             quota: self.quota.clone(),
         }
@@ -181,16 +249,45 @@ impl<K> Clone for RedisKeyedLimiter<K> {
 }
 
 impl<K: fmt::Display> RedisKeyedLimiter<K> {
-    pub(crate) fn new(name: String, default: Limit) -> Result<Self, InvalidConfig> {
-        if name.is_empty() {
+    pub(crate) fn new(layout: Layout, default: Limit) -> Result<Self, InvalidConfig> {
+        if layout.name().is_empty() {
             return Err(InvalidConfig::new("a keyed limit needs a non-empty name"));
         }
         interval_us(&default)?;
         Ok(RedisKeyedLimiter {
-            name: name.into(),
+            layout,
             default,
             quota: None,
         })
+    }
+
+    /// On Redis Cluster, keeps every key's bucket under the hash tag `tag`
+    /// (`<prefix>{<tag>}:<name>:<key>`), in the slot of the named buckets
+    /// made with that tag ([`RedisStore::hash_tag`](crate::RedisStore::hash_tag)
+    /// for [`RedisStore::limiter`](crate::RedisStore::limiter)): admissions
+    /// that also take those named limits stay one atomic script, at the
+    /// price of every key of the table living on one node. Without it, each
+    /// key has a slot of its own (spread over the cluster), and a request
+    /// that also takes named limits is admitted in two steps (see the
+    /// [crate docs](crate#redis-cluster)). On one server, tags change
+    /// nothing and this is a no-op.
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidConfig`] for an empty tag, or one with a brace.
+    pub fn with_tag(mut self, tag: &str) -> Result<Self, InvalidConfig> {
+        check_tag(tag)?;
+        self.layout = match self.layout {
+            Layout::PerKey { prefix, name } | Layout::Tagged { prefix, name, .. } => {
+                Layout::Tagged {
+                    prefix,
+                    tag: tag.into(),
+                    name,
+                }
+            }
+            plain @ Layout::Plain { .. } => plain,
+        };
+        Ok(self)
     }
 
     /// The same table, giving each key the limit `quota` computes for it
@@ -213,7 +310,7 @@ impl<K: fmt::Display> RedisKeyedLimiter<K> {
     /// microsecond between requests.
     pub fn get(&self, key: &K) -> Result<RedisLimiter, InvalidConfig> {
         let limit = self.quota.as_ref().map_or(self.default, |q| q(key));
-        RedisLimiter::new(format!("{}:{key}", self.name), limit, false)
+        RedisLimiter::new(self.layout.key(key), limit, false)
     }
 
     /// Applies the table to requests whose key `key` finds: the keyed part
@@ -234,7 +331,7 @@ impl<K: fmt::Display> RedisKeyedLimiter<K> {
 impl<K> fmt::Debug for RedisKeyedLimiter<K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisKeyedLimiter")
-            .field("name", &self.name)
+            .field("layout", &self.layout)
             .field("default", &self.default)
             .field("quota", &self.quota.is_some())
             .finish()
@@ -284,7 +381,25 @@ where
     R: Clone + Send + Sync + 'static,
     K: Send + Sync + 'static,
 {
-    fn check(&self, _others: &[RedisLimiter], fixed_cost: Option<u32>) -> Result<(), InvalidLimit> {
+    fn check(&self, others: &[RedisLimiter], fixed_cost: Option<u32>) -> Result<(), InvalidLimit> {
+        let apart = match &self.table.layout {
+            Layout::Plain { .. } => false,
+            Layout::PerKey { .. } => !others.is_empty(),
+            Layout::Tagged { prefix, tag, .. } => {
+                let slot = crate::cluster::slot(&format!("{prefix}{{{tag}}}"));
+                others.iter().any(|o| o.slot() != slot)
+            }
+        };
+        if apart {
+            tracing::warn!(
+                table = self.table.layout.name(),
+                "rate limit on Redis Cluster: the keyed buckets of this table and the named \
+                 limits of the layer live in different hash slots, so each request is admitted \
+                 in two steps (not atomic: a refusal by the second gives the first back); give \
+                 the table the named limits' tag (RedisKeyedLimiter::with_tag) to keep one \
+                 atomic script"
+            );
+        }
         let burst = self.table.default.max_burst();
         match fixed_cost {
             Some(cost) if cost > burst => Err(Reason::CostExceedsBurst { cost, burst }.into()),

@@ -97,13 +97,33 @@ end
 return reply
 ";
 
-pub(crate) static ACQUIRE: LazyLock<Script> = LazyLock::new(|| Script::new(ACQUIRE_LUA));
-pub(crate) static REFUND: LazyLock<Script> = LazyLock::new(|| Script::new(REFUND_LUA));
+/// A script, with its source for nodes that do not know it yet
+/// (`NOSCRIPT` on a cluster node: it is sent whole with `EVAL`).
+pub(crate) struct Lua {
+    pub(crate) code: &'static str,
+    pub(crate) script: Script,
+}
+
+impl Lua {
+    fn new(code: &'static str) -> Lua {
+        Lua {
+            code,
+            script: Script::new(code),
+        }
+    }
+}
+
+pub(crate) static ACQUIRE: LazyLock<Lua> = LazyLock::new(|| Lua::new(ACQUIRE_LUA));
+pub(crate) static REFUND: LazyLock<Lua> = LazyLock::new(|| Lua::new(REFUND_LUA));
 
 /// The key of a bucket's list of cancelled reservations: the bucket's key
 /// behind a fixed head, so that no bucket key (whose head is the store's
 /// prefix, and whose tail a client may choose through a keyed limit) can
 /// ever name it.
+///
+/// On a cluster the list must live in the bucket's slot: when the bucket's
+/// key has a hash tag, the list's key has the same tag (its first `{..}`
+/// is the bucket's, since the head has no braces).
 pub(crate) fn cancelled_key(bucket: &str) -> String {
     format!("cancelled:{bucket}")
 }

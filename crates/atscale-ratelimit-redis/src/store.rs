@@ -14,13 +14,15 @@ use atscale_ratelimit::{
     Claims, Grant, InsufficientCapacity, InvalidLimit, Limit, MAX_LIMITS, Reason, Refusal, Store,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{IntoConnectionInfo, RedisResult};
+use redis::cluster::{ClusterClientBuilder, ClusterConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{ErrorKind, FromRedisValue, IntoConnectionInfo, RedisError, RedisResult};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::error::{InvalidConfig, StoreUnavailable};
-use crate::limiter::{RedisKeyedLimiter, RedisLimiter, local_now};
-use crate::script::{ACQUIRE, REFUND, cancelled_key};
+use crate::limiter::{Layout, RedisKeyedLimiter, RedisLimiter, check_tag, local_now};
+use crate::script::{ACQUIRE, Lua, REFUND, cancelled_key};
 
 /// What a request gets when Redis cannot be asked (down, slower than the
 /// timeout, or answering with an error).
@@ -45,7 +47,9 @@ pub enum FaultPolicy {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Stats {
-    /// Scripts sent to Redis to reserve (one per admission asked of Redis).
+    /// Scripts sent to Redis to reserve: one per admission asked of
+    /// Redis (one per slot for a [split](Stats::split) admission on a
+    /// cluster), resends not counted.
     pub round_trips: u64,
     /// Requests Redis admitted (at once or after a wait).
     pub admitted: u64,
@@ -65,6 +69,13 @@ pub struct Stats {
     /// Reservations given back to Redis (waiters that left early, and
     /// answers that arrived after their caller had gone).
     pub refunds: u64,
+    /// Scripts sent again because the cluster answered that they did not
+    /// run (`MOVED`, `ASK`, `TRYAGAIN`, `CLUSTERDOWN`, `NOSCRIPT`, no
+    /// connection to the slot's node). Always 0 on one server.
+    pub resent: u64,
+    /// Admissions whose buckets lie in two or more cluster slots, admitted
+    /// in one step per slot (see the [crate docs](crate#redis-cluster)).
+    pub split: u64,
 }
 
 #[derive(Default)]
@@ -78,6 +89,8 @@ struct Counters {
     timeouts: AtomicU64,
     deadline_exceeded: AtomicU64,
     refunds: AtomicU64,
+    resent: AtomicU64,
+    split: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -96,22 +109,37 @@ pub struct RedisStore {
 }
 
 struct Inner {
-    conn: ConnectionManager,
+    conn: Conn,
     timeout: Duration,
     policy: FaultPolicy,
     prefix: String,
+    hash_tag: String,
     local_check: bool,
     counters: Counters,
     healthy: AtomicBool,
 }
 
-/// Builds a [`RedisStore`] (see [`RedisStore::builder`]).
+/// The connection: one server, or a cluster.
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+/// Where the builder connects.
+enum Target {
+    Single(RedisResult<redis::ConnectionInfo>),
+    Cluster(RedisResult<Vec<redis::ConnectionInfo>>),
+}
+
+/// Builds a [`RedisStore`] (see [`RedisStore::builder`] and
+/// [`RedisStore::cluster`]).
 #[must_use]
 pub struct RedisStoreBuilder {
-    url: Result<redis::ConnectionInfo, redis::RedisError>,
+    target: Target,
     timeout: Duration,
     policy: FaultPolicy,
     prefix: String,
+    hash_tag: String,
     local_check: bool,
 }
 
@@ -120,36 +148,86 @@ impl RedisStore {
     /// (`redis://127.0.0.1:6379/0`, or anything else
     /// [`IntoConnectionInfo`] takes).
     pub fn builder(url: impl IntoConnectionInfo) -> RedisStoreBuilder {
-        RedisStoreBuilder {
-            url: url.into_connection_info(),
-            timeout: Duration::from_millis(50),
-            policy: FaultPolicy::FailClosed,
-            prefix: "atscale:rl:".to_owned(),
-            local_check: false,
-        }
+        RedisStoreBuilder::new(Target::Single(url.into_connection_info()))
     }
 
-    /// A bucket named `name` (kept under the key `<prefix><name>`) with
-    /// `limit`. Every process that names the same bucket shares it, and
-    /// must give it the same limit.
+    /// A builder for a store on the Redis Cluster that `nodes` belong to
+    /// (one or more of its nodes, `redis://127.0.0.1:7000/`, …: the others
+    /// are found from them). See the [crate docs](crate#redis-cluster) for
+    /// how buckets are placed in slots, and what a failover does.
+    ///
+    /// ```
+    /// use atscale_ratelimit_redis::RedisStore;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = RedisStore::cluster(["redis://10.0.0.1:6379/", "redis://10.0.0.2:6379/"])
+    ///     .hash_tag("api")
+    ///     .build()?;
+    /// let limiter = store.limiter("per-second", atscale_ratelimit::Limit::per_second(2)?)?;
+    /// assert_eq!(limiter.key(), "atscale:rl:{api}:per-second");
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn cluster<T: IntoConnectionInfo>(nodes: impl IntoIterator<Item = T>) -> RedisStoreBuilder {
+        let nodes = nodes
+            .into_iter()
+            .map(IntoConnectionInfo::into_connection_info)
+            .collect();
+        RedisStoreBuilder::new(Target::Cluster(nodes))
+    }
+
+    /// A bucket named `name` with `limit`, kept under the key
+    /// `<prefix><name>` on one server, and `<prefix>{<hash tag>}:<name>` on
+    /// a cluster (the store's [`hash_tag`](RedisStoreBuilder::hash_tag):
+    /// every named bucket of the store in one slot, so that the limits of
+    /// one request are one atomic script). Every process that names the
+    /// same bucket shares it, and must give it the same limit.
     ///
     /// # Errors
     ///
     /// [`InvalidConfig`] for an empty name, or a limit finer than one
     /// microsecond between requests.
     pub fn limiter(&self, name: &str, limit: Limit) -> Result<RedisLimiter, InvalidConfig> {
+        self.limiter_in(&self.inner.hash_tag, name, limit)
+    }
+
+    /// Like [`limiter`](Self::limiter), under the hash tag `tag` instead of
+    /// the store's (`<prefix>{<tag>}:<name>`) on a cluster: for groups of
+    /// limits never taken by one request, which then need not share a
+    /// node. On one server it is [`limiter`](Self::limiter).
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidConfig`] for an empty name or tag, a tag with a brace, or a
+    /// limit finer than one microsecond between requests.
+    pub fn limiter_in(
+        &self,
+        tag: &str,
+        name: &str,
+        limit: Limit,
+    ) -> Result<RedisLimiter, InvalidConfig> {
         if name.is_empty() {
             return Err(InvalidConfig::new("a bucket needs a non-empty name"));
         }
-        RedisLimiter::new(
-            format!("{}{name}", self.inner.prefix),
-            limit,
-            self.inner.local_check,
-        )
+        check_tag(tag)?;
+        let prefix = &self.inner.prefix;
+        let key = match self.inner.conn {
+            Conn::Single(_) => format!("{prefix}{name}"),
+            Conn::Cluster(_) => format!("{prefix}{{{tag}}}:{name}"),
+        };
+        RedisLimiter::new(key, limit, self.inner.local_check)
     }
 
-    /// A table of buckets, one per key, named `<prefix><name>:<key>`, each
-    /// with `limit` unless [`RedisKeyedLimiter::quota`] says otherwise.
+    /// A table of buckets, one per key, each with `limit` unless
+    /// [`RedisKeyedLimiter::quota`] says otherwise.
+    ///
+    /// On one server a key's bucket is `<prefix><name>:<key>`. On a cluster
+    /// it is `<prefix>{k:<hash of key>}:<name>:<key>`: keys spread over the
+    /// cluster, and every table keyed by the same key (a tenant's 2 per
+    /// second *and* 10 per minute) puts it in the same slot, one atomic
+    /// script; [`RedisKeyedLimiter::with_tag`] moves the whole table into
+    /// the slot of the named limits instead.
     ///
     /// # Errors
     ///
@@ -163,7 +241,28 @@ impl RedisStore {
         if name.is_empty() {
             return Err(InvalidConfig::new("a keyed limit needs a non-empty name"));
         }
-        RedisKeyedLimiter::new(format!("{}{name}", self.inner.prefix), limit)
+        let prefix = self.inner.prefix.as_str();
+        let layout = match self.inner.conn {
+            Conn::Single(_) => Layout::Plain {
+                base: format!("{prefix}{name}").into(),
+            },
+            Conn::Cluster(_) => Layout::PerKey {
+                prefix: prefix.into(),
+                name: name.into(),
+            },
+        };
+        RedisKeyedLimiter::new(layout, limit)
+    }
+
+    /// Whether the store runs on a Redis Cluster ([`RedisStore::cluster`]).
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.inner.conn, Conn::Cluster(_))
+    }
+
+    /// The hash tag of the named buckets on a cluster (see
+    /// [`RedisStoreBuilder::hash_tag`]).
+    pub fn hash_tag(&self) -> &str {
+        &self.inner.hash_tag
     }
 
     /// What the store did so far (shared by all clones).
@@ -180,6 +279,8 @@ impl RedisStore {
             timeouts: get(&c.timeouts),
             deadline_exceeded: get(&c.deadline_exceeded),
             refunds: get(&c.refunds),
+            resent: get(&c.resent),
+            split: get(&c.split),
         }
     }
 
@@ -262,42 +363,162 @@ impl RedisStore {
         }
     }
 
-    /// Turns the script's reply into an answer; `sent` is the local instant
-    /// the script was sent at.
+    /// Turns the scripts' reply into an answer; `sent` is the local instant
+    /// the (first) script was sent at.
     fn reply(
         &self,
         claims: &[(RedisLimiter, u32)],
-        reply: &[i64],
+        reply: &Reply,
         sent: u64,
     ) -> Result<Grant<RedisReceipt>, Refusal> {
         let c = &self.inner.counters;
-        let n = claims.len();
-        let (status, wait, now) = match reply {
-            [s, w, now, ..] if reply.len() == 3 + n * if *s == 1 { 2 } else { 1 } => (*s, *w, *now),
-            _ => return self.fault(format!("unexpected script reply {reply:?}"), false),
-        };
         self.answered();
         let micros = |us: i64| Duration::from_micros(u64::try_from(us).unwrap_or(0));
-        if status == 0 {
-            bump(&c.refused);
-            for (i, (b, _)) in claims.iter().enumerate() {
-                if let Some(m) = b.mirror() {
-                    m.learn(sent, micros(reply[3 + i] - now));
-                }
+        for ((b, _), seen) in claims.iter().zip(reply.buckets.iter()) {
+            if let (Some(m), Some(ahead)) = (b.mirror(), seen.ahead_us) {
+                m.learn(sent, micros(ahead));
             }
-            return Err(Refusal::RetryAfter(micros(wait)));
+        }
+        if !reply.admitted {
+            bump(&c.refused);
+            return Err(Refusal::RetryAfter(micros(reply.wait_us)));
         }
         bump(&c.admitted);
-        for (i, (b, _)) in claims.iter().enumerate() {
-            if let Some(m) = b.mirror() {
-                m.learn(sent, micros(reply[4 + 2 * i] - now));
-            }
-        }
-        if wait == 0 {
+        if reply.wait_us == 0 {
             // Admitted now: nothing will ever be given back.
             return Ok(Grant::new(Duration::ZERO, None));
         }
-        Ok(Grant::new(micros(wait), receipt_of(claims, reply)))
+        Ok(Grant::new(micros(reply.wait_us), receipt_of(claims, reply)))
+    }
+
+    /// Runs `lua` on the node that holds `keys` (all in one slot).
+    async fn eval(
+        &self,
+        lua: &Lua,
+        keys: &[&str],
+        args: &[i64],
+        alive: &(dyn Fn() -> bool + Send + Sync),
+    ) -> RedisResult<Vec<i64>> {
+        match &self.inner.conn {
+            Conn::Single(conn) => {
+                let mut inv = lua.script.prepare_invoke();
+                for key in keys {
+                    inv.key(*key);
+                }
+                for arg in args {
+                    inv.arg(*arg);
+                }
+                inv.invoke_async(&mut conn.clone()).await
+            }
+            Conn::Cluster(conn) => {
+                let value = crate::cluster::eval(conn, lua, keys, args, alive, || {
+                    bump(&self.inner.counters.resent);
+                })
+                .await?;
+                Ok(Vec::<i64>::from_redis_value(value)?)
+            }
+        }
+    }
+
+    /// The claims grouped by hash slot, in order of first appearance: one
+    /// group on one server.
+    fn groups(&self, claims: &[(RedisLimiter, u32)]) -> Vec<Vec<usize>> {
+        if let Conn::Single(_) = self.inner.conn {
+            return vec![(0..claims.len()).collect()];
+        }
+        let mut groups: Vec<(u16, Vec<usize>)> = Vec::new();
+        for (i, (b, _)) in claims.iter().enumerate() {
+            match groups.iter_mut().find(|(slot, _)| *slot == b.slot()) {
+                Some((_, group)) => group.push(i),
+                None => groups.push((b.slot(), vec![i])),
+            }
+        }
+        groups.into_iter().map(|(_, group)| group).collect()
+    }
+
+    /// Reserves `claims` in Redis: one script when they share a slot (or
+    /// on one server), else one per slot in turn, giving back what the
+    /// first steps reserved when a later one refuses or fails.
+    async fn admit(
+        &self,
+        claims: &[(RedisLimiter, u32)],
+        max_wait_us: i64,
+        alive: &(dyn Fn() -> bool + Send + Sync),
+    ) -> RedisResult<Reply> {
+        let groups = self.groups(claims);
+        if groups.len() > 1 {
+            bump(&self.inner.counters.split);
+        }
+        let mut reply = Reply {
+            admitted: true,
+            wait_us: 0,
+            buckets: vec![Seen::default(); claims.len()],
+        };
+        let mut taken: Vec<usize> = Vec::new();
+        for group in &groups {
+            let keys: Vec<&str> = group.iter().map(|&i| claims[i].0.key()).collect();
+            let mut args = Vec::with_capacity(1 + 2 * group.len());
+            args.push(max_wait_us);
+            for &i in group {
+                let (b, cost) = &claims[i];
+                let t = i64::try_from(b.interval_micros()).unwrap_or(i64::MAX);
+                args.push(i64::from(*cost) * t);
+                args.push(i64::from(b.burst()) * t);
+            }
+            bump(&self.inner.counters.round_trips);
+            let step = self
+                .eval(&ACQUIRE, &keys, &args, alive)
+                .await
+                .and_then(|raw| {
+                    parse(&raw, group.len()).ok_or_else(|| {
+                        RedisError::from((
+                            ErrorKind::UnexpectedReturnType,
+                            "unexpected script reply",
+                            format!("{raw:?}"),
+                        ))
+                    })
+                });
+            let (admitted, wait, seen) = match step {
+                Ok(step) => step,
+                Err(e) => {
+                    self.give_back_now(claims, &reply, &taken).await;
+                    return Err(e);
+                }
+            };
+            for (&i, seen) in group.iter().zip(seen) {
+                reply.buckets[i] = seen;
+            }
+            if !admitted {
+                self.give_back_now(claims, &reply, &taken).await;
+                for &i in &taken {
+                    reply.buckets[i].ahead_us = None;
+                }
+                reply.admitted = false;
+                reply.wait_us = wait;
+                return Ok(reply);
+            }
+            // Each step is admitted at its own earliest time; the request
+            // at the latest of them.
+            reply.wait_us = reply.wait_us.max(wait);
+            taken.extend_from_slice(group);
+        }
+        Ok(reply)
+    }
+
+    /// Gives back at once (awaited) what the first steps of a split
+    /// admission reserved: the claims `taken`.
+    async fn give_back_now(&self, claims: &[(RedisLimiter, u32)], reply: &Reply, taken: &[usize]) {
+        if taken.is_empty() {
+            return;
+        }
+        let parts: Vec<_> = taken
+            .iter()
+            .map(|&i| {
+                let seen = reply.buckets[i];
+                (claims[i].0.clone(), seen.old, seen.new)
+            })
+            .collect();
+        self.refund_parts(&parts).await;
     }
 
     /// Sends the refund script for `receipt`, in a task of its own.
@@ -307,21 +528,34 @@ impl RedisStore {
             return;
         };
         let store = self.clone();
-        runtime.spawn(async move {
-            let mut inv = REFUND.prepare_invoke();
-            for (b, old, new) in receipt.parts.iter() {
-                inv.key(b.key()).key(cancelled_key(b.key()));
-                inv.arg(*old).arg(*new);
+        runtime.spawn(async move { store.refund_parts(&receipt.parts).await });
+    }
+
+    /// Runs the refund script for `parts`, one per slot on a cluster.
+    async fn refund_parts(&self, parts: &[(RedisLimiter, i64, i64)]) {
+        let claims: Vec<(RedisLimiter, u32)> =
+            parts.iter().map(|(b, _, _)| (b.clone(), 0)).collect();
+        for group in self.groups(&claims) {
+            let lists: Vec<String> = group
+                .iter()
+                .map(|&i| cancelled_key(parts[i].0.key()))
+                .collect();
+            let mut keys = Vec::with_capacity(2 * group.len());
+            let mut args = Vec::with_capacity(2 * group.len());
+            for (k, &i) in group.iter().enumerate() {
+                let (b, old, new) = &parts[i];
+                keys.push(b.key());
+                keys.push(lists[k].as_str());
+                args.push(*old);
+                args.push(*new);
             }
-            let mut conn = store.inner.conn.clone();
             let sent = local_now();
-            let reply: RedisResult<Vec<i64>> = inv.invoke_async(&mut conn).await;
-            match reply {
-                Ok(reply) if reply.len() == 1 + receipt.parts.len() => {
-                    bump(&store.inner.counters.refunds);
-                    for (i, (b, _, _)) in receipt.parts.iter().enumerate() {
-                        if let Some(m) = b.mirror() {
-                            let ahead = u64::try_from(reply[1 + i] - reply[0]).unwrap_or(0);
+            match self.eval(&REFUND, &keys, &args, &|| true).await {
+                Ok(reply) if reply.len() == 1 + group.len() => {
+                    bump(&self.inner.counters.refunds);
+                    for (k, &i) in group.iter().enumerate() {
+                        if let Some(m) = parts[i].0.mirror() {
+                            let ahead = u64::try_from(reply[1 + k] - reply[0]).unwrap_or(0);
                             m.reset(sent, Duration::from_micros(ahead));
                         }
                     }
@@ -329,13 +563,68 @@ impl RedisStore {
                 Ok(reply) => tracing::debug!("unexpected refund reply {reply:?}"),
                 Err(e) => tracing::debug!("rate-limit refund failed: {e}"),
             }
-        });
+        }
+    }
+}
+
+/// What the scripts answered for one admission.
+struct Reply {
+    admitted: bool,
+    /// The wait until admission (admitted), or the retry-after (refused).
+    wait_us: i64,
+    /// Per claim, in the order of the claims.
+    buckets: Vec<Seen>,
+}
+
+/// What a script said of one bucket.
+#[derive(Clone, Copy, Debug, Default)]
+struct Seen {
+    /// The TAT before the reservation (server time of the bucket's node).
+    old: i64,
+    /// The TAT after it (the TAT, when nothing was reserved).
+    new: i64,
+    /// How far the TAT is ahead of the node's clock, for the local
+    /// pre-check (`None`: nothing to learn).
+    ahead_us: Option<i64>,
+}
+
+/// Reads one acquire script's reply for `n` buckets: admitted, the wait,
+/// and each bucket.
+fn parse(raw: &[i64], n: usize) -> Option<(bool, i64, Vec<Seen>)> {
+    let [status, wait, now, rest @ ..] = raw else {
+        return None;
+    };
+    match (*status, rest.len()) {
+        (1, len) if len == 2 * n => {
+            let seen = rest
+                .chunks_exact(2)
+                .map(|p| Seen {
+                    old: p[0],
+                    new: p[1],
+                    ahead_us: Some(p[1] - now),
+                })
+                .collect();
+            Some((true, *wait, seen))
+        }
+        (0, len) if len == n => {
+            let seen = rest
+                .iter()
+                .map(|&tat| Seen {
+                    old: tat,
+                    new: tat,
+                    ahead_us: Some(tat - now),
+                })
+                .collect();
+            Some((false, *wait, seen))
+        }
+        _ => None,
     }
 }
 
 impl fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisStore")
+            .field("cluster", &self.is_cluster())
             .field("timeout", &self.inner.timeout)
             .field("policy", &self.inner.policy)
             .field("prefix", &self.inner.prefix)
@@ -345,6 +634,17 @@ impl fmt::Debug for RedisStore {
 }
 
 impl RedisStoreBuilder {
+    fn new(target: Target) -> Self {
+        RedisStoreBuilder {
+            target,
+            timeout: Duration::from_millis(50),
+            policy: FaultPolicy::FailClosed,
+            prefix: "atscale:rl:".to_owned(),
+            hash_tag: "global".to_owned(),
+            local_check: false,
+        }
+    }
+
     /// The longest any call to Redis may take (50 ms by default), within
     /// each request's own deadline; past it the [`FaultPolicy`] decides.
     pub fn timeout(mut self, timeout: Duration) -> Self {
@@ -384,46 +684,105 @@ impl RedisStoreBuilder {
         self
     }
 
+    /// The hash tag of the buckets made by [`RedisStore::limiter`] on a
+    /// cluster (`global` by default): their keys are
+    /// `<prefix>{<tag>}:<name>`, all in the slot of the tag, so that the
+    /// named limits of one request are reserved by one atomic script. Give
+    /// each group of limits that is never taken together a tag of its own
+    /// ([`RedisStore::limiter_in`]) to spread them over the nodes. Ignored
+    /// on one server.
+    pub fn hash_tag(mut self, tag: impl Into<String>) -> Self {
+        self.hash_tag = tag.into();
+        self
+    }
+
     /// The store. It connects on first use, and reconnects on its own
-    /// after Redis went away (through redis's `ConnectionManager`, which
-    /// multiplexes every request on one connection). Call it inside a
-    /// tokio runtime.
+    /// after Redis went away: on one server through redis's
+    /// `ConnectionManager` (every request multiplexed on one connection),
+    /// on a cluster through redis's cluster client (one multiplexed
+    /// connection per node, the slot map refreshed on `MOVED` and when a
+    /// node cannot be reached). Call it inside a tokio runtime.
     ///
     /// # Errors
     ///
-    /// [`InvalidConfig`] for a URL redis cannot parse, a zero timeout, or
-    /// no tokio runtime to run the connection on.
+    /// [`InvalidConfig`] for a URL redis cannot parse, no cluster node, a
+    /// zero timeout, a hash tag or (on a cluster) a prefix with a brace,
+    /// or no tokio runtime to run the connection on.
     pub fn build(self) -> Result<RedisStore, InvalidConfig> {
-        let info = self
-            .url
-            .map_err(|e| InvalidConfig::with_source("the redis URL cannot be parsed", e))?;
         if self.timeout.is_zero() {
             return Err(InvalidConfig::new("the timeout must not be zero"));
         }
+        check_tag(&self.hash_tag)?;
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(InvalidConfig::new(
                 "build the store inside a tokio runtime: its connection runs on it",
             ));
         }
-        let client = redis::Client::open(info)
-            .map_err(|e| InvalidConfig::with_source("the redis client cannot be made", e))?;
         // Each call is bounded by `timeout` here; the connection's own
         // response timeout is longer, so that an answer arriving after its
         // caller gave up is still read, and its reservation given back.
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.timeout.max(Duration::from_millis(100))))
-            .set_response_timeout(Some((self.timeout * 10).max(Duration::from_secs(1))))
-            .set_number_of_retries(2)
-            .set_min_delay(Duration::from_millis(10))
-            .set_max_delay(Duration::from_millis(200));
-        let conn = ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(|e| InvalidConfig::with_source("the redis connection cannot be made", e))?;
+        let connect = self.timeout.max(Duration::from_millis(100));
+        let respond = (self.timeout * 10).max(Duration::from_secs(1));
+        let conn = match self.target {
+            Target::Single(info) => {
+                let info = info
+                    .map_err(|e| InvalidConfig::with_source("the redis URL cannot be parsed", e))?;
+                let client = redis::Client::open(info).map_err(|e| {
+                    InvalidConfig::with_source("the redis client cannot be made", e)
+                })?;
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(connect))
+                    .set_response_timeout(Some(respond))
+                    .set_number_of_retries(2)
+                    .set_min_delay(Duration::from_millis(10))
+                    .set_max_delay(Duration::from_millis(200));
+                let conn =
+                    ConnectionManager::new_lazy_with_config(client, config).map_err(|e| {
+                        InvalidConfig::with_source("the redis connection cannot be made", e)
+                    })?;
+                Conn::Single(conn)
+            }
+            Target::Cluster(nodes) => {
+                let nodes = nodes.map_err(|e| {
+                    InvalidConfig::with_source("a redis cluster node URL cannot be parsed", e)
+                })?;
+                if nodes.is_empty() {
+                    return Err(InvalidConfig::new(
+                        "a redis cluster store needs at least one node URL",
+                    ));
+                }
+                if self.prefix.contains(['{', '}']) {
+                    return Err(InvalidConfig::new(format!(
+                        "prefix: {:?} has a brace, which would be taken for the hash tag \
+                         of every key on a cluster",
+                        self.prefix
+                    )));
+                }
+                // No retries inside the client: it would resend a script
+                // after a dropped connection or a response timeout, when
+                // it may have run. The store resends only what provably
+                // did not run (see cluster.rs).
+                let client = ClusterClientBuilder::new(nodes)
+                    .retries(0)
+                    .connection_timeout(connect)
+                    .response_timeout(respond)
+                    .build()
+                    .map_err(|e| {
+                        InvalidConfig::with_source("the redis cluster client cannot be made", e)
+                    })?;
+                let config = ClusterConfig::new()
+                    .set_connection_timeout(connect)
+                    .set_response_timeout(respond);
+                Conn::Cluster(client.get_pending_async_connection_with_config(config))
+            }
+        };
         Ok(RedisStore {
             inner: Arc::new(Inner {
                 conn,
                 timeout: self.timeout,
                 policy: self.policy,
                 prefix: self.prefix,
+                hash_tag: self.hash_tag,
                 local_check: self.local_check,
                 counters: Counters::default(),
                 healthy: AtomicBool::new(true),
@@ -435,9 +794,11 @@ impl RedisStoreBuilder {
 impl fmt::Debug for RedisStoreBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisStoreBuilder")
+            .field("cluster", &matches!(self.target, Target::Cluster(_)))
             .field("timeout", &self.timeout)
             .field("policy", &self.policy)
             .field("prefix", &self.prefix)
+            .field("hash_tag", &self.hash_tag)
             .field("local_check", &self.local_check)
             .finish_non_exhaustive()
     }
@@ -492,7 +853,7 @@ impl fmt::Debug for Acquire {
 /// The receiving end of a round trip: if it is dropped (or gives up)
 /// while a reservation is on its way, the reservation is given back.
 struct Pending {
-    rx: oneshot::Receiver<RedisResult<Vec<i64>>>,
+    rx: oneshot::Receiver<RedisResult<Reply>>,
     store: RedisStore,
     claims: Arc<[(RedisLimiter, u32)]>,
 }
@@ -508,21 +869,21 @@ impl Drop for Pending {
 
 /// Gives back the reservation in `reply` (an answer its caller never
 /// read), if it made one.
-fn give_back(store: &RedisStore, claims: &[(RedisLimiter, u32)], reply: &[i64]) {
+fn give_back(store: &RedisStore, claims: &[(RedisLimiter, u32)], reply: &Reply) {
     if let Some(receipt) = receipt_of(claims, reply) {
         store.send_refund(receipt);
     }
 }
 
 /// The reservation an admitting reply made.
-fn receipt_of(claims: &[(RedisLimiter, u32)], reply: &[i64]) -> Option<RedisReceipt> {
-    if reply.first() != Some(&1) || reply.len() != 3 + 2 * claims.len() {
+fn receipt_of(claims: &[(RedisLimiter, u32)], reply: &Reply) -> Option<RedisReceipt> {
+    if !reply.admitted || reply.buckets.len() != claims.len() {
         return None;
     }
     let parts = claims
         .iter()
-        .enumerate()
-        .map(|(i, (b, _))| (b.clone(), reply[3 + 2 * i], reply[4 + 2 * i]))
+        .zip(reply.buckets.iter())
+        .map(|((b, _), seen)| (b.clone(), seen.old, seen.new))
         .collect();
     Some(RedisReceipt { parts })
 }
@@ -565,20 +926,14 @@ impl RedisStore {
                     store: store.clone(),
                     claims: owned.clone(),
                 };
-                bump(&store.inner.counters.round_trips);
                 let task_store = store.clone();
                 let task_claims = owned;
                 tokio::spawn(async move {
-                    let mut inv = ACQUIRE.prepare_invoke();
-                    inv.arg(max_wait_us);
-                    for (b, cost) in task_claims.iter() {
-                        let t = b.interval_micros();
-                        inv.key(b.key())
-                            .arg(u64::from(*cost) * t)
-                            .arg(u64::from(b.burst()) * t);
-                    }
-                    let mut conn = task_store.inner.conn.clone();
-                    let reply = inv.invoke_async(&mut conn).await;
+                    let tx = tx;
+                    let reply = {
+                        let alive = || !tx.is_closed();
+                        task_store.admit(&task_claims, max_wait_us, &alive).await
+                    };
                     if let Err(Ok(reply)) = tx.send(reply) {
                         // The caller is gone: give its reservation back.
                         give_back(&task_store, &task_claims, &reply);
@@ -665,6 +1020,16 @@ impl Store for RedisStore {
             if buckets[..i].iter().any(|b| b.key() == a.key()) {
                 return Err(Reason::DuplicateLimiter.into());
             }
+        }
+        if self.is_cluster() && buckets.iter().any(|b| b.slot() != buckets[0].slot()) {
+            let keys: Vec<&str> = buckets.iter().map(RedisLimiter::key).collect();
+            tracing::warn!(
+                ?keys,
+                "rate limit on Redis Cluster: these buckets live in different hash slots, so \
+                 each request is admitted in one step per slot (not atomic: a refusal by a \
+                 later step gives the earlier ones back); make them with one hash tag \
+                 (RedisStore::limiter, or limiter_in with one tag) to keep one atomic script"
+            );
         }
         let burst = buckets.iter().map(RedisLimiter::burst).min();
         match (fixed_cost, burst) {
