@@ -2,7 +2,10 @@
 //! see `support/mod.rs`).
 //!
 //! Time here is real (the script reads Redis's clock), so assertions are on
-//! counts with a stated tolerance, never on exact instants.
+//! counts with a stated tolerance, never on exact instants; a bound on
+//! elapsed time either uses the time the test measured itself (how long
+//! its own reservations took) or leaves room for a machine at least three
+//! times slower than this one.
 
 mod support;
 
@@ -88,12 +91,15 @@ async fn two_instances_in_one_process_admit_what_one_limit_allows() {
     let total = got_a.len() + got_b.len();
     let last = got_a.iter().chain(&got_b).max().copied().unwrap();
     // GCRA: at most burst + one per interval over the span of admissions,
-    // plus one for the rounding at either end; the lower bound allows 5%
-    // for requests lost to the pacing between the two instances.
+    // plus one for the rounding at either end. Once the burst is spent, a
+    // request that comes late to its slot loses nothing (the next slot is
+    // counted from the theoretical time, not from the late arrival) unless
+    // neither instance asked for longer than the burst's 100 ms; the lower
+    // bound (80%) allows a stall that long on a loaded machine.
     let allowed = 10 + (last.as_secs_f64() * 100.0) as usize + 1;
     assert!(total <= allowed, "{total} admitted > {allowed} allowed");
     assert!(
-        total * 100 >= allowed * 95,
+        total * 100 >= allowed * 80,
         "{total} admitted, {allowed} allowed"
     );
     assert!(
@@ -129,21 +135,35 @@ async fn waiting_requests_of_two_instances_sleep_locally_one_round_trip_each() {
         calls.push(tokio::spawn(svc_a.clone().oneshot(http::Request::new(()))));
         calls.push(tokio::spawn(svc_b.clone().oneshot(http::Request::new(()))));
     }
+    // Every request has reserved (one round trip each) by the time the
+    // script has run 40 times.
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    while a.stats().round_trips + b.stats().round_trips < 41 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the reservations were never sent"
+        );
+        tick.tick().await;
+    }
+    let sent = start.elapsed();
     let mut done = Vec::new();
     for c in calls {
         c.await.unwrap().unwrap();
         done.push(start.elapsed());
     }
     done.sort();
-    // 40 requests, 5 at once, then one every 20 ms: the last at 700 ms.
+    // 40 requests, 5 at once, then one every 20 ms: the last at 700 ms
+    // after the first reservation. It is never earlier (the limit holds);
+    // later only by the time the 40 reservations took to send, measured
+    // here as `sent`, plus 100 ms to wake and answer on a loaded machine.
     let last = done[39];
     assert!(
         last >= Duration::from_millis(690),
         "last admitted at {last:?}"
     );
     assert!(
-        last <= Duration::from_millis(900),
-        "last admitted at {last:?}"
+        last <= Duration::from_millis(800) + sent,
+        "last admitted at {last:?}, the reservations sent within {sent:?}"
     );
     // The k-th admission never comes before the limit allows it.
     for (k, t) in done.iter().enumerate() {
@@ -273,8 +293,11 @@ async fn redis_killed_mid_run(policy: FaultPolicy) {
     for _ in 0..10 {
         down.push(call(&svc).await);
     }
+    // Each call is bounded by the store's 100 ms timeout: 1 s for the ten
+    // at most here; an unbounded call would wait for Redis to come back,
+    // which it does not until the restart below.
     assert!(
-        started.elapsed() < Duration::from_secs(2),
+        started.elapsed() < Duration::from_secs(5),
         "each call bounded by the timeout: {:?}",
         started.elapsed()
     );
@@ -353,8 +376,10 @@ async fn a_stuck_redis_is_bounded_by_the_timeout_and_by_the_deadline() {
     let took = t.elapsed();
     assert_eq!(Kind::of(&*e), Kind::Overloaded, "{e}");
     assert!(e.to_string().contains("did not answer within 200ms"), "{e}");
+    // Ended by the 200 ms timeout: never before it, and long before the
+    // stuck Redis would answer (never, until resumed).
     assert!(
-        took >= Duration::from_millis(195) && took < Duration::from_millis(600),
+        took >= Duration::from_millis(200) && took < Duration::from_secs(2),
         "{took:?}"
     );
     assert_eq!(store.stats().timeouts, 1);
@@ -366,8 +391,10 @@ async fn a_stuck_redis_is_bounded_by_the_timeout_and_by_the_deadline() {
     let t = Instant::now();
     let e = svc.clone().oneshot(req).await.unwrap_err();
     let took = t.elapsed();
+    // The deadline, not the store's 200 ms timeout, ended it: the kind says
+    // so, and the store counted a deadline and no second timeout.
     assert_eq!(Kind::of(&*e), Kind::DeadlineExceeded, "{e}");
-    assert!(took < Duration::from_millis(150), "{took:?}");
+    assert!(took >= Duration::from_millis(30), "{took:?}");
     assert_eq!(store.stats().deadline_exceeded, 1);
     assert_eq!(
         store.stats().timeouts,
@@ -454,16 +481,31 @@ async fn the_books_two_limits_hold_across_two_instances() {
     );
     let mut all: Vec<Duration> = got_a.iter().chain(&got_b).copied().collect();
     all.sort();
-    let within = |t: Duration| all.iter().filter(|&&x| x < t).count();
-    // First second: the per-second limit binds (10 + 50 × 1 s).
-    let first = within(Duration::from_secs(1));
+    // Counted from the first admission, not from `start`: how long the
+    // first round trips took does not move the figures.
+    let (first, last) = (all[0], all[all.len() - 1]);
+    let within = |t: Duration| all.iter().filter(|&&x| x < first + t).count();
+    // First second: the per-second limit binds (10 + 50 × 1 s, one more
+    // for the rounding). A late request loses no slot unless neither
+    // instance asked for longer than the burst's 200 ms: the lower bound
+    // allows a 200 ms stall.
+    let first_second = within(Duration::from_secs(1));
     assert!(
-        (55..=62).contains(&first),
-        "{first} admitted in the first second"
+        (50..=61).contains(&first_second),
+        "{first_second} admitted in the first second"
     );
-    // All 3 s: the per-10s limit binds (100 + 10 × 3 s), well below 160.
+    // The whole run: the per-10s limit binds (100 + 10/s over the span of
+    // admissions), well below the 160 the per-second limit alone would
+    // allow over 3 s. Once it binds its slots run 9.8 s ahead of the clock,
+    // so lateness loses nothing: the count is exact but for the rounding.
+    let span_s = (last - first).as_secs_f64();
+    assert!(span_s > 2.5, "the run lasted {span_s:.3} s of admissions");
+    let per_ten = 100 + (span_s * 10.0) as usize;
     let total = all.len();
-    assert!((125..=132).contains(&total), "{total} admitted in 3 s");
+    assert!(
+        total + 2 >= per_ten && total <= per_ten + 1,
+        "{total} admitted in {span_s:.3} s, the per-10s limit allows {per_ten}"
+    );
     assert!(!got_a.is_empty() && !got_b.is_empty());
 }
 
@@ -491,26 +533,31 @@ async fn refunds_give_back_the_tail_and_then_the_run_before_it() {
         .unwrap();
     let c = claims_of(&l);
     let unbounded = Duration::MAX;
+    // Every wait below is counted from the first reservation (at Redis's
+    // clock, no earlier than `t0`): a wait plus the time elapsed since `t0`
+    // is at least what is left of the slot, however slow the machine. The
+    // 5 ms allow for Redis's clock and ours.
+    let t0 = Instant::now();
+    let slack = Duration::from_millis(5);
+    let at_least = |wait: Duration, slot: Duration, what: &str| {
+        let elapsed = t0.elapsed();
+        assert!(
+            wait + elapsed + slack >= slot && wait <= slot,
+            "{what}: wait {wait:?}, {elapsed:?} after the first reservation, slot at {slot:?}"
+        );
+    };
     for _ in 0..2 {
         let g = store.acquire_within(&c, unbounded, None).await.unwrap();
         assert_eq!(g.wait(), Duration::ZERO);
     }
     let third = store.acquire_within(&c, unbounded, None).await.unwrap();
     let fourth = store.acquire_within(&c, unbounded, None).await.unwrap();
-    assert!(
-        third.wait() > Duration::from_millis(900),
-        "{:?}",
-        third.wait()
-    );
-    assert!(
-        fourth.wait() > Duration::from_millis(1900),
-        "{:?}",
-        fourth.wait()
-    );
+    at_least(third.wait(), Duration::from_secs(1), "the third");
+    at_least(fourth.wait(), Duration::from_secs(2), "the fourth");
 
     let wait_refunds = async |n: u64| {
         let mut tick = tokio::time::interval(Duration::from_millis(5));
-        for _ in 0..200 {
+        for _ in 0..600 {
             tick.tick().await;
             if store.stats().refunds >= n {
                 return;
@@ -518,19 +565,18 @@ async fn refunds_give_back_the_tail_and_then_the_run_before_it() {
         }
         panic!("refund {n} never arrived");
     };
-    // The third leaves first: the fourth is behind it, so it stays spent.
+    // The third leaves first: the fourth is behind it, so it stays spent
+    // (the next slot is still at 3 s).
     store.refund(third.into_receipt().unwrap());
     wait_refunds(1).await;
     let r = retry_after(store.acquire_within(&c, Duration::ZERO, None).await);
-    assert!(r > Duration::from_millis(2800), "still held: {r:?}");
-    // The fourth leaves: it is the tail, and the third goes back with it.
+    at_least(r, Duration::from_secs(3), "still held");
+    // The fourth leaves: it is the tail, and the third goes back with it
+    // (the next slot is at 1 s again).
     store.refund(fourth.into_receipt().unwrap());
     wait_refunds(2).await;
     let r = retry_after(store.acquire_within(&c, Duration::ZERO, None).await);
-    assert!(
-        r > Duration::from_millis(800) && r <= Duration::from_secs(1),
-        "both given back: {r:?}"
-    );
+    at_least(r, Duration::from_secs(1), "both given back");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
