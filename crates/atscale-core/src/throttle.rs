@@ -69,7 +69,10 @@ impl InvalidThrottle {
 
 impl fmt::Display for InvalidThrottle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.pad(&format!("invalid retry throttle: {} {}", self.field, self.rule))
+        f.pad(&format!(
+            "invalid retry throttle: {} {}",
+            self.field, self.rule
+        ))
     }
 }
 
@@ -233,8 +236,14 @@ mod tests {
 
     #[test]
     fn out_of_range_settings_are_errors() {
-        assert_eq!(RetryThrottle::new(0, 0.1).unwrap_err().field(), "max_tokens");
-        assert_eq!(RetryThrottle::new(1001, 0.1).unwrap_err().field(), "max_tokens");
+        assert_eq!(
+            RetryThrottle::new(0, 0.1).unwrap_err().field(),
+            "max_tokens"
+        );
+        assert_eq!(
+            RetryThrottle::new(1001, 0.1).unwrap_err().field(),
+            "max_tokens"
+        );
         for bad in [0.0, -0.1, 0.0004, f64::NAN, f64::INFINITY] {
             assert_eq!(
                 RetryThrottle::new(10, bad).unwrap_err().field(),

@@ -355,6 +355,15 @@ where
     C: Classify<S::Response, S::Error>,
 {
     let verdict = this.classify.classify(out.as_ref());
+    if let Some(throttle) = this.shared.as_deref().and_then(|s| s.throttle.as_ref()) {
+        match verdict {
+            Verdict::NonFatal => {
+                throttle.failure();
+            }
+            Verdict::Good => throttle.success(),
+            Verdict::Fatal => {}
+        }
+    }
     if verdict == Verdict::NonFatal {
         this.failures.count += 1;
         match out {

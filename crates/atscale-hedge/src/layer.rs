@@ -14,7 +14,7 @@ use crate::service::{Backends, Hedge};
 use crate::shared::{Counters, DelaySource, Shared};
 use crate::stats::HedgeStats;
 use crate::window::LatencyWindow;
-use atscale_core::Clock;
+use atscale_core::{Clock, RetryThrottle};
 
 /// The most attempts a request may make, as in gRPC's hedging policy.
 pub const MAX_ATTEMPTS: u8 = 5;
@@ -73,6 +73,7 @@ impl HedgeLayer {
             non_idempotent: false,
             clock: Clock::default(),
             classify: ErrorsAreFatal,
+            throttle: None,
         }
     }
 
@@ -163,6 +164,7 @@ pub struct HedgeBuilder<C = ErrorsAreFatal> {
     non_idempotent: bool,
     clock: Clock,
     classify: C,
+    throttle: Option<RetryThrottle>,
 }
 
 impl<C> HedgeBuilder<C> {
@@ -201,6 +203,16 @@ impl<C> HedgeBuilder<C> {
         self
     }
 
+    /// Also sends hedges only while `throttle` allows (gRFC A6
+    /// `retryThrottling`, shared with the retries to the same backend):
+    /// every non-fatal outcome takes a token from it, every good one gives
+    /// back its token ratio, and no hedge is sent while it holds
+    /// `max_tokens / 2` or fewer. The budget still applies.
+    pub fn throttle(mut self, throttle: RetryThrottle) -> Self {
+        self.throttle = Some(throttle);
+        self
+    }
+
     /// How attempt outcomes are judged (default [`ErrorsAreFatal`]); see
     /// [`Classify`](crate::Classify).
     pub fn classify<C2>(self, classify: C2) -> HedgeBuilder<C2> {
@@ -211,6 +223,7 @@ impl<C> HedgeBuilder<C> {
             non_idempotent: self.non_idempotent,
             clock: self.clock,
             classify,
+            throttle: self.throttle,
         }
     }
 
@@ -277,6 +290,7 @@ impl<C> HedgeBuilder<C> {
                 non_idempotent: self.non_idempotent,
                 counters: Counters::default(),
                 clock: self.clock,
+                throttle: self.throttle,
             }),
             classify: self.classify,
         }

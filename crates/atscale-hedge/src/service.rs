@@ -211,7 +211,8 @@ where
             )),
             _ => None,
         };
-        let shared = (armed.is_some() || shared.is_adaptive()).then(|| Arc::clone(shared));
+        let counted = armed.is_some() || shared.is_adaptive() || shared.throttle.is_some();
+        let shared = counted.then(|| Arc::clone(shared));
         ResponseFuture::new(primary, guard, now, armed, shared, self.classify.clone())
     }
 }

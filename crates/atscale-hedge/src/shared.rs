@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::budget::HedgeBudget;
 use crate::window::LatencyWindow;
-use atscale_core::Clock;
+use atscale_core::{Clock, RetryThrottle};
 
 #[derive(Debug)]
 pub(crate) enum DelaySource {
@@ -30,6 +30,8 @@ pub(crate) struct Shared {
     pub(crate) non_idempotent: bool,
     pub(crate) counters: Counters,
     pub(crate) clock: Clock,
+    /// The retry throttle hedges also consult (gRFC A6), if one is set.
+    pub(crate) throttle: Option<RetryThrottle>,
 }
 
 impl Shared {
@@ -75,10 +77,12 @@ impl Shared {
     /// Takes one hedge for the request at `position` from the budget (always
     /// granted without a budget).
     pub(crate) fn try_hedge(&self, position: u64) -> bool {
-        let granted = self
-            .budget
-            .as_ref()
-            .is_none_or(|b| b.try_acquire(position, self.clock.now_nanos()));
+        let throttled = self.throttle.as_ref().is_some_and(|t| !t.allows());
+        let granted = !throttled
+            && self
+                .budget
+                .as_ref()
+                .is_none_or(|b| b.try_acquire(position, self.clock.now_nanos()));
         if granted {
             self.counters.sent.fetch_add(1, Ordering::Relaxed);
         } else {

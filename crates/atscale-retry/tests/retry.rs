@@ -381,8 +381,10 @@ async fn every_attempt_runs_in_a_child_of_the_requests_context() {
         "the winner's is left alone (its body may stream)"
     );
     assert!(!parent.is_cancelled());
+    second.cancel();
+    assert!(!parent.is_cancelled(), "a child, not the request's own context");
     parent.cancel();
-    assert!(second.is_cancelled(), "a child of the request's context");
+    assert!(seen[1].cx.as_ref().unwrap().is_cancelled(), "a child of the request's context");
 }
 
 #[tokio::test(start_paused = true)]
