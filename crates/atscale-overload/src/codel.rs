@@ -372,9 +372,9 @@ mod tests {
         // drop comes one interval later, the next ones at drop_next += 100 /
         // sqrt(count) ms, each at the first dequeue (1 ms grid) at or after it.
         assert_eq!(drops[0], 110);
-        let mut drop_next = 210.0;
+        let mut drop_next: f64 = 210.0;
         for (n, &at) in drops.iter().enumerate().skip(1).take(10) {
-            assert_eq!(at, (drop_next as f64).ceil() as u64, "drop {n}: {drops:?}");
+            assert_eq!(at, drop_next.ceil() as u64, "drop {n}: {drops:?}");
             drop_next += 100.0 / ((n + 1) as f64).sqrt();
         }
     }
