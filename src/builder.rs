@@ -5,6 +5,7 @@
     feature = "error",
     feature = "hedge",
     feature = "heartbeat",
+    feature = "overload",
     feature = "ratelimit"
 ))]
 use tower_layer::Stack;
@@ -19,6 +20,8 @@ use atscale_error::ErrorEnrichLayer;
 use atscale_heartbeat::{HeartbeatLayer, Monitor};
 #[cfg(feature = "hedge")]
 use atscale_hedge::{BufferBodyLayer, HedgeLayer};
+#[cfg(feature = "overload")]
+use atscale_overload::OverloadLayer;
 #[cfg(feature = "ratelimit")]
 use atscale_ratelimit::{RateLimitLayer, Store};
 
@@ -124,6 +127,16 @@ pub trait ServiceBuilderExt<L>: sealed::Sealed<L> + Sized {
     #[cfg(feature = "heartbeat")]
     #[cfg_attr(docsrs, doc(cfg(feature = "heartbeat")))]
     fn heartbeat(self, monitor: &Monitor) -> ServiceBuilder<Stack<HeartbeatLayer, L>>;
+
+    /// Adds [`OverloadLayer`] (adaptive concurrency limit, CoDel /
+    /// adaptive-LIFO admission queue, deadline-aware admission): on a server
+    /// inside the deadline (admission reads the request's deadline, and the
+    /// deadline layer frees the slot of a request that runs out of time) and
+    /// outside the heartbeat and the rate limit (only admitted work is
+    /// watched or charged).
+    #[cfg(feature = "overload")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "overload")))]
+    fn overload(self, layer: OverloadLayer) -> ServiceBuilder<Stack<OverloadLayer, L>>;
 }
 
 impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
@@ -161,5 +174,10 @@ impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
     #[cfg(feature = "heartbeat")]
     fn heartbeat(self, monitor: &Monitor) -> ServiceBuilder<Stack<HeartbeatLayer, L>> {
         self.layer(monitor.layer())
+    }
+
+    #[cfg(feature = "overload")]
+    fn overload(self, layer: OverloadLayer) -> ServiceBuilder<Stack<OverloadLayer, L>> {
+        self.layer(layer)
     }
 }

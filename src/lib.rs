@@ -9,6 +9,7 @@
 //! | [`hedge`] | `HedgeLayer` | backup attempts when the first is slow, inside a budget |
 //! | [`heartbeat`] | `HeartbeatLayer` | pulses, stall detection, self-healing |
 //! | [`error`] | `ErrorEnrichLayer` | every failure as one well-formed error |
+//! | [`overload`] | `OverloadLayer`, `ThrottleLayer` | an adaptive concurrency limit with a CoDel / adaptive-LIFO queue, deadline-aware admission, criticality; client-side adaptive throttling |
 //!
 //! Each module is the crate of the same name (`atscale-deadline`, …),
 //! behind a feature of the same name. The `axum` and `tonic` features turn
@@ -84,6 +85,10 @@ pub use atscale_heartbeat as heartbeat;
 #[cfg_attr(docsrs, doc(cfg(feature = "error")))]
 pub use atscale_error as error;
 
+#[cfg(feature = "overload")]
+#[cfg_attr(docsrs, doc(cfg(feature = "overload")))]
+pub use atscale_overload as overload;
+
 mod builder;
 pub use builder::ServiceBuilderExt;
 
@@ -128,6 +133,11 @@ pub mod prelude {
 
     #[cfg(feature = "error")]
     pub use atscale_error::{Enriched, ErrorEnrichLayer};
+
+    #[cfg(feature = "overload")]
+    pub use atscale_overload::throttle::ThrottleLayer;
+    #[cfg(feature = "overload")]
+    pub use atscale_overload::{Admission, CoDel, Criticality, OverloadLayer};
 
     pub use crate::ServiceBuilderExt;
 }

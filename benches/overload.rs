@@ -1,0 +1,2 @@
+//! The overload benchmark (being written).
+fn main() {}
