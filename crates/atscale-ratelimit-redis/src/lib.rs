@@ -92,9 +92,10 @@
 //! Every call to Redis is bounded by the store's
 //! [`timeout`](RedisStoreBuilder::timeout) *and* by the request's deadline
 //! (its [`Context`](atscale_core::Context), or `Context::current()`).
-//! The connection is redis's `ConnectionManager`: one multiplexed
-//! connection, reconnected in the background when it drops. A reservation
-//! whose answer arrives after its caller gave up (timeout, deadline,
+//! On one server the connection is redis's `ConnectionManager`: one
+//! multiplexed connection, reconnected in the background when it drops (on
+//! a cluster, see [Redis Cluster](#redis-cluster)). A reservation whose
+//! answer arrives after its caller gave up (timeout, deadline,
 //! cancellation, or a dropped future) is given back.
 //!
 //! # Clock
@@ -137,16 +138,102 @@
 //! - Keyed buckets live only in Redis (no local table, no eviction: their
 //!   keys expire).
 //!
+//! # Memory
+//!
+//! Every bucket is one string key whose expiry is the time until the
+//! bucket is full again, at most `burst × interval` plus the longest wait
+//! granted (`max_wait`); a bucket with refunds pending has one hash beside
+//! it, expiring no later. So the keys alive at any moment are those of the
+//! buckets used within that span: a keyed table holds at most one key (plus
+//! at most one hash) per distinct key seen in the last
+//! `burst × interval + max_wait`, whatever the traffic, and nothing for
+//! keys gone idle. On a cluster the same bound holds per table, divided
+//! among the masters: per-key buckets spread over the slots (each master
+//! holds about `1/masters` of them, and its replicas a copy); a table
+//! given a tag ([`RedisKeyedLimiter::with_tag`]) holds the whole bound on
+//! the one master of its slot.
+//!
 //! # Redis deployment
 //!
-//! One Redis server (or a primary with replicas; a failover loses at most
-//! the few reservations not yet replicated). Redis Cluster is not
-//! supported: the buckets of one request would have to share a hash slot.
+//! One Redis server, a primary with replicas (a failover loses at most the
+//! few reservations not yet replicated), or a Redis Cluster.
+//!
+//! # Redis Cluster
+//!
+//! [`RedisStore::cluster`] runs the store on a Redis Cluster through the
+//! redis crate's cluster client: one multiplexed connection per node,
+//! `MOVED` and `ASK` followed, the slot map refreshed when a node answers
+//! `MOVED` or cannot be reached. Everything else (scripts, refunds, the
+//! local pre-check, the fault policy) is the same as on one server.
+//!
+//! **Keys.** A script can only touch keys of one hash slot, so the keys
+//! carry [hash tags](https://redis.io/docs/latest/operate/oss_and_stack/reference/cluster-spec/#hash-tags)
+//! (the part in `{..}` alone decides the slot):
+//!
+//! | bucket | one server | cluster |
+//! | --- | --- | --- |
+//! | [`RedisStore::limiter`] | `<prefix><name>` | `<prefix>{<hash tag>}:<name>` (the store's [`hash_tag`](RedisStoreBuilder::hash_tag), `global` by default) |
+//! | [`RedisStore::limiter_in`] | `<prefix><name>` | `<prefix>{<tag>}:<name>` |
+//! | [`RedisStore::keyed`] | `<prefix><name>:<key>` | `<prefix>{k:<hash of key>}:<name>:<key>` |
+//! | keyed, [`with_tag`](RedisKeyedLimiter::with_tag) | `<prefix><name>:<key>` | `<prefix>{<tag>}:<name>:<key>` |
+//!
+//! So the named limits of a store share one slot (the book's 2 per second
+//! *and* 10 per minute: one atomic script), every table keyed by the same
+//! key puts that key's buckets in one slot (a tenant's per-second and
+//! per-minute limits: one atomic script), and tenants spread over the
+//! cluster. [`RedisLimiter::slot`] tells where a bucket lives.
+//!
+//! **Limits in different slots.** A request that takes buckets of several
+//! slots (a global named limit *and* a per-tenant one, not tagged alike) is
+//! admitted in one step per slot, in turn, and the layer says so when it is
+//! built (a `warn` from `tracing` naming the buckets). Such an admission is
+//! **not atomic**: each step reserves its own buckets at their earliest
+//! time, and the request is admitted at the latest of them; when a later
+//! step refuses (or fails), what the earlier steps reserved is given back
+//! (awaited, before the refusal is returned) under the rule of
+//! [Refunds](#refunds);
+//! between the steps other requests see the first step's reservation, so a
+//! concurrent request may be refused where one atomic script would have
+//! admitted it. It never admits beyond any limit, and with `reject()` (no
+//! waiting) each bucket counts exactly the requests admitted (the tests
+//! check that a sequence of split admissions loses nothing). In wait mode a
+//! bucket of an earlier step may count its request up to the difference
+//! between the steps' waits before the request runs. [`Stats::split`]
+//! counts these admissions; tag the limits alike to avoid them.
+//!
+//! **No admission counted twice.** The cluster client is built without
+//! retries of its own (it would resend a command after a dropped
+//! connection or a response timeout, when the script may already have
+//! run). The store resends a script only on answers that prove it did not
+//! run: `MOVED` (the node checks the slot before running anything; resent
+//! to the named node), `ASK` (a migrating slot whose keys left; resent with
+//! `ASKING` to the named node, in one pipeline), `TRYAGAIN`,
+//! `CLUSTERDOWN`, `MASTERDOWN`, `LOADING`, `READONLY` (refused before the
+//! script's first write, and the scripts write nothing before it),
+//! `NOSCRIPT` (resent whole with `EVAL`), and no connection to the slot's
+//! node (nothing sent). A dropped connection, an I/O error or a timeout may
+//! hide a script that ran: it is never resent, and the [`FaultPolicy`]
+//! decides. Resending stops when the caller has gone, and after 16 tries;
+//! [`Stats::resent`] counts it.
+//!
+//! **Failover.** When a master dies, requests whose buckets live in its
+//! slots fail by the [`FaultPolicy`] (with the cluster's default
+//! `cluster-require-full-coverage yes`, once the node is marked failed the
+//! whole cluster answers `CLUSTERDOWN`, and every request does) until a
+//! replica is promoted, after the cluster's `cluster-node-timeout` and an
+//! election; then the client finds the new master and admissions continue,
+//! with no restart and no error of their own. Replication is asynchronous:
+//! the promoted replica may lack the last few reservations the dead master
+//! made, so limits are briefly more permissive, never stricter.
 //!
 //! # Testing
 //!
 //! The tests start their own `redis-server` (`apt-get install -y
-//! redis-server`) on a free loopback port; see `tests/support/mod.rs`.
+//! redis-server`) on a free loopback port; see `tests/support/mod.rs`. The
+//! cluster tests start their own cluster of six nodes (3 masters, 3
+//! replicas) with `redis-cli --cluster create` (`apt-get install -y
+//! redis-tools`); see `tests/support/cluster.rs`. Both fail, never skip,
+//! when the binaries are missing.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod cluster;
