@@ -137,61 +137,82 @@ where
 {
     type Output = Result<S::Response, BoxError>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
         let mut state = self.project().state;
-        loop {
-            match state.as_mut().project() {
-                StateProj::Called { fut } => return fut.poll(cx).map_err(Into::into),
-                StateProj::Waiting { waiting } => {
-                    let w = waiting.as_mut().project();
-                    if let Err(e) = ready!(w.admission.poll(cx)) {
-                        // Drops the reservation now: it is given back.
+        // Admitted at once (the common case): only the inner future, inlined.
+        if let StateProj::Called { fut } = state.as_mut().project() {
+            return fut.poll(cx).map_err(Into::into);
+        }
+        poll_admission(state, cx)
+    }
+}
+
+/// The states before the inner service is called (waiting, acquiring,
+/// failed), out of line so the common case stays small.
+#[inline(never)]
+fn poll_admission<S, Req, St>(
+    mut state: Pin<&mut State<S, Req, St>>,
+    cx: &mut TaskContext<'_>,
+) -> Poll<Result<S::Response, BoxError>>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+    Req: Carrier,
+    St: Store,
+{
+    loop {
+        match state.as_mut().project() {
+            StateProj::Called { fut } => return fut.poll(cx).map_err(Into::into),
+            StateProj::Waiting { waiting } => {
+                let w = waiting.as_mut().project();
+                if let Err(e) = ready!(w.admission.poll(cx)) {
+                    // Drops the reservation now: it is given back.
+                    state.set(State::Failed { error: None });
+                    return Poll::Ready(Err(e));
+                }
+                let mut inner = w.inner.take().expect("polled after completion");
+                let req = w.req.take().expect("polled after completion");
+                state.set(State::Called {
+                    fut: inner.call(req),
+                });
+            }
+            StateProj::Acquiring { acquiring } => {
+                let a = acquiring.as_mut().project();
+                let answer = ready!(a.acquire.poll(cx));
+                let r = a.req.as_ref().expect("polled after completion");
+                let current;
+                let rcx = match r.context() {
+                    Some(c) => Some(c),
+                    None => {
+                        current = Context::current();
+                        current.as_ref()
+                    }
+                };
+                match decide(a.store, answer, a.queue, *a.full, rcx) {
+                    Decision::Go => {
+                        let mut inner = a.inner.take().expect("polled after completion");
+                        let req = a.req.take().expect("polled after completion");
+                        state.set(State::Called {
+                            fut: inner.call(req),
+                        });
+                    }
+                    Decision::Wait(admission) => {
+                        let waiting = Box::pin(Waiting {
+                            admission,
+                            inner: a.inner.take(),
+                            req: a.req.take(),
+                        });
+                        state.set(State::Waiting { waiting });
+                    }
+                    Decision::Fail(e) => {
                         state.set(State::Failed { error: None });
                         return Poll::Ready(Err(e));
                     }
-                    let mut inner = w.inner.take().expect("polled after completion");
-                    let req = w.req.take().expect("polled after completion");
-                    state.set(State::Called {
-                        fut: inner.call(req),
-                    });
                 }
-                StateProj::Acquiring { acquiring } => {
-                    let a = acquiring.as_mut().project();
-                    let answer = ready!(a.acquire.poll(cx));
-                    let r = a.req.as_ref().expect("polled after completion");
-                    let current;
-                    let rcx = match r.context() {
-                        Some(c) => Some(c),
-                        None => {
-                            current = Context::current();
-                            current.as_ref()
-                        }
-                    };
-                    match decide(a.store, answer, a.queue, *a.full, rcx) {
-                        Decision::Go => {
-                            let mut inner = a.inner.take().expect("polled after completion");
-                            let req = a.req.take().expect("polled after completion");
-                            state.set(State::Called {
-                                fut: inner.call(req),
-                            });
-                        }
-                        Decision::Wait(admission) => {
-                            let waiting = Box::pin(Waiting {
-                                admission,
-                                inner: a.inner.take(),
-                                req: a.req.take(),
-                            });
-                            state.set(State::Waiting { waiting });
-                        }
-                        Decision::Fail(e) => {
-                            state.set(State::Failed { error: None });
-                            return Poll::Ready(Err(e));
-                        }
-                    }
-                }
-                StateProj::Failed { error } => {
-                    return Poll::Ready(Err(error.take().expect("polled after completion")));
-                }
+            }
+            StateProj::Failed { error } => {
+                return Poll::Ready(Err(error.take().expect("polled after completion")));
             }
         }
     }

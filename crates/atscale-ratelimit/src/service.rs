@@ -86,6 +86,36 @@ where
             Err(e) => return ResponseFuture::failed(e),
         };
         let cost = shared.cost.cost(&req);
+        // The common case, a request charged to one bucket and admitted at
+        // once, needs neither its deadline nor the wait queue.
+        let single = match (&keyed, &*shared.limiters) {
+            (None, [bucket]) | (Some(bucket), []) => Some(bucket),
+            _ => None,
+        };
+        if let Some(bucket) = single {
+            if shared.store.try_admit_now(bucket, cost) == Some(true) {
+                return ResponseFuture::called(self.inner.call(req));
+            }
+        }
+        self.call_limited(req, keyed, cost)
+    }
+}
+
+impl<S, K, W, St: Store> RateLimit<S, K, W, St> {
+    /// Every other case: several buckets, or a request that may have to wait
+    /// or be refused; out of line so the common case stays small.
+    #[inline(never)]
+    fn call_limited<Req>(
+        &mut self,
+        req: Req,
+        keyed: Option<St::Bucket>,
+        cost: u32,
+    ) -> ResponseFuture<S, Req, St>
+    where
+        S: Service<Req> + Clone,
+        Req: Carrier,
+    {
+        let shared = &*self.shared;
         let mut claims = Claims::new();
         for limiter in shared.limiters.iter() {
             claims.push(limiter, cost);

@@ -187,6 +187,18 @@ pub trait Store: Clone + Send + Sync + 'static {
         None
     }
 
+    /// Admits `cost` in the one `bucket` a request is charged to if that
+    /// needs no wait: `Some(true)` admitted (charged), `Some(false)` not
+    /// admitted now and nothing charged (the layer then asks
+    /// [`Store::try_acquire_now`] or [`Store::acquire`] with the request's
+    /// allowed wait), `None` when the store cannot tell without going
+    /// asynchronous (the default). The layer's fast path: a request admitted
+    /// at once needs neither its deadline nor the wait queue.
+    fn try_admit_now(&self, bucket: &Self::Bucket, cost: u32) -> Option<bool> {
+        let _ = (bucket, cost);
+        None
+    }
+
     /// Gives back a reservation whose waiter left before its admission time,
     /// as far as that cannot delay anyone who reserved after it.
     fn refund(&self, receipt: Self::Receipt);
@@ -305,6 +317,13 @@ impl Store for MemoryStore {
         max_wait: Duration,
     ) -> Option<Result<Grant<MemoryReceipt>, Refusal>> {
         Some(MemoryStore::reserve(claims, max_wait))
+    }
+
+    #[inline]
+    fn try_admit_now(&self, bucket: &Limiter, cost: u32) -> Option<bool> {
+        let now = bucket.clock().now_nanos();
+        // With no wait allowed, nothing is charged unless admitted now.
+        Some(bucket.bucket().acquire(now, cost, 0).is_ok())
     }
 
     fn validate(&self, buckets: &[Limiter], fixed_cost: Option<u32>) -> Result<(), InvalidLimit> {
