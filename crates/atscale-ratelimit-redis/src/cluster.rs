@@ -135,7 +135,7 @@ pub(crate) async fn eval(
         };
         let next = match result.and_then(Value::extract_error) {
             Ok(value) => Next::Done(Ok(value)),
-            Err(e) => judge(e, &mut whole),
+            Err(e) => judge(e, &mut whole, target),
         };
         match next {
             Next::Done(result) => return result,
@@ -162,8 +162,8 @@ pub(crate) async fn eval(
 }
 
 /// Whether an error proves that the script did not run, and where to send
-/// it next if so.
-fn judge(e: RedisError, whole: &mut bool) -> Next {
+/// it next if so (`target` is where it went this time).
+fn judge(e: RedisError, whole: &mut bool, target: Target) -> Next {
     let node = || {
         e.redirect_node().and_then(|(addr, _slot)| {
             let (host, port) = addr.rsplit_once(':')?;
@@ -188,10 +188,11 @@ fn judge(e: RedisError, whole: &mut bool) -> Next {
             },
             None => Next::Done(Err(e)),
         },
+        // the same node again, with the script's source
         ErrorKind::Server(ServerErrorKind::NoScript) if !*whole => {
             *whole = true;
             Next::Again {
-                target: Target::Slot,
+                target,
                 pause: false,
             }
         }
