@@ -199,7 +199,9 @@ where
                     guard.disarm(); // the response body may still stream
                 }
                 this.state.set(State::Done);
-                let mut res = out.ok().expect("no failure: a response");
+                let Ok(mut res) = out else {
+                    unreachable!("an error is always a failure");
+                };
                 if *this.attempts > 1 {
                     res.set_attempts(*this.attempts);
                 }

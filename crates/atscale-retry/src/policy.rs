@@ -180,8 +180,9 @@ impl RetryPolicy {
         let p = &*self.inner;
         let exp = i32::try_from(n.saturating_sub(1)).unwrap_or(i32::MAX);
         let secs = p.initial.as_secs_f64() * p.multiplier.powi(exp);
-        if !(secs < p.max.as_secs_f64()) {
-            return p.max; // also catches an overflow to infinity
+        // Also catches an overflow to infinity (and NaN).
+        if secs.is_nan() || secs >= p.max.as_secs_f64() {
+            return p.max;
         }
         Duration::from_secs_f64(secs)
     }

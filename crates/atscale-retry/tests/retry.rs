@@ -382,9 +382,15 @@ async fn every_attempt_runs_in_a_child_of_the_requests_context() {
     );
     assert!(!parent.is_cancelled());
     second.cancel();
-    assert!(!parent.is_cancelled(), "a child, not the request's own context");
+    assert!(
+        !parent.is_cancelled(),
+        "a child, not the request's own context"
+    );
     parent.cancel();
-    assert!(seen[1].cx.as_ref().unwrap().is_cancelled(), "a child of the request's context");
+    assert!(
+        seen[1].cx.as_ref().unwrap().is_cancelled(),
+        "a child of the request's context"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -523,15 +529,17 @@ async fn dropped_at_every_await_nothing_runs_on_and_tokens_add_up() {
             attempts,
             "every attempt future dropped (drop at {drop_at} ms)"
         );
-        let seen = backend.seen.lock().unwrap();
-        assert!(seen.iter().all(|s| s.cx.as_ref().unwrap().is_cancelled()));
+        let all_cancelled = {
+            let seen = backend.seen.lock().unwrap();
+            seen.iter().all(|s| s.cx.as_ref().unwrap().is_cancelled())
+        };
+        assert!(all_cancelled, "every attempt's context is cancelled");
         assert!(!parent.is_cancelled());
         assert_eq!(
             throttle.milli_tokens(),
             tokens_after,
             "drop at {drop_at} ms"
         );
-        drop(seen);
         tokio::time::advance(Duration::from_secs(5)).await;
         assert_eq!(
             backend.calls(),
