@@ -6,7 +6,8 @@
     feature = "hedge",
     feature = "heartbeat",
     feature = "overload",
-    feature = "ratelimit"
+    feature = "ratelimit",
+    feature = "retry"
 ))]
 use tower_layer::Stack;
 
@@ -24,6 +25,8 @@ use atscale_hedge::{BufferBodyLayer, HedgeLayer};
 use atscale_overload::OverloadLayer;
 #[cfg(feature = "ratelimit")]
 use atscale_ratelimit::{RateLimitLayer, Store};
+#[cfg(feature = "retry")]
+use atscale_retry::RetryLayer;
 
 mod sealed {
     pub trait Sealed<L> {}
@@ -137,6 +140,16 @@ pub trait ServiceBuilderExt<L>: sealed::Sealed<L> + Sized {
     #[cfg(feature = "overload")]
     #[cfg_attr(docsrs, doc(cfg(feature = "overload")))]
     fn overload(self, layer: OverloadLayer) -> ServiceBuilder<Stack<OverloadLayer, L>>;
+
+    /// Adds [`RetryLayer`] (gRFC A6 retries): on a client inside the
+    /// deadline (one deadline covers every attempt and backoff) and the rate
+    /// limit (a retry does not spend a second token), right inside
+    /// [`buffer_body`](Self::buffer_body) (retries replay the buffered body),
+    /// outside the per-attempt layers (heartbeat, transport). In place of a
+    /// hedge, or beside one on the same `RetryThrottle`.
+    #[cfg(feature = "retry")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "retry")))]
+    fn retry(self, layer: RetryLayer) -> ServiceBuilder<Stack<RetryLayer, L>>;
 }
 
 impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
@@ -178,6 +191,11 @@ impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
 
     #[cfg(feature = "overload")]
     fn overload(self, layer: OverloadLayer) -> ServiceBuilder<Stack<OverloadLayer, L>> {
+        self.layer(layer)
+    }
+
+    #[cfg(feature = "retry")]
+    fn retry(self, layer: RetryLayer) -> ServiceBuilder<Stack<RetryLayer, L>> {
         self.layer(layer)
     }
 }

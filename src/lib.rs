@@ -10,6 +10,7 @@
 //! | [`heartbeat`] | `HeartbeatLayer` | pulses, stall detection, self-healing |
 //! | [`error`] | `ErrorEnrichLayer` | every failure as one well-formed error |
 //! | [`overload`] | `OverloadLayer`, `ThrottleLayer` | an adaptive concurrency limit with a CoDel / adaptive-LIFO queue, deadline-aware admission, criticality; client-side adaptive throttling |
+//! | [`retry`] | `RetryLayer`, `MethodConfigLayer` | gRFC A6 retries: capped, jittered, deadline-aware, pushback-aware, throttled with the hedge; per-method policies from the gRPC service config |
 //!
 //! Each module is the crate of the same name (`atscale-deadline`, …),
 //! behind a feature of the same name. The `axum` and `tonic` features turn
@@ -89,6 +90,10 @@ pub use atscale_error as error;
 #[cfg_attr(docsrs, doc(cfg(feature = "overload")))]
 pub use atscale_overload as overload;
 
+#[cfg(feature = "retry")]
+#[cfg_attr(docsrs, doc(cfg(feature = "retry")))]
+pub use atscale_retry as retry;
+
 mod builder;
 pub use builder::ServiceBuilderExt;
 
@@ -138,6 +143,11 @@ pub mod prelude {
     pub use atscale_overload::throttle::ThrottleLayer;
     #[cfg(feature = "overload")]
     pub use atscale_overload::{Admission, CoDel, Criticality, OverloadLayer};
+
+    #[cfg(feature = "retry")]
+    pub use atscale_retry::{
+        MethodConfigLayer, RetryLayer, RetryPolicy, RetryThrottle, ServiceConfig,
+    };
 
     pub use crate::ServiceBuilderExt;
 }
