@@ -12,18 +12,21 @@
 //! min..max over repetitions, ratios are per repetition against the anchor.
 //! Rates are so high that nothing is ever limited.
 
+use std::cell::RefCell;
 use std::convert::Infallible;
 use std::hint::black_box;
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 mod support;
 
 use atscale::ratelimit::{Limit, Limiter, MultiLimiter, RateLimitLayer};
 use governor::{Quota, RateLimiter};
-use support::{Run, interleave, median, pending_once, range};
+use support::{
+    Concurrent, Run, concurrently, interleave, interleave_checked, median, pending_once, range,
+};
 use tower::{Layer, Service, ServiceExt, service_fn};
 
 const HUGE: u32 = 1_000_000_000;
@@ -185,27 +188,23 @@ fn hot_path() {
 
 // ---------------------------------------------------------------- threads
 
-/// Two threads hammering one shared limiter; ns per op per thread.
-fn two_threads(op: impl Fn() + Sync) -> impl FnMut(u64) -> Duration {
+/// The share of its window every thread must overlap the other's and spend
+/// on a CPU, or the repetition is refused: below it the threads took turns
+/// instead of contending.
+const CONTENDED: f64 = 0.9;
+
+/// Two threads hammering one shared limiter, released together from a
+/// barrier; ns per op per thread over the span of both windows. Every run's
+/// windows are kept in `record` for the check.
+fn two_threads<'a>(
+    op: impl Fn() + Sync + 'a,
+    record: &'a RefCell<Vec<Concurrent>>,
+) -> impl FnMut(u64) -> Duration + 'a {
     move |n| {
-        let go = AtomicBool::new(false);
-        let took = AtomicU64::new(0);
-        std::thread::scope(|s| {
-            for _ in 0..2 {
-                s.spawn(|| {
-                    while !go.load(Ordering::Acquire) {
-                        std::hint::spin_loop();
-                    }
-                    let t = Instant::now();
-                    for _ in 0..n {
-                        op();
-                    }
-                    took.fetch_max(t.elapsed().as_nanos() as u64, Ordering::AcqRel);
-                });
-            }
-            go.store(true, Ordering::Release);
-        });
-        Duration::from_nanos(took.load(Ordering::Acquire))
+        let run = concurrently(2, n, &op);
+        let span = run.span();
+        record.borrow_mut().push(run);
+        span
     }
 }
 
@@ -216,34 +215,70 @@ fn threads() {
     let b = Limiter::new(huge_limit());
     let c = Limiter::new(huge_limit());
     let three = MultiLimiter::new([a, b, c]).expect("valid set");
+    let records: [RefCell<Vec<Concurrent>>; 3] = Default::default();
     let mut cases: Vec<(&str, Run<'_>)> = vec![
         (
             "governor check(), 2 threads",
-            Box::new(two_threads(|| {
-                black_box(gov.check().is_ok());
-            })),
+            Box::new(two_threads(
+                || {
+                    black_box(gov.check().is_ok());
+                },
+                &records[0],
+            )),
         ),
         (
             "ours try_acquire(1), 2 threads",
-            Box::new(two_threads(|| {
-                black_box(ours.try_acquire(1).is_ok());
-            })),
+            Box::new(two_threads(
+                || {
+                    black_box(ours.try_acquire(1).is_ok());
+                },
+                &records[1],
+            )),
         ),
         (
             "ours MultiLimiter of 3, 2 threads",
-            Box::new(two_threads(|| {
-                black_box(three.try_acquire(1).is_ok());
-            })),
+            Box::new(two_threads(
+                || {
+                    black_box(three.try_acquire(1).is_ok());
+                },
+                &records[2],
+            )),
         ),
     ];
     let names: Vec<&str> = cases.iter().map(|(n, _)| *n).collect();
-    let samples = interleave(&mut cases);
+    let mut checked: [Vec<Concurrent>; 3] = Default::default();
+    let samples = interleave_checked(&mut cases, |i| {
+        let last = records[i].borrow().last().cloned().expect("a run");
+        last.check(CONTENDED)?;
+        checked[i].push(last);
+        Ok(())
+    });
     print_ratios(
         "Two threads on one shared limiter, per op per thread (anchor: governor)",
         &names,
         &samples,
         0,
     );
+    println!(
+        "  every repetition: both threads released from a barrier, windows overlapping >= {:.0}% and each thread on a CPU >= {:.0}% of its window",
+        CONTENDED * 100.0,
+        CONTENDED * 100.0
+    );
+    for (name, runs) in names.iter().zip(&checked) {
+        let overlap = runs
+            .iter()
+            .map(Concurrent::overlap)
+            .fold(f64::MAX, f64::min);
+        let on_cpu = runs
+            .iter()
+            .filter_map(Concurrent::on_cpu)
+            .fold(f64::MAX, f64::min);
+        println!(
+            "  {name:<44} least overlap {:.1}%, least time on a CPU {:.1}%",
+            overlap * 100.0,
+            on_cpu * 100.0
+        );
+    }
 }
 
 // ---------------------------------------------------------------- layer
@@ -439,6 +474,7 @@ fn main() {
         .collect();
     let wants = |part: &str| args.is_empty() || args.iter().any(|a| a == part);
     let start = Instant::now();
+    println!("load average at start (1, 5, 15 min): {}", support::load());
     if wants("hot") {
         hot_path();
     }
@@ -451,5 +487,9 @@ fn main() {
     if wants("accuracy") {
         accuracy();
     }
-    println!("\n(total {:.0} s)", start.elapsed().as_secs_f64());
+    println!(
+        "\n(total {:.0} s; load average at the end: {})",
+        start.elapsed().as_secs_f64(),
+        support::load()
+    );
 }

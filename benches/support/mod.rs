@@ -134,6 +134,17 @@ pub(crate) type Run<'a> = Box<dyn FnMut(u64) -> Duration + 'a>;
 /// `BENCH_REPETITIONS` (default 11) and `BENCH_REPETITION_MS` (default 100)
 /// change the schedule.
 pub(crate) fn interleave(cases: &mut [(&str, Run<'_>)]) -> Vec<Vec<f64>> {
+    interleave_checked(cases, |_| Ok(()))
+}
+
+/// [`interleave`], asking `valid(case index)` after every timed repetition
+/// (not after the calibrating runs) whether it measured what it claims; a
+/// repetition it refuses is printed and ends the process with exit code 2:
+/// a figure is never made from it.
+pub(crate) fn interleave_checked(
+    cases: &mut [(&str, Run<'_>)],
+    mut valid: impl FnMut(usize) -> Result<(), String>,
+) -> Vec<Vec<f64>> {
     let repetitions = std::env::var("BENCH_REPETITIONS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -159,13 +170,137 @@ pub(crate) fn interleave(cases: &mut [(&str, Run<'_>)]) -> Vec<Vec<f64>> {
         })
         .collect();
     let mut samples = vec![Vec::with_capacity(repetitions); cases.len()];
-    for _ in 0..repetitions {
-        for (i, (_, run)) in cases.iter_mut().enumerate() {
+    for repetition in 0..repetitions {
+        for (i, (name, run)) in cases.iter_mut().enumerate() {
             let took = run(iters[i]);
+            if let Err(why) = valid(i) {
+                eprintln!(
+                    "refused: repetition {} of {repetitions} of {name:?}: {why}; no figure is made from this run",
+                    repetition + 1
+                );
+                std::process::exit(2);
+            }
             samples[i].push(took.as_nanos() as f64 / iters[i] as f64);
         }
     }
     samples
+}
+
+/// The machine's load averages (1, 5, 15 min) from `/proc/loadavg`, for
+/// the record of every run.
+pub(crate) fn load() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| String::from("unknown"))
+}
+
+/// Nanoseconds the calling thread has spent on a CPU (Linux
+/// `/proc/thread-self/schedstat`), if the kernel tells.
+pub(crate) fn thread_cpu_ns() -> Option<u64> {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// One thread's timed window in a [`concurrently`] run.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Window {
+    pub(crate) start: Instant,
+    pub(crate) end: Instant,
+    /// Time on a CPU during the window, if known.
+    pub(crate) on_cpu: Option<Duration>,
+}
+
+/// What a [`concurrently`] run measured, and how far its threads really
+/// ran at the same time.
+#[derive(Clone, Debug)]
+pub(crate) struct Concurrent {
+    pub(crate) windows: Vec<Window>,
+}
+
+impl Concurrent {
+    /// From the first start to the last end.
+    pub(crate) fn span(&self) -> Duration {
+        let start = self.windows.iter().map(|w| w.start).min().expect("threads");
+        let end = self.windows.iter().map(|w| w.end).max().expect("threads");
+        end - start
+    }
+
+    /// The time every window was open at once, over [`span`](Self::span):
+    /// 1.0 when the windows coincide, 0 when they took turns.
+    pub(crate) fn overlap(&self) -> f64 {
+        let start = self.windows.iter().map(|w| w.start).max().expect("threads");
+        let end = self.windows.iter().map(|w| w.end).min().expect("threads");
+        let common = end.saturating_duration_since(start);
+        common.as_secs_f64() / self.span().as_secs_f64()
+    }
+
+    /// The smallest share of its own window any thread spent on a CPU
+    /// (1.0 when no thread was ever descheduled), if the kernel tells.
+    pub(crate) fn on_cpu(&self) -> Option<f64> {
+        self.windows
+            .iter()
+            .map(|w| {
+                w.on_cpu
+                    .map(|c| c.as_secs_f64() / (w.end - w.start).as_secs_f64())
+            })
+            .try_fold(f64::MAX, |lo, share| Some(lo.min(share?)))
+    }
+
+    /// `Err` unless the windows overlap by at least `share` and every thread
+    /// was on a CPU for at least `share` of its window: only then did the
+    /// threads contend instead of taking turns.
+    pub(crate) fn check(&self, share: f64) -> Result<(), String> {
+        let overlap = self.overlap();
+        if overlap < share {
+            return Err(format!(
+                "the threads' timed windows overlap {:.1}% < {:.0}%",
+                overlap * 100.0,
+                share * 100.0
+            ));
+        }
+        match self.on_cpu() {
+            Some(on_cpu) if on_cpu < share => Err(format!(
+                "a thread was on a CPU for {:.1}% < {:.0}% of its window (descheduled: the machine is loaded)",
+                on_cpu * 100.0,
+                share * 100.0
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Runs `op` `iters` times on each of `threads` threads released together
+/// from a barrier, each recording its own timed window and CPU time.
+pub(crate) fn concurrently(threads: usize, iters: u64, op: &(dyn Fn() + Sync)) -> Concurrent {
+    let barrier = std::sync::Barrier::new(threads);
+    let windows = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    barrier.wait();
+                    let cpu = thread_cpu_ns();
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        op();
+                    }
+                    let end = Instant::now();
+                    let on_cpu = cpu
+                        .zip(thread_cpu_ns())
+                        .map(|(a, b)| Duration::from_nanos(b.saturating_sub(a)));
+                    Window { start, end, on_cpu }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("bench thread"))
+            .collect()
+    });
+    Concurrent { windows }
 }
 
 /// Runs service `case`s interleaved on `rt`, each measurement in a task
