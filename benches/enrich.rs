@@ -1,0 +1,166 @@
+//! ErrorEnrich's per-request cost inside a real axum `Router`, against
+//! axum's `HandleError` (the layer it replaces), on the success path and on
+//! the error path, interleaved in one run.
+//!
+//! `cargo bench --bench enrich`
+//!
+//! Both stacks sit under `Router::layer`, around the same route and the same
+//! inner layer (one that passes the request on, or one that fails it as rate
+//! limited), so both pay the same routing and the same conversion of the
+//! response body into axum's `Body`. The bare case is the same router with
+//! no error layer: on the success path the route alone, on the error path a
+//! layer that answers 429 itself (what the error layers produce, without an
+//! error). Each call builds an `http::Request` for `/orders/42`, a cost every
+//! case pays alike.
+
+mod support;
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use atscale::core::{BoxError, RateLimited};
+use atscale::error::ErrorEnrichLayer;
+use axum::Router;
+use axum::body::Body;
+use axum::error_handling::HandleErrorLayer;
+use axum::response::IntoResponse;
+use http::{Request, Response, StatusCode};
+use support::case;
+use tower::layer::layer_fn;
+use tower::util::MapErrLayer;
+use tower::{ServiceBuilder, service_fn};
+
+fn request(_: u64) -> Request<Body> {
+    Request::builder()
+        .uri("/orders/42")
+        .body(Body::empty())
+        .expect("valid request")
+}
+
+/// The route every case serves: answers an empty 200.
+fn routes() -> Router {
+    Router::new().route_service(
+        "/orders/{id}",
+        service_fn(|_req: Request<Body>| async {
+            Ok::<_, Infallible>(Response::new(Body::empty()))
+        }),
+    )
+}
+
+/// What both error layers wrap on the success path: the route, its
+/// (impossible) error typed as a `BoxError`.
+fn pass() -> MapErrLayer<fn(Infallible) -> BoxError> {
+    MapErrLayer::new(|e: Infallible| -> BoxError { match e {} })
+}
+
+/// What both error layers wrap on the error path: a layer that fails every
+/// request as rate limited, without calling the route.
+fn fail<S: Clone>() -> impl tower::Layer<
+    S,
+    Service: tower::Service<
+        Request<Body>,
+        Response = Response<Body>,
+        Error = BoxError,
+        Future: Send + 'static,
+    > + Clone
+                 + Send
+                 + Sync
+                 + 'static,
+> + Clone
++ Send
++ Sync
++ 'static {
+    layer_fn(|_inner: S| {
+        service_fn(|_req: Request<Body>| async {
+            Err::<Response<Body>, BoxError>(Box::new(RateLimited::new(Duration::from_millis(1500))))
+        })
+    })
+}
+
+/// The bare error-path router: a layer answering 429 itself, no error.
+fn answer_429<S: Clone>() -> impl tower::Layer<
+    S,
+    Service: tower::Service<
+        Request<Body>,
+        Response = Response<Body>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Clone
+                 + Send
+                 + Sync
+                 + 'static,
+> + Clone
++ Send
++ Sync
++ 'static {
+    layer_fn(|_inner: S| {
+        service_fn(|_req: Request<Body>| async {
+            Ok::<_, Infallible>(StatusCode::TOO_MANY_REQUESTS.into_response())
+        })
+    })
+}
+
+fn handle_error() -> HandleErrorLayer<fn(BoxError) -> std::future::Ready<StatusCode>, ()> {
+    HandleErrorLayer::new(|_err: BoxError| std::future::ready(StatusCode::TOO_MANY_REQUESTS))
+}
+
+fn enrich() -> ErrorEnrichLayer {
+    ErrorEnrichLayer::builder("bench")
+        .help_link("https://docs.example.com/errors/{code}")
+        .build()
+        .expect("valid configuration")
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return; // `cargo test --benches` asks benches to list their tests
+    }
+    println!("# ErrorEnrich inside an axum Router: per-request overhead");
+    println!("load average at start (1, 5, 15 min): {}", support::load());
+    for (rt_name, rt) in support::runtimes() {
+        let success = vec![
+            case("bare router", routes, request),
+            case(
+                "axum HandleError",
+                || routes().layer(ServiceBuilder::new().layer(handle_error()).layer(pass())),
+                request,
+            ),
+            case(
+                "ErrorEnrich",
+                || routes().layer(ServiceBuilder::new().layer(enrich()).layer(pass())),
+                request,
+            ),
+        ];
+        // No tracing subscriber is installed: ErrorEnrich's log event costs
+        // its level check.
+        let failure = vec![
+            case(
+                "bare router (answers 429 itself)",
+                || routes().layer(answer_429()),
+                request,
+            ),
+            case(
+                "axum HandleError",
+                || routes().layer(ServiceBuilder::new().layer(handle_error()).layer(fail())),
+                request,
+            ),
+            case(
+                "ErrorEnrich",
+                || routes().layer(ServiceBuilder::new().layer(enrich()).layer(fail())),
+                request,
+            ),
+        ];
+        for (what, cases) in [
+            ("success path", success),
+            ("error path (rate limited)", failure),
+        ] {
+            let rows = support::compare(&rt, &cases);
+            support::print(&format!("{rt_name}: {what}"), &rows);
+            let (m, lo, hi) = support::ratio(&rows, "ErrorEnrich", "axum HandleError");
+            println!(
+                "\nratio of overheads, ErrorEnrich / axum HandleError: {m:.2} ({lo:.2}..{hi:.2})"
+            );
+        }
+    }
+    println!("\nload average at the end: {}", support::load());
+}
