@@ -47,6 +47,7 @@ struct State {
     codel: Codel,
     /// EWMA of successful requests' service times, in nanoseconds.
     service: Option<f64>,
+    deadline_aware: bool,
 }
 
 #[derive(Debug)]
@@ -96,6 +97,23 @@ impl Queues {
         let victim = q.pop_first()?;
         self.len -= 1;
         Some(victim)
+    }
+
+    /// The waiter that would be served last: of the lowest non-empty class,
+    /// the oldest (LIFO) or the newest (FIFO).
+    fn last(&self, lifo: bool) -> Option<(usize, u64, Option<Instant>)> {
+        let (class, q) = self
+            .by_class
+            .iter()
+            .enumerate()
+            .rev()
+            .find(|(_, q)| !q.is_empty())?;
+        let (id, w) = if lifo {
+            q.first_key_value()
+        } else {
+            q.last_key_value()
+        }?;
+        Some((class, *id, w.deadline))
     }
 
     /// Removes the next waiter to serve: from the highest non-empty class, its
@@ -148,6 +166,7 @@ impl Shared {
                 next_id: 0,
                 codel: Codel::new(codel),
                 service: None,
+                deadline_aware: settings.deadline_aware,
             }),
             clock,
             settings,
@@ -213,10 +232,31 @@ impl Shared {
             drop(st);
             return Arrival::Admitted(Permit::new(self.clone(), now, in_flight, deadline));
         }
+        let arrival = self.enqueue(&mut st, now, criticality, deadline, remaining, &mut wakers);
+        self.publish(&st);
+        drop(st);
+        wakers.into_iter().for_each(Waker::wake);
+        arrival
+    }
+
+    /// The slow path of [`arrive`](Self::arrive): queue, or refuse.
+    fn enqueue(
+        self: &Arc<Self>,
+        st: &mut State,
+        now: u64,
+        criticality: Criticality,
+        deadline: Option<Deadline>,
+        remaining: Option<Duration>,
+        wakers: &mut Vec<Waker>,
+    ) -> Arrival {
+        if self.settings.deadline_aware {
+            st.shed_doomed(wakers);
+        }
+        let limit = st.limit();
         let class = criticality.index();
         let lifo = st.codel.standing();
         let ahead = st.queues.ahead(class, lifo);
-        let per_slot = st.service.map(|s| s / limit.max(1) as f64);
+        let per_slot = st.service.map(|s| s / limit as f64);
         let wait = per_slot.map(|p| (ahead + 1) as f64 * p);
         let retry_after = retry_after(st.service, per_slot, st.queues.len);
         if lifo && criticality == Criticality::Sheddable {
@@ -233,7 +273,7 @@ impl Shared {
             match lowest {
                 Some(low) if low > class => {
                     let (id, waiter) = st.queues.pop_victim().expect("a waiter");
-                    st.shed(id, waiter, retry_after, &mut wakers);
+                    st.shed(id, waiter, retry_after, wakers);
                 }
                 _ => return Arrival::Refused(overloaded(retry_after)),
             }
@@ -249,8 +289,8 @@ impl Shared {
                 waker: None,
             },
         );
-        st.dispatch(now, &mut wakers);
-        let arrival = match st.decided.remove(&id) {
+        st.dispatch(now, wakers);
+        match st.decided.remove(&id) {
             Some(Decision::Granted { in_flight, at }) => {
                 Arrival::Admitted(Permit::new(self.clone(), at, in_flight, deadline))
             }
@@ -261,11 +301,7 @@ impl Shared {
                 class,
                 deadline,
             }),
-        };
-        self.publish(&st);
-        drop(st);
-        wakers.into_iter().for_each(Waker::wake);
-        arrival
+        }
     }
 
     /// A request in service finished (`sample` = what the algorithm should learn).
@@ -316,6 +352,36 @@ fn nanos(d: Duration) -> f64 {
 }
 
 impl State {
+    /// Refuses, last in the order of service first, the waiters that could not
+    /// finish before their deadline even if served in that order with no
+    /// newer arrivals: a slot for each waiter beyond the free ones, then a service time. (In
+    /// LIFO the newest arrivals are served first, so a standing queue's oldest
+    /// waiters would otherwise sit until their deadline and leave as 504s,
+    /// having held a place for nothing.)
+    fn shed_doomed(&mut self, wakers: &mut Vec<Waker>) {
+        let Some(service) = self.service else {
+            return;
+        };
+        let per_slot = service / self.limit() as f64;
+        let lifo = self.codel.standing();
+        let mut tokio_now = None;
+        let free = self.limit().saturating_sub(self.in_flight);
+        while let Some((class, id, Some(deadline))) = self.queues.last(lifo) {
+            let len = self.queues.len;
+            let now = *tokio_now.get_or_insert_with(Instant::now);
+            let left = nanos(deadline.saturating_duration_since(now));
+            // Slots free now serve the first waiters at once; each further
+            // place waits for one slot to free.
+            let ahead = len.saturating_sub(free);
+            if left >= ahead as f64 * per_slot + service {
+                break;
+            }
+            let waiter = self.queues.remove(class, id).expect("present");
+            let retry = retry_after(Some(service), Some(per_slot), len - 1);
+            self.shed(id, waiter, retry, wakers);
+        }
+    }
+
     fn limit(&self) -> usize {
         // Whole requests; the clamp keeps it within [min, max].
         (self.estimate as usize).max(1)
@@ -331,6 +397,9 @@ impl State {
     /// queue is standing. A waiter that could no longer finish before its
     /// deadline is refused instead of served.
     fn dispatch(&mut self, now: u64, wakers: &mut Vec<Waker>) {
+        if self.deadline_aware {
+            self.shed_doomed(wakers);
+        }
         let mut tokio_now = None;
         while self.in_flight < self.limit() && self.queues.len > 0 {
             let service = self.service;

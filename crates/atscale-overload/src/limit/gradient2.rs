@@ -15,6 +15,11 @@ use super::{Algorithm, ExpAvg, Sample, nanos};
 /// would otherwise stay there while the service slows down, and be wrong
 /// the moment demand rises.
 ///
+/// A dropped request (cut by its deadline, or refused downstream as
+/// overloaded) counts as the largest gradient, 0.5: its latency was cut short
+/// and says nothing of the queue. Netflix's ignores drops, which lets the
+/// limit grow without bound behind a deadline that caps every latency.
+///
 /// Defaults as Netflix's: tolerance 1.5, smoothing 0.2, queue 4, long
 /// window 600 samples.
 #[derive(Clone, Debug)]
@@ -72,7 +77,13 @@ impl Algorithm for Gradient2 {
         if long / short > 2.0 {
             self.long.set(long * 0.95);
         }
-        let gradient = (self.tolerance * long / short).clamp(0.5, 1.0);
+        // A request cut by its deadline measured at most its deadline, not
+        // how long it would have taken: count it as the worst queueing.
+        let gradient = if sample.dropped() {
+            0.5
+        } else {
+            (self.tolerance * long / short).clamp(0.5, 1.0)
+        };
         let estimate = limit * gradient + self.queue;
         let next = limit * (1.0 - self.smoothing) + estimate * self.smoothing;
         if (sample.in_flight() as f64) < limit / 2.0 {
