@@ -514,3 +514,58 @@ async fn bad_cluster_configuration_is_refused_with_a_reason() {
         .unwrap();
     assert!(table.with_tag("").is_err());
 }
+
+/// Log lines written while `f` runs (a `tracing` subscriber of its own).
+fn logged(f: impl FnOnce()) -> String {
+    #[derive(Clone, Default)]
+    struct Buf(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Buf::default();
+    let writer = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    tracing::subscriber::with_default(subscriber, f);
+    String::from_utf8(buf.0.lock().unwrap().clone()).unwrap()
+}
+
+#[tokio::test]
+async fn a_layer_whose_limits_cannot_share_a_slot_says_so_when_built() {
+    // no server needed: the cluster connection is made on first use
+    let store = RedisStore::cluster(["redis://127.0.0.1:1/"])
+        .hash_tag("api")
+        .build()
+        .unwrap();
+    let api = store.limiter("api", hourly(10)).unwrap();
+    let reports = store.limiter_in("reports", "reports", hourly(10)).unwrap();
+    let tenants = store.keyed::<String>("tenant", hourly(3)).unwrap();
+    let tagged = tenants.clone().with_tag("api").unwrap();
+    assert_ne!(api.slot(), reports.slot());
+
+    let split = "different hash slots";
+    let log = logged(|| drop(layered(&store, &[api.clone(), reports.clone()], None)));
+    assert!(log.contains(split) && log.contains("WARN"), "{log}");
+    let log = logged(|| drop(layered(&store, std::slice::from_ref(&api), Some(&tenants))));
+    assert!(log.contains(split) && log.contains("with_tag"), "{log}");
+    // one slot: nothing to say
+    let log = logged(|| drop(layered(&store, std::slice::from_ref(&api), Some(&tagged))));
+    assert!(!log.contains(split), "{log}");
+    let log = logged(|| drop(layered(&store, &[api.clone()], None)));
+    assert!(!log.contains(split), "{log}");
+    // one server: no slots
+    let single = RedisStore::builder("redis://127.0.0.1:1/").build().unwrap();
+    let a = single.limiter("a", hourly(10)).unwrap();
+    let b = single.limiter_in("reports", "b", hourly(10)).unwrap();
+    let t = single.keyed::<String>("tenant", hourly(3)).unwrap();
+    let log = logged(|| drop(layered(&single, &[a, b], Some(&t))));
+    assert!(!log.contains(split), "{log}");
+}
