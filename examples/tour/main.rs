@@ -9,6 +9,7 @@ mod error;
 mod heartbeat;
 mod hedge;
 mod ratelimit;
+mod retry;
 
 use atscale::core::BoxError;
 use table::Section;
@@ -21,6 +22,7 @@ async fn main() -> Result<(), BoxError> {
         heartbeat::run().await?,
         hedge::run().await?,
         ratelimit::run().await?,
+        retry::run().await?,
     ];
     for section in &sections {
         section.print();

@@ -559,7 +559,7 @@ async fn a_layer_whose_limits_cannot_share_a_slot_says_so_when_built() {
     // one slot: nothing to say
     let log = logged(|| drop(layered(&store, std::slice::from_ref(&api), Some(&tagged))));
     assert!(!log.contains(split), "{log}");
-    let log = logged(|| drop(layered(&store, &[api.clone()], None)));
+    let log = logged(|| drop(layered(&store, std::slice::from_ref(&api), None)));
     assert!(!log.contains(split), "{log}");
     // one server: no slots
     let single = RedisStore::builder("redis://127.0.0.1:1/").build().unwrap();
