@@ -1,8 +1,9 @@
 use std::time::Duration;
 
 use http::HeaderName;
-use tower_layer::Layer;
+use tower_layer::{Identity, Layer};
 
+use crate::body::BodyDeadlineLayer;
 use crate::service::Deadline;
 
 /// Which side of a call the layer sits on: it decides whether deadlines are
@@ -33,9 +34,15 @@ pub(crate) struct Config {
 /// inherited one: the request's [`Context`](atscale_core::Context), the
 /// task-local one of the request being served, and (server side) the
 /// caller's `grpc-timeout` or configured header.
+///
+/// The deadline covers a request until its response head;
+/// [`with_bodies`](Self::with_bodies) extends it over the request and
+/// response bodies (the layer's second type parameter is then a
+/// [`BodyDeadlineLayer`] inside it).
 #[derive(Clone, Debug)]
-pub struct DeadlineLayer {
+pub struct DeadlineLayer<L = Identity> {
     config: Config,
+    inner: L,
 }
 
 impl DeadlineLayer {
@@ -52,6 +59,7 @@ impl DeadlineLayer {
                 grpc_timeout: false,
                 header: None,
             },
+            inner: Identity::new(),
         }
     }
 
@@ -67,6 +75,7 @@ impl DeadlineLayer {
                 grpc_timeout: true,
                 header: None,
             },
+            inner: Identity::new(),
         }
     }
 
@@ -83,9 +92,22 @@ impl DeadlineLayer {
                 grpc_timeout: true,
                 header: None,
             },
+            inner: Identity::new(),
         }
     }
 
+    /// Also enforces the deadline over the request's bodies, as
+    /// `bodies` says (a gRPC stream or an SSE response that outlives the
+    /// deadline is cut): see [`BodyDeadlineLayer`].
+    pub fn with_bodies(self, bodies: BodyDeadlineLayer) -> DeadlineLayer<BodyDeadlineLayer> {
+        DeadlineLayer {
+            config: self.config,
+            inner: bodies,
+        }
+    }
+}
+
+impl<L> DeadlineLayer<L> {
     /// Also reads (server) or writes (client) `name`, holding a budget in
     /// whole milliseconds, for plain HTTP hops.
     #[must_use]
@@ -108,10 +130,10 @@ impl DeadlineLayer {
     }
 }
 
-impl<S> Layer<S> for DeadlineLayer {
-    type Service = Deadline<S>;
+impl<S, L: Layer<S>> Layer<S> for DeadlineLayer<L> {
+    type Service = Deadline<L::Service>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Deadline::new(inner, self.config.clone())
+        Deadline::new(self.inner.layer(inner), self.config.clone())
     }
 }

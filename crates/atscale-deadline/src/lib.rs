@@ -133,6 +133,14 @@
 //! "Timeout expired"; the client stack (`DeadlineLayer::client` around the
 //! `Channel`) reports it as `DEADLINE_EXCEEDED`.
 //!
+//! # Bodies
+//!
+//! The deadline covers a request until its response head. With
+//! [`DeadlineLayer::with_bodies`] it also covers reading the request body
+//! and producing the response body ([`body`]): a gRPC stream that outlives
+//! it ends with `DEADLINE_EXCEEDED` trailers, an SSE or chunked answer is
+//! aborted, a slow upload fails, and the request's context is cancelled.
+//!
 //! # Ordering
 //!
 //! Outermost after ErrorEnrich, so every inner layer (rate limit, hedge,
@@ -149,6 +157,7 @@
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod body;
 pub mod codec;
 pub mod error;
 pub mod future;
@@ -156,5 +165,6 @@ mod layer;
 mod service;
 
 pub use atscale_core::Context;
+pub use body::BodyDeadlineLayer;
 pub use layer::DeadlineLayer;
 pub use service::Deadline;
