@@ -94,6 +94,10 @@ pub use atscale_overload as overload;
 #[cfg_attr(docsrs, doc(cfg(feature = "retry")))]
 pub use atscale_retry as retry;
 
+#[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+pub mod metrics;
+
 mod builder;
 pub use builder::ServiceBuilderExt;
 

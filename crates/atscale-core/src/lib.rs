@@ -73,6 +73,9 @@ mod context;
 mod deadline;
 pub mod error;
 mod macros;
+#[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+pub mod metrics;
 mod preempt;
 mod throttle;
 

@@ -8,6 +8,8 @@ use atscale_core::{BoxError, Deadline, DeadlineExceeded, Scoped};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
+use crate::metrics::{self, Stage};
+
 pin_project! {
     /// Response future of [`Deadline`](crate::Deadline).
     ///
@@ -102,6 +104,7 @@ where
                     let now = Instant::now();
                     match *deadline {
                         Some(deadline) if deadline.is_expired_at(now) => {
+                            metrics::exceeded(deadline.origin(), Stage::Running);
                             Err(DeadlineExceeded::at(deadline, now).into())
                         }
                         _ => Err(error.into()),
@@ -118,6 +121,7 @@ where
                         Some(Poll::Ready(())) => {
                             // Expired: cancel the context; the inner future is dropped below.
                             inner.context().cancel();
+                            metrics::exceeded(deadline.origin(), Stage::Running);
                             Err(DeadlineExceeded::at(deadline, Instant::now()).into())
                         }
                         _ => return Poll::Pending,

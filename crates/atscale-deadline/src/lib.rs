@@ -162,6 +162,7 @@ pub mod codec;
 pub mod error;
 pub mod future;
 mod layer;
+mod metrics;
 mod service;
 
 pub use atscale_core::Context;

@@ -10,6 +10,7 @@ use tower_service::Service;
 use crate::codec::{self, GRPC_TIMEOUT};
 use crate::future::ResponseFuture;
 use crate::layer::{Config, Role};
+use crate::metrics::{self, Stage};
 
 /// Enforces a deadline with context on each request: see the [crate documentation](crate).
 ///
@@ -57,12 +58,17 @@ where
         };
         let deadline = match effective_deadline(&self.config, &req, parent.as_ref(), now) {
             Ok(deadline) => deadline,
-            Err(malformed) => return ResponseFuture::failed(malformed.into()),
+            Err(malformed) => {
+                metrics::malformed();
+                return ResponseFuture::failed(malformed.into());
+            }
         };
         if let Some(deadline) = deadline {
             if deadline.is_expired_at(now) {
+                metrics::exceeded(deadline.origin(), Stage::Arrival);
                 return ResponseFuture::failed(DeadlineExceeded::at(deadline, now).into());
             }
+            metrics::arrived(deadline.origin(), deadline.remaining_at(now));
             if self.config.role == Role::Client {
                 write_budget(&self.config, &mut req, deadline.remaining_at(now));
             }

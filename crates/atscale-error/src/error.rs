@@ -15,6 +15,8 @@ use atscale_core::{
 use http::{HeaderValue, Method, StatusCode, Uri};
 
 use crate::config::Config;
+use crate::metrics::{self, Observed};
+use crate::trace::{self, TraceId};
 
 pub use crate::id::ErrorId;
 pub use crate::time::Timestamp;
@@ -65,6 +67,8 @@ struct Fields {
     deadline: Option<Origin>,
     attempts: Option<usize>,
     layer: Option<&'static str>,
+    trace_id: Option<TraceId>,
+    obs: Observed,
     source: BoxError,
 }
 
@@ -88,16 +92,31 @@ pub(crate) struct RequestMeta {
     pub(crate) matched: MatchedRoute,
     /// The content type of a gRPC request (echoed in the answer), `None` for plain HTTP.
     pub(crate) grpc: Option<HeaderValue>,
+    /// The request's one `traceparent`, unparsed until an error needs it.
+    pub(crate) traceparent: Option<HeaderValue>,
+    /// The request's span and arrival time (the `metrics` feature; zero-sized without).
+    pub(crate) obs: Observed,
 }
 
 impl RequestMeta {
     pub(crate) fn of<B>(req: &http::Request<B>) -> Self {
+        let matched = MatchedRoute::of(req.extensions());
+        let traceparent = trace::raw(req.headers());
+        let obs = metrics::start(req, matched.as_str(), traceparent.as_ref());
         RequestMeta {
             method: req.method().clone(),
             uri: req.uri().clone(),
-            matched: MatchedRoute::of(req.extensions()),
+            matched,
             grpc: grpc_content_type(req.headers()),
+            traceparent,
+            obs,
         }
+    }
+
+    /// The route template, when the router tells.
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    pub(crate) fn route(&self) -> Option<&str> {
+        self.matched.as_str()
     }
 }
 
@@ -182,6 +201,8 @@ impl Enriched {
                 deadline,
                 attempts,
                 layer: layer_of(kind, nested),
+                trace_id: meta.traceparent.as_ref().and_then(TraceId::parse),
+                obs: meta.obs,
                 source: error,
             }),
         }
@@ -313,6 +334,29 @@ impl Enriched {
 
     pub(crate) fn inner(&self) -> &(dyn Error + 'static) {
         &*self.f.source
+    }
+
+    /// The W3C trace id (32 lower-case hex digits) of the request's
+    /// `traceparent` header, when it had exactly one well-formed value; a
+    /// malformed value is ignored, never echoed. It is in the log line and,
+    /// for HTTP, in the problem+json answer (`trace_id`).
+    pub fn trace_id(&self) -> Option<&str> {
+        self.f.trace_id.as_ref().map(TraceId::as_str)
+    }
+
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    pub(crate) fn observed(&self) -> &Observed {
+        &self.f.obs
+    }
+
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    pub(crate) fn matched_route(&self) -> Option<&str> {
+        self.f.matched.as_str()
+    }
+
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    pub(crate) fn service_arc(&self) -> Arc<str> {
+        self.f.service.clone()
     }
 
     /// The original error.
@@ -658,6 +702,8 @@ mod tests {
             uri: uri.parse().unwrap(),
             matched: MatchedRoute::default(),
             grpc: None,
+            traceparent: None,
+            obs: metrics::start(&http::Request::new(()), None, None),
         }
     }
 

@@ -13,7 +13,7 @@ use pin_project_lite::pin_project;
 use crate::body::ResponseBody;
 use crate::config::Config;
 use crate::error::{Enriched, Panicked, RequestMeta, Side};
-use crate::{grpc, log, problem};
+use crate::{grpc, log, metrics, problem};
 
 pin_project! {
     /// Response future of a server-mode [`ErrorEnrich`](crate::ErrorEnrich):
@@ -72,12 +72,14 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
+        let _entered = metrics::enter(this.meta.as_ref());
         let error: BoxError = match this.state.as_mut().project() {
             StateProj::Running { future } => {
                 match catch_unwind(AssertUnwindSafe(|| future.poll(cx))) {
                     Ok(Poll::Pending) => return Poll::Pending,
                     Ok(Poll::Ready(Ok(res))) => {
                         this.state.set(State::Done);
+                        metrics::answered_ok(this.meta.as_ref(), &res);
                         return Poll::Ready(Ok(res.map(ResponseBody::passthrough)));
                     }
                     Ok(Poll::Ready(Err(err))) => err.into(),
@@ -99,6 +101,7 @@ where
         };
         res.extensions_mut().insert(enriched.kind());
         res.extensions_mut().insert(enriched.id());
+        metrics::answered_err(&enriched, &res);
         Poll::Ready(Ok(res))
     }
 }
@@ -159,6 +162,7 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
+        let _entered = metrics::enter(this.meta.as_ref());
         let error: BoxError = match this.state.project() {
             ClientStateProj::Running { future } => match ready!(future.poll(cx)) {
                 Ok(res) => return Poll::Ready(Ok(res)),
@@ -174,6 +178,7 @@ where
             .expect("`ClientResponseFuture` polled after completion");
         let enriched = Enriched::new(this.config, Side::Client, meta, error);
         log::record(&enriched);
+        metrics::errored(&enriched);
         Poll::Ready(Err(enriched))
     }
 }

@@ -181,10 +181,12 @@ mod grpc;
 mod id;
 mod layer;
 mod log;
+mod metrics;
 pub mod mode;
 mod problem;
 mod service;
 mod time;
+mod trace;
 
 pub use error::{Enriched, ErrorId};
 pub use layer::{ErrorEnrichBuilder, ErrorEnrichLayer};

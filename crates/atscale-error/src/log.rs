@@ -44,6 +44,7 @@ macro_rules! emit {
             attempts = err.attempts().map(|n| n as u64),
             retry_after_ms = err.retry_after().map(|d| d.as_millis() as u64),
             deadline_origin = err.deadline_origin().map(tracing::field::display),
+            trace_id = err.trace_id(),
             status = err.status().as_u16(),
             timestamp = %err.timestamp(),
             chain = %err.report(),

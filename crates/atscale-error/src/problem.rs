@@ -19,7 +19,8 @@ pub(crate) const PROBLEM_JSON: &str = "application/problem+json";
 /// - `status`, `detail` (the user-safe message), `instance` (the request path);
 /// - extension members: `error_id`, `code`, `timestamp`, `service`, and
 ///   `retry_after` (seconds) when rate limited, `attempts` when a hedge was
-///   exhausted, `deadline_origin` when a deadline fired, `chain` only when
+///   exhausted, `deadline_origin` when a deadline fired, `trace_id` when the
+///   request had a well-formed W3C `traceparent`, `chain` only when
 ///   internal details are exposed.
 pub(crate) fn document(err: &Enriched, internal_details: bool) -> Value {
     let status = err.status();
@@ -47,6 +48,9 @@ pub(crate) fn document(err: &Enriched, internal_details: bool) -> Value {
     }
     if let Some(origin) = err.deadline_origin() {
         members.insert("deadline_origin".into(), origin.as_str().into());
+    }
+    if let Some(trace_id) = err.trace_id() {
+        members.insert("trace_id".into(), trace_id.into());
     }
     if internal_details {
         let chain = atscale_core::chain(err.inner())

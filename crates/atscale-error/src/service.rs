@@ -13,6 +13,7 @@ use crate::body::ResponseBody;
 use crate::config::Config;
 use crate::error::{Enriched, Panicked, RequestMeta};
 use crate::future::{ClientResponseFuture, ResponseFuture};
+use crate::metrics;
 use crate::mode::{Client, Server};
 
 /// Enriches every error of the inner service; made by [`ErrorEnrichLayer`](crate::ErrorEnrichLayer).
@@ -98,6 +99,7 @@ where
         if let Some(err) = self.not_ready.take() {
             return ResponseFuture::failed(err, meta, config);
         }
+        let _entered = metrics::enter(Some(&meta));
         match catch_unwind(AssertUnwindSafe(|| self.inner.call(req))) {
             Ok(future) => ResponseFuture::running(future, meta, config),
             Err(payload) => {
@@ -132,6 +134,7 @@ where
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
         let meta = RequestMeta::of(&req);
         let config = self.config.clone();
+        let _entered = metrics::enter(Some(&meta));
         match self.not_ready.take() {
             Some(err) => ClientResponseFuture::failed(err, meta, config),
             None => ClientResponseFuture::running(self.inner.call(req), meta, config),

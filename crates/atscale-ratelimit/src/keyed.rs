@@ -13,6 +13,7 @@ use http::HeaderName;
 use crate::error::{InvalidLimit, MissingKey, Reason};
 use crate::limit::Limit;
 use crate::limiter::Limiter;
+use crate::metrics;
 use atscale_core::Clock;
 
 const SHARDS: usize = 16;
@@ -86,6 +87,12 @@ struct Shard<K> {
     next_sweep: u64,
 }
 
+impl<K> Drop for Shard<K> {
+    fn drop(&mut self) {
+        metrics::keys_removed(self.map.len());
+    }
+}
+
 impl<K> Clone for KeyedLimiter<K> {
     fn clone(&self) -> Self {
         KeyedLimiter {
@@ -131,12 +138,14 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> KeyedLimiter<K> {
                 shard.sweep(now);
             }
             if shard.map.len() >= shard.cap {
+                metrics::refused(metrics::Refused::KeyTableFull);
                 return Err(Overloaded::new());
             }
         }
         let limit = inner.quota.as_ref().map_or(inner.default, |q| q(&key));
         let limiter = Limiter::with_clock(limit, inner.clock.clone());
         shard.map.insert(key, limiter.clone());
+        metrics::keys_added(1);
         Ok(limiter)
     }
 
@@ -184,6 +193,7 @@ impl<K: Hash + Eq> Shard<K> {
         self.map
             .retain(|_, l| !(l.is_unshared() && l.bucket().is_fresh(now)));
         let freed = before - self.map.len();
+        metrics::keys_removed(freed);
         self.next_sweep = if freed >= self.cap.div_ceil(8) || self.map.is_empty() {
             0
         } else {

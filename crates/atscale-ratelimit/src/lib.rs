@@ -170,6 +170,7 @@ mod keyed;
 mod layer;
 mod limit;
 mod limiter;
+mod metrics;
 mod service;
 mod store;
 mod wait;

@@ -8,6 +8,7 @@ use tower_service::Service;
 use crate::future::ResponseFuture;
 use crate::keyed::{KeyPart, NoKey};
 use crate::layer::{Cost, Shared};
+use crate::metrics;
 use crate::store::{Claims, MemoryStore, Store};
 use crate::wait::{Decision, decide};
 
@@ -94,6 +95,7 @@ where
         };
         if let Some(bucket) = single {
             if shared.store.try_admit_now(bucket, cost) == Some(true) {
+                metrics::admitted();
                 return ResponseFuture::called(self.inner.call(req));
             }
         }

@@ -13,6 +13,7 @@ use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
+use crate::metrics::{self, QueueSlot, Refused};
 use crate::store::{Claims, Grant, Refusal, Store};
 
 /// How long a request may wait, and how many may wait at once.
@@ -87,6 +88,7 @@ pub(crate) fn decide<St: Store>(
                 // A store may hand a receipt for an immediate admission; it is used.
                 drop(receipt);
             }
+            metrics::admitted();
             Decision::Go
         }
         Ok(grant) => {
@@ -95,19 +97,30 @@ pub(crate) fn decide<St: Store>(
                 store: store.clone(),
                 receipt: grant.into_receipt(),
                 waiters: None,
+                slot: None,
             };
             if !queue.enter() {
                 // Lost a race for the last places in the queue: the guard
                 // gives the reservation back.
+                metrics::refused(Refused::QueueFull);
                 return Decision::Fail(Box::new(Overloaded::new()));
             }
             guard.waiters = queue.waiters.clone();
+            guard.slot = Some(metrics::waited(wait));
             Decision::Wait(Admission::new(wait, guard, cx))
         }
         Err(Refusal::RetryAfter(_)) if queue_was_full => {
+            metrics::refused(Refused::QueueFull);
             Decision::Fail(Box::new(Overloaded::new()))
         }
-        Err(refusal) => Decision::Fail(refusal.into_error()),
+        Err(refusal) => {
+            metrics::refused(match refusal {
+                Refusal::RetryAfter(_) => Refused::RateLimited,
+                Refusal::InsufficientCapacity(_) => Refused::InsufficientCapacity,
+                Refusal::Store(_) => Refused::Store,
+            });
+            Decision::Fail(refusal.into_error())
+        }
     }
 }
 
@@ -117,11 +130,14 @@ pub(crate) struct Guard<St: Store> {
     store: St,
     receipt: Option<St::Receipt>,
     waiters: Option<Arc<AtomicUsize>>,
+    /// In the queue-depth gauge until admitted or dropped.
+    slot: Option<QueueSlot>,
 }
 
 impl<St: Store> Guard<St> {
     fn admit(&mut self) {
         self.receipt = None;
+        self.slot = None;
         if let Some(w) = self.waiters.take() {
             w.fetch_sub(1, Ordering::AcqRel);
         }
@@ -168,6 +184,7 @@ impl<St: Store> Future for Admission<St> {
         let this = self.project();
         if let Some(cancelled) = this.cancelled.as_pin_mut() {
             if cancelled.poll(cx).is_ready() {
+                metrics::refused(Refused::Cancelled);
                 return Poll::Ready(Err(Box::new(Cancelled::new())));
             }
         }

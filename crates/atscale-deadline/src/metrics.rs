@@ -1,0 +1,104 @@
+//! The deadline's metrics and span fields (the `metrics` feature); without
+//! the feature every function is an empty inline no-op.
+//!
+//! Names: [`atscale_core::metrics`].
+
+use std::time::Duration;
+
+use atscale_core::Origin;
+
+/// Where a deadline was found passed.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Stage {
+    /// Already passed when the request arrived.
+    Arrival,
+    /// Passed while the inner service was working.
+    Running,
+}
+
+#[cfg(feature = "metrics")]
+mod imp {
+    use std::time::Duration;
+
+    use atscale_core::Origin;
+    use atscale_core::metrics::{DEADLINE_EXCEEDED, DEADLINE_MALFORMED, DEADLINE_REMAINING, field};
+
+    use super::Stage;
+
+    macro_rules! by_origin {
+        ($origin:expr, $mac:ident, $name:expr $(, $k:literal => $v:literal)*) => {
+            match $origin {
+                Origin::Local => ::metrics::$mac!($name, "origin" => "local" $(, $k => $v)*),
+                Origin::Parent => ::metrics::$mac!($name, "origin" => "parent" $(, $k => $v)*),
+                Origin::GrpcTimeout => ::metrics::$mac!($name, "origin" => "grpc-timeout" $(, $k => $v)*),
+                Origin::Header => ::metrics::$mac!($name, "origin" => "header" $(, $k => $v)*),
+                // an origin added later: labelled by its name (allocates)
+                other => ::metrics::$mac!($name, "origin" => other.as_str() $(, $k => $v)*),
+            }
+        };
+    }
+
+    #[inline]
+    pub(crate) fn malformed() {
+        ::metrics::counter!(DEADLINE_MALFORMED).increment(1);
+    }
+
+    #[inline]
+    pub(crate) fn exceeded(origin: Origin, stage: Stage) {
+        match stage {
+            Stage::Arrival => {
+                by_origin!(origin, counter, DEADLINE_EXCEEDED, "stage" => "arrival").increment(1)
+            }
+            Stage::Running => {
+                by_origin!(origin, counter, DEADLINE_EXCEEDED, "stage" => "running").increment(1)
+            }
+        }
+    }
+
+    #[inline]
+    pub(crate) fn arrived(origin: Origin, remaining: Duration) {
+        by_origin!(origin, histogram, DEADLINE_REMAINING).record(remaining.as_secs_f64());
+        let span = tracing::Span::current();
+        span.record(field::DEADLINE_ORIGIN, origin.as_str());
+        span.record(
+            field::DEADLINE_REMAINING_MS,
+            remaining.as_millis().min(u64::MAX as u128) as u64,
+        );
+    }
+}
+
+#[cfg(not(feature = "metrics"))]
+mod imp {
+    use std::time::Duration;
+
+    use atscale_core::Origin;
+
+    use super::Stage;
+
+    #[inline(always)]
+    pub(crate) fn malformed() {}
+
+    #[inline(always)]
+    pub(crate) fn exceeded(_: Origin, _: Stage) {}
+
+    #[inline(always)]
+    pub(crate) fn arrived(_: Origin, _: Duration) {}
+}
+
+/// A request was refused for a malformed deadline header.
+#[inline(always)]
+pub(crate) fn malformed() {
+    imp::malformed();
+}
+
+/// A deadline from `origin` passed, at `stage`.
+#[inline(always)]
+pub(crate) fn exceeded(origin: Origin, stage: Stage) {
+    imp::exceeded(origin, stage);
+}
+
+/// A request arrived with a deadline from `origin`, `remaining` ahead.
+#[inline(always)]
+pub(crate) fn arrived(origin: Origin, remaining: Duration) {
+    imp::arrived(origin, remaining);
+}

@@ -1,0 +1,313 @@
+//! ErrorEnrich's metrics and the per-request span (the `metrics` feature);
+//! without the feature [`Observed`] is zero-sized and every function is an
+//! empty inline no-op.
+//!
+//! The span (`request`, target `atscale`) is opened when the request
+//! arrives and entered while the inner service is called and polled, so
+//! every inner layer records its decision on it as it makes it
+//! ([`atscale_core::metrics::field`]); ErrorEnrich records the status, the
+//! error's kind and id, and the W3C trace id. Names:
+//! [`atscale_core::metrics`].
+
+use http::{HeaderValue, Request, Response};
+
+use crate::error::{Enriched, RequestMeta};
+
+#[cfg(feature = "metrics")]
+mod imp {
+    use std::time::Instant;
+
+    use atscale_core::Kind;
+    use atscale_core::metrics::{
+        ERRORS, HTTP_SERVER_REQUEST_DURATION, PANICS, RPC_SERVER_DURATION, durations_enabled, field,
+    };
+    use http::{HeaderValue, Method, Request, Response, StatusCode};
+    use metrics::{Label, SharedString};
+    use tracing::field::Empty;
+
+    use crate::error::{Enriched, Panicked, RequestMeta};
+    use crate::trace::TraceId;
+
+    /// The request's span and, when durations are on, its arrival time.
+    #[derive(Clone, Debug)]
+    pub(crate) struct Observed {
+        span: tracing::Span,
+        started: Option<Instant>,
+    }
+
+    impl Observed {
+        #[inline]
+        pub(crate) fn start<B>(
+            req: &Request<B>,
+            route: Option<&str>,
+            trace: Option<&HeaderValue>,
+        ) -> Self {
+            let span = tracing::info_span!(
+                target: "atscale",
+                "request",
+                http.request.method = %req.method(),
+                http.route = Empty,
+                trace_id = Empty,
+                deadline.origin = Empty,
+                deadline.remaining_ms = Empty,
+                ratelimit.outcome = Empty,
+                ratelimit.wait_ms = Empty,
+                hedge.sent = Empty,
+                error.kind = Empty,
+                error.id = Empty,
+                http.response.status_code = Empty,
+            );
+            if !span.is_disabled() {
+                if let Some(route) = route {
+                    span.record("http.route", route);
+                }
+                if let Some(id) = trace.and_then(TraceId::parse) {
+                    span.record(field::TRACE_ID, id.as_str());
+                }
+            }
+            Observed {
+                span,
+                started: durations_enabled().then(Instant::now),
+            }
+        }
+    }
+
+    /// The entered span of a request, exited when dropped.
+    pub(crate) type Entered = Option<tracing::span::EnteredSpan>;
+
+    #[inline]
+    pub(crate) fn enter(meta: Option<&RequestMeta>) -> Entered {
+        let span = &meta?.obs.span;
+        (!span.is_disabled()).then(|| span.clone().entered())
+    }
+
+    #[inline]
+    pub(crate) fn answered_ok<B>(meta: Option<&RequestMeta>, res: &Response<B>) {
+        let Some(meta) = meta else { return };
+        meta.obs.span.record(field::STATUS, res.status().as_u16());
+        if let Some(started) = meta.obs.started {
+            duration(
+                started,
+                &meta.method,
+                meta.route(),
+                meta.grpc.is_some(),
+                res,
+                None,
+            );
+        }
+    }
+
+    pub(crate) fn answered_err<B>(err: &Enriched, res: &Response<B>) {
+        let obs = err.observed();
+        obs.span.record(field::STATUS, res.status().as_u16());
+        obs.span.record(field::ERROR_KIND, err.kind().as_str());
+        obs.span
+            .record(field::ERROR_ID, tracing::field::display(err.id()));
+        errored(err);
+        if let Some(started) = obs.started {
+            duration(
+                started,
+                err.method(),
+                err.matched_route(),
+                err.is_grpc(),
+                res,
+                Some(err.kind()),
+            );
+        }
+    }
+
+    pub(crate) fn errored(err: &Enriched) {
+        let service = SharedString::from(err.service_arc());
+        let side = if err.is_outgoing() {
+            "client"
+        } else {
+            "server"
+        };
+        let labels = vec![
+            Label::new("service", service.clone()),
+            Label::from_static_parts("side", side),
+            Label::from_static_parts("kind", err.kind().as_str()),
+            Label::new("http.response.status_code", status_label(err.status())),
+        ];
+        metrics::counter!(ERRORS, labels).increment(1);
+        if err.kind() == Kind::Internal && atscale_core::find::<Panicked>(err.inner()).is_some() {
+            metrics::counter!(PANICS, vec![Label::new("service", service)]).increment(1);
+        }
+        if err.is_outgoing() {
+            let obs = err.observed();
+            obs.span.record(field::ERROR_KIND, err.kind().as_str());
+            obs.span
+                .record(field::ERROR_ID, tracing::field::display(err.id()));
+        }
+    }
+
+    fn duration<B>(
+        started: Instant,
+        method: &Method,
+        route: Option<&str>,
+        grpc: bool,
+        res: &Response<B>,
+        kind: Option<Kind>,
+    ) {
+        let elapsed = started.elapsed();
+        let error = kind.map(|k| Label::from_static_parts("error.type", k.as_str()));
+        if grpc {
+            let code = res
+                .headers()
+                .get("grpc-status")
+                .and_then(|v| grpc_code_label(v.as_bytes()))
+                .unwrap_or("0");
+            let mut labels = vec![
+                Label::from_static_parts("rpc.system", "grpc"),
+                Label::from_static_parts("rpc.grpc.status_code", code),
+            ];
+            labels.extend(error);
+            metrics::histogram!(RPC_SERVER_DURATION, labels).record(elapsed.as_secs_f64() * 1000.0);
+        } else {
+            let mut labels = vec![
+                Label::from_static_parts("http.request.method", method_label(method)),
+                Label::new("http.response.status_code", status_label(res.status())),
+            ];
+            if let Some(route) = route {
+                labels.push(Label::new("http.route", route.to_owned()));
+            }
+            labels.extend(error);
+            metrics::histogram!(HTTP_SERVER_REQUEST_DURATION, labels).record(elapsed.as_secs_f64());
+        }
+    }
+
+    /// OpenTelemetry's known methods, `_OTHER` for the rest (a bounded set).
+    fn method_label(method: &Method) -> &'static str {
+        match *method {
+            Method::GET => "GET",
+            Method::POST => "POST",
+            Method::PUT => "PUT",
+            Method::DELETE => "DELETE",
+            Method::HEAD => "HEAD",
+            Method::PATCH => "PATCH",
+            Method::OPTIONS => "OPTIONS",
+            Method::CONNECT => "CONNECT",
+            Method::TRACE => "TRACE",
+            _ => "_OTHER",
+        }
+    }
+
+    /// The common statuses without allocating; others as their digits.
+    fn status_label(status: StatusCode) -> SharedString {
+        let s: &'static str = match status.as_u16() {
+            200 => "200",
+            201 => "201",
+            202 => "202",
+            204 => "204",
+            206 => "206",
+            301 => "301",
+            302 => "302",
+            303 => "303",
+            304 => "304",
+            307 => "307",
+            308 => "308",
+            400 => "400",
+            401 => "401",
+            403 => "403",
+            404 => "404",
+            405 => "405",
+            408 => "408",
+            409 => "409",
+            410 => "410",
+            413 => "413",
+            415 => "415",
+            422 => "422",
+            429 => "429",
+            499 => "499",
+            500 => "500",
+            501 => "501",
+            502 => "502",
+            503 => "503",
+            504 => "504",
+            other => return SharedString::from(other.to_string()),
+        };
+        SharedString::const_str(s)
+    }
+
+    /// A gRPC status code (0..=16) as a label; anything else is not one.
+    fn grpc_code_label(code: &[u8]) -> Option<&'static str> {
+        const CODES: [&str; 17] = [
+            "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15",
+            "16",
+        ];
+        CODES.iter().find(|c| c.as_bytes() == code).copied()
+    }
+}
+
+#[cfg(not(feature = "metrics"))]
+mod imp {
+    use http::{HeaderValue, Request, Response};
+
+    use crate::error::{Enriched, RequestMeta};
+
+    /// Zero-sized without the `metrics` feature.
+    #[derive(Clone, Debug)]
+    pub(crate) struct Observed;
+
+    impl Observed {
+        #[inline(always)]
+        pub(crate) fn start<B>(_: &Request<B>, _: Option<&str>, _: Option<&HeaderValue>) -> Self {
+            Observed
+        }
+    }
+
+    /// Zero-sized without the `metrics` feature.
+    pub(crate) struct Entered;
+
+    #[inline(always)]
+    pub(crate) fn enter(_: Option<&RequestMeta>) -> Entered {
+        Entered
+    }
+
+    #[inline(always)]
+    pub(crate) fn answered_ok<B>(_: Option<&RequestMeta>, _: &Response<B>) {}
+
+    #[inline(always)]
+    pub(crate) fn answered_err<B>(_: &Enriched, _: &Response<B>) {}
+
+    #[inline(always)]
+    pub(crate) fn errored(_: &Enriched) {}
+}
+
+pub(crate) use imp::{Entered, Observed};
+
+/// Enters the request's span (until the returned guard drops).
+#[inline(always)]
+#[must_use]
+pub(crate) fn enter(meta: Option<&RequestMeta>) -> Entered {
+    imp::enter(meta)
+}
+
+/// A server answered the request with the inner service's response.
+#[inline(always)]
+pub(crate) fn answered_ok<B>(meta: Option<&RequestMeta>, res: &Response<B>) {
+    imp::answered_ok(meta, res);
+}
+
+/// A server answered the request with `err`, as `res`.
+#[inline(always)]
+pub(crate) fn answered_err<B>(err: &Enriched, res: &Response<B>) {
+    imp::answered_err(err, res);
+}
+
+/// A client-mode layer failed with `err`.
+#[inline(always)]
+pub(crate) fn errored(err: &Enriched) {
+    imp::errored(err);
+}
+
+/// Starts observing a request: its span, and its arrival time when
+/// durations are on.
+#[inline(always)]
+pub(crate) fn start<B>(
+    req: &Request<B>,
+    route: Option<&str>,
+    trace: Option<&HeaderValue>,
+) -> Observed {
+    Observed::start(req, route, trace)
+}
