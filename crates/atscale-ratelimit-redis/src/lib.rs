@@ -66,7 +66,7 @@
 //! any wait happen in the response future, in arrival order of the
 //! reservations Redis made. The number of waiters is bounded by the layer
 //! (`max_waiters`); the round trips themselves are multiplexed on one
-//! connection, each in a small task of its own (so that an answer arriving
+//! connection (one per node on a cluster), each in a small task of its own (so that an answer arriving
 //! after its caller left is read and its reservation given back).
 //!
 //! # Errors
