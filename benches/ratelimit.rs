@@ -68,11 +68,11 @@ fn print_ratios(title: &str, names: &[&str], samples: &[Vec<f64>], anchor: usize
 fn print_overheads(title: &str, names: &[&str], samples: &[Vec<f64>], anchor: usize) {
     println!("\n{title}");
     println!(
-        "  {:<34} {:>24} {:>28} {:>22}",
+        "  {:<34} {:>24} {:>28} {:>30}",
         "case",
         "ns/call median (min..max)",
         "overhead over bare (min..max)",
-        "overhead ratio to anchor"
+        "overhead ratio to anchor (min..max)"
     );
     let overhead = |i: usize| -> Vec<f64> {
         samples[i]
@@ -81,19 +81,22 @@ fn print_overheads(title: &str, names: &[&str], samples: &[Vec<f64>], anchor: us
             .map(|(x, b)| x - b)
             .collect()
     };
-    let anchor_overhead = median(overhead(anchor));
+    let anchor_overhead = overhead(anchor);
     for (i, s) in samples.iter().enumerate() {
         let (lo, hi) = range(s);
         let o = overhead(i);
         let (olo, ohi) = range(&o);
+        // Per repetition, this case's overhead over the anchor's.
+        let ratios: Vec<f64> = o.iter().zip(&anchor_overhead).map(|(x, a)| x / a).collect();
+        let (rlo, rhi) = range(&ratios);
         let ratio = if i == 0 {
             String::from("-")
         } else {
-            format!("{:.2}x", median(o.clone()) / anchor_overhead)
+            format!("{:.2}x ({rlo:.2}..{rhi:.2})", median(ratios))
         };
         let mark = if i == anchor { " (anchor)" } else { "" };
         println!(
-            "  {:<34} {:>7.1} ({:>6.1}..{:>6.1}) {:>+9.1} ({:+.1}..{:+.1}) {:>14}{mark}",
+            "  {:<34} {:>7.1} ({:>6.1}..{:>6.1}) {:>+9.1} ({:+.1}..{:+.1}) {:>24}{mark}",
             names[i],
             median(s.clone()),
             lo,
@@ -194,17 +197,23 @@ fn hot_path() {
 const CONTENDED: f64 = 0.9;
 
 /// Two threads hammering one shared limiter, released together from a
-/// barrier; ns per op per thread over the span of both windows. Every run's
-/// windows are kept in `record` for the check.
+/// barrier and stopped together; the time per op per thread (mean of the
+/// two), scaled to `n` ops for the harness. Every run's windows are kept in
+/// `record` for the check.
 fn two_threads<'a>(
     op: impl Fn() + Sync + 'a,
     record: &'a RefCell<Vec<Concurrent>>,
 ) -> impl FnMut(u64) -> Duration + 'a {
     move |n| {
+        // A pause before every run, outside the timed windows: under
+        // `chrt -f` (see the README) it keeps the two spinning threads
+        // within the kernel's real-time budget (95% of each second), which
+        // would otherwise throttle them mid-window.
+        std::thread::sleep(Duration::from_millis(100));
         let run = concurrently(2, n, &op);
-        let span = run.span();
+        let per_op = run.per_op_secs();
         record.borrow_mut().push(run);
-        span
+        Duration::from_secs_f64(per_op * n as f64)
     }
 }
 

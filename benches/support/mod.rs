@@ -210,6 +210,8 @@ pub(crate) fn thread_cpu_ns() -> Option<u64> {
 pub(crate) struct Window {
     pub(crate) start: Instant,
     pub(crate) end: Instant,
+    /// Operations done in the window.
+    pub(crate) ops: u64,
     /// Time on a CPU during the window, if known.
     pub(crate) on_cpu: Option<Duration>,
 }
@@ -222,6 +224,18 @@ pub(crate) struct Concurrent {
 }
 
 impl Concurrent {
+    /// The mean over threads of the time per operation in each thread's
+    /// own window, in seconds: what one operation costs a thread while the
+    /// others run.
+    pub(crate) fn per_op_secs(&self) -> f64 {
+        let sum: f64 = self
+            .windows
+            .iter()
+            .map(|w| (w.end - w.start).as_secs_f64() / w.ops.max(1) as f64)
+            .sum();
+        sum / self.windows.len() as f64
+    }
+
     /// From the first start to the last end.
     pub(crate) fn span(&self) -> Duration {
         let start = self.windows.iter().map(|w| w.start).min().expect("threads");
@@ -273,10 +287,14 @@ impl Concurrent {
     }
 }
 
-/// Runs `op` `iters` times on each of `threads` threads released together
-/// from a barrier, each recording its own timed window and CPU time.
+/// Runs `op` on each of `threads` threads released together from a
+/// barrier, each recording its own timed window, operations and CPU time.
+/// A thread stops after `iters` operations, or as soon as another thread
+/// has done its `iters` (checked every 64 operations): the windows end
+/// together, so no thread's figure includes time it ran alone.
 pub(crate) fn concurrently(threads: usize, iters: u64, op: &(dyn Fn() + Sync)) -> Concurrent {
     let barrier = std::sync::Barrier::new(threads);
+    let done = std::sync::atomic::AtomicBool::new(false);
     let windows = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|_| {
@@ -284,14 +302,27 @@ pub(crate) fn concurrently(threads: usize, iters: u64, op: &(dyn Fn() + Sync)) -
                     barrier.wait();
                     let cpu = thread_cpu_ns();
                     let start = Instant::now();
-                    for _ in 0..iters {
-                        op();
+                    let mut ops = 0;
+                    while ops < iters {
+                        for _ in 0..64 {
+                            op();
+                        }
+                        ops += 64;
+                        if done.load(std::sync::atomic::Ordering::Relaxed) {
+                            break;
+                        }
                     }
+                    done.store(true, std::sync::atomic::Ordering::Relaxed);
                     let end = Instant::now();
                     let on_cpu = cpu
                         .zip(thread_cpu_ns())
                         .map(|(a, b)| Duration::from_nanos(b.saturating_sub(a)));
-                    Window { start, end, on_cpu }
+                    Window {
+                        start,
+                        end,
+                        ops,
+                        on_cpu,
+                    }
                 })
             })
             .collect();
