@@ -94,27 +94,51 @@ impl RedisCluster {
         ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create the cluster's temporary directory");
-        let ports = free_ports(12);
         let mut cluster = RedisCluster {
-            nodes: ports
+            nodes: Vec::new(),
+            dir,
+        };
+        // A port found free can be taken before its node binds it (the node
+        // exits): start again on other ports.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            cluster.nodes = free_ports(12)
                 .chunks_exact(2)
                 .map(|p| Node {
                     port: p[0],
                     bus: p[1],
                     child: None,
                 })
-                .collect(),
-            dir,
-        };
-        for i in 0..cluster.nodes.len() {
-            cluster.launch(i);
-        }
-        bounded("the cluster nodes answer PING", async {
-            for node in &cluster.nodes {
-                wait_ping(node.port).await;
+                .collect();
+            for i in 0..cluster.nodes.len() {
+                cluster.launch(i);
             }
-        })
-        .await;
+            let up = bounded("the cluster nodes answer PING", async {
+                for node in &mut cluster.nodes {
+                    if !wait_ping(node).await {
+                        return false;
+                    }
+                }
+                true
+            })
+            .await;
+            if up {
+                break;
+            }
+            assert!(
+                tries < 5,
+                "the cluster's nodes did not start on 5 sets of free ports"
+            );
+            cluster.stop_all();
+            for entry in std::fs::read_dir(&cluster.dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
         let mut create = Command::new(cli_binary());
         create.arg("--cluster").arg("create");
         for node in &cluster.nodes {
@@ -458,14 +482,21 @@ pub async fn connect(port: u16) -> MultiplexedConnection {
         .unwrap_or_else(|e| panic!("connect to the cluster node on {port}: {e}"))
 }
 
-async fn wait_ping(port: u16) {
+/// Waits until the node answers PING (`true`), or its process exits
+/// (`false`: its port was taken).
+async fn wait_ping(node: &mut Node) -> bool {
     let mut tick = tokio::time::interval(Duration::from_millis(10));
     loop {
         tick.tick().await;
-        if let Ok(mut conn) = try_connect(port).await {
+        let child = node.child.as_mut().expect("launched");
+        if child.try_wait().ok().flatten().is_some() {
+            node.child = None;
+            return false;
+        }
+        if let Ok(mut conn) = try_connect(node.port).await {
             let pong: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut conn).await;
             if pong.as_deref() == Ok("PONG") {
-                return;
+                return true;
             }
         }
     }
@@ -512,14 +543,20 @@ pub async fn calls_on(port: u16, names: &[&str]) -> u64 {
         .sum()
 }
 
-impl Drop for RedisCluster {
-    fn drop(&mut self) {
+impl RedisCluster {
+    fn stop_all(&mut self) {
         for node in &mut self.nodes {
             if let Some(mut child) = node.child.take() {
                 let _ = child.kill();
                 let _ = child.wait();
             }
         }
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        self.stop_all();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
