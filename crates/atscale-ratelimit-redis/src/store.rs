@@ -456,6 +456,14 @@ impl RedisStore {
         };
         let mut taken: Vec<usize> = Vec::new();
         for group in &groups {
+            if !taken.is_empty() && !alive() {
+                // The caller left between two steps: nothing more to ask.
+                self.give_back_now(claims, &reply, &taken).await;
+                return Err(RedisError::from((
+                    ErrorKind::Client,
+                    "the caller left during a split admission",
+                )));
+            }
             let keys: Vec<&str> = group.iter().map(|&i| claims[i].0.key()).collect();
             let mut args = Vec::with_capacity(1 + 2 * group.len());
             args.push(max_wait_us);
