@@ -409,7 +409,7 @@ fn accuracy() {
         if limiter.try_acquire(1).is_ok() {
             admitted += 1;
         }
-        if tries % 64 == 0 && start.elapsed() >= run {
+        if tries.is_multiple_of(64) && start.elapsed() >= run {
             break;
         }
     }

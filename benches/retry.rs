@@ -139,10 +139,10 @@ impl Service<Call> for Backend {
                 .entry(call.id)
                 .and_modify(|k| *k += 1)
                 .or_insert(0);
-            if let Some(at) = log.refused_at.remove(&call.id) {
-                if now < at + PUSHBACK {
-                    log.early += 1;
-                }
+            if let Some(at) = log.refused_at.remove(&call.id)
+                && now < at + PUSHBACK
+            {
+                log.early += 1;
             }
             if self.scenario == Scenario::Deadline
                 && now > Duration::from_millis(call.id * 1000 / RATE) + DEADLINE

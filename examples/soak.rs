@@ -131,7 +131,7 @@ async fn connection(
         if i >= cfg.requests {
             break;
         }
-        if i % (cfg.requests / 8).max(1) == 0 && i / (cfg.requests / 8).max(1) < 8 {
+        if i.is_multiple_of((cfg.requests / 8).max(1)) && i / (cfg.requests / 8).max(1) < 8 {
             let eighth = (i / (cfg.requests / 8).max(1)) as usize;
             tally.rss[eighth].store(rss_kib(), Ordering::Relaxed);
         }

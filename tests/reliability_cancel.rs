@@ -561,10 +561,10 @@ struct InTransit(Option<Result<Grant<MemoryReceipt>, Refusal>>);
 
 impl Drop for InTransit {
     fn drop(&mut self) {
-        if let Some(Ok(grant)) = self.0.take() {
-            if let Some(receipt) = grant.into_receipt() {
-                MemoryStore.refund(receipt);
-            }
+        if let Some(Ok(grant)) = self.0.take()
+            && let Some(receipt) = grant.into_receipt()
+        {
+            MemoryStore.refund(receipt);
         }
     }
 }

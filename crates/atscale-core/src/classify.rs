@@ -176,10 +176,10 @@ fn foreign(err: &(dyn Error + 'static)) -> Option<Classification> {
     let kind = |kind| Some(Classification::new(kind));
     if let Some(io) = err.downcast_ref::<std::io::Error>() {
         // io::Error::source() skips the error it wraps: look at it first.
-        if let Some(inner) = io.get_ref() {
-            if let Some(found) = classify(inner) {
-                return Some(found);
-            }
+        if let Some(inner) = io.get_ref()
+            && let Some(found) = classify(inner)
+        {
+            return Some(found);
         }
         return io_kind(io.kind()).map(Classification::new);
     }

@@ -53,14 +53,14 @@ impl<F: Future> Future for Preemptable<F> {
         if this.cancelled.poll(cx).is_ready() {
             return Poll::Ready(Err(Interrupted::Cancelled(Cancelled::new())));
         }
-        if let Some(timer) = this.timer.as_pin_mut() {
-            if timer.poll(cx).is_ready() {
-                let deadline = this.cx.deadline().expect("a timer implies a deadline");
-                return Poll::Ready(Err(Interrupted::DeadlineExceeded(DeadlineExceeded::at(
-                    deadline,
-                    Instant::now(),
-                ))));
-            }
+        if let Some(timer) = this.timer.as_pin_mut()
+            && timer.poll(cx).is_ready()
+        {
+            let deadline = this.cx.deadline().expect("a timer implies a deadline");
+            return Poll::Ready(Err(Interrupted::DeadlineExceeded(DeadlineExceeded::at(
+                deadline,
+                Instant::now(),
+            ))));
         }
         let output = ready!(this.work.poll(cx));
         Poll::Ready(Ok(output))

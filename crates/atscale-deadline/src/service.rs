@@ -116,23 +116,19 @@ fn effective_deadline<Req: Carrier>(
         Role::Client => (Origin::Local, Origin::Local),
         _ => (Origin::GrpcTimeout, Origin::Header),
     };
-    if config.grpc_timeout {
-        if let Some(value) = codec::single(headers, &GRPC_TIMEOUT)? {
-            let budget = codec::parse_grpc_timeout(value.as_bytes())?;
-            deadline = RequestDeadline::earliest(
-                deadline,
-                RequestDeadline::after(now, budget, grpc_origin),
-            );
-        }
+    if config.grpc_timeout
+        && let Some(value) = codec::single(headers, &GRPC_TIMEOUT)?
+    {
+        let budget = codec::parse_grpc_timeout(value.as_bytes())?;
+        deadline =
+            RequestDeadline::earliest(deadline, RequestDeadline::after(now, budget, grpc_origin));
     }
-    if let Some(name) = &config.header {
-        if let Some(value) = codec::single(headers, name)? {
-            let budget = codec::parse_millis(name, value.as_bytes())?;
-            deadline = RequestDeadline::earliest(
-                deadline,
-                RequestDeadline::after(now, budget, header_origin),
-            );
-        }
+    if let Some(name) = &config.header
+        && let Some(value) = codec::single(headers, name)?
+    {
+        let budget = codec::parse_millis(name, value.as_bytes())?;
+        deadline =
+            RequestDeadline::earliest(deadline, RequestDeadline::after(now, budget, header_origin));
     }
     Ok(deadline)
 }

@@ -96,7 +96,7 @@ mod tests {
     }
 
     fn is_leap(y: u64) -> bool {
-        (y % 4 == 0 && y % 100 != 0) || y % 400 == 0
+        (y.is_multiple_of(4) && !y.is_multiple_of(100)) || y.is_multiple_of(400)
     }
 
     /// A slow, obviously correct count of days from 1970-01-01.

@@ -113,10 +113,10 @@ impl Ticket {
             return;
         }
         self.done = true;
-        if matches!(outcome, Outcome::Stalled | Outcome::Cancelled) {
-            if let Some(cx) = &self.cx {
-                cx.cancel();
-            }
+        if matches!(outcome, Outcome::Stalled | Outcome::Cancelled)
+            && let Some(cx) = &self.cx
+        {
+            cx.cancel();
         }
         self.shared.finish(self.key, self.id, self.started, outcome);
         if let Some(hook) = &self.hook {

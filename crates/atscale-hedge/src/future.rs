@@ -285,15 +285,15 @@ where
 {
     armed.fire_now = false;
     let index = armed.launched;
-    if let Some(parent) = &armed.parent {
-        if parent.is_expired() || parent.is_cancelled() {
-            event!(
-                attempt = index,
-                "no hedge: the request's deadline passed or it was cancelled"
-            );
-            armed.stopped = true;
-            return;
-        }
+    if let Some(parent) = &armed.parent
+        && (parent.is_expired() || parent.is_cancelled())
+    {
+        event!(
+            attempt = index,
+            "no hedge: the request's deadline passed or it was cancelled"
+        );
+        armed.stopped = true;
+        return;
     }
     if !shared.try_hedge(armed.position) {
         event!(attempt = index, "no hedge: budget exhausted");
@@ -379,27 +379,27 @@ where
     if let Some(guard) = guard {
         guard.disarm();
     }
-    if verdict == Verdict::Good {
-        if let Some(shared) = this.shared.as_deref() {
-            if let Some(started) = started.filter(|_| shared.is_adaptive()) {
-                let now = shared.clock.now_nanos();
-                let since = |t: u64| Duration::from_nanos(now.saturating_sub(t));
-                shared.record(since(started), now);
-                // The attempts still in flight were at least this slow: recording
-                // them keeps a won race from hiding the tail from the window.
-                if let Some(primary) = this.started.filter(|_| !this.primary.is_done()) {
-                    shared.record(since(primary), now);
-                }
-                if let Some(armed) = this.armed.as_ref() {
-                    for b in &armed.backups {
-                        shared.record(since(b.started), now);
-                    }
+    if verdict == Verdict::Good
+        && let Some(shared) = this.shared.as_deref()
+    {
+        if let Some(started) = started.filter(|_| shared.is_adaptive()) {
+            let now = shared.clock.now_nanos();
+            let since = |t: u64| Duration::from_nanos(now.saturating_sub(t));
+            shared.record(since(started), now);
+            // The attempts still in flight were at least this slow: recording
+            // them keeps a won race from hiding the tail from the window.
+            if let Some(primary) = this.started.filter(|_| !this.primary.is_done()) {
+                shared.record(since(primary), now);
+            }
+            if let Some(armed) = this.armed.as_ref() {
+                for b in &armed.backups {
+                    shared.record(since(b.started), now);
                 }
             }
-            if index > 0 {
-                shared.counters.won.fetch_add(1, Ordering::Relaxed);
-                event!(attempt = index, "hedge won");
-            }
+        }
+        if index > 0 {
+            shared.counters.won.fetch_add(1, Ordering::Relaxed);
+            event!(attempt = index, "hedge won");
         }
     }
     // Losers are dropped now; their guards cancel their contexts.
@@ -417,10 +417,10 @@ fn exhausted<Res>(failures: &mut Failures<Res>) -> Result<Res, BoxError> {
     if let Some(res) = failures.fallback.take() {
         return Ok(res);
     }
-    if failures.count <= 1 {
-        if let Some((_, e)) = errors.pop() {
-            return Err(e);
-        }
+    if failures.count <= 1
+        && let Some((_, e)) = errors.pop()
+    {
+        return Err(e);
     }
     errors.sort_by_key(|(i, _)| *i);
     Err(Box::new(HedgeExhausted::new(

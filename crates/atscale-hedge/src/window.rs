@@ -153,7 +153,7 @@ impl LatencyWindow {
         half.buckets[bucket(micros)].fetch_add(1, Ordering::Relaxed);
         let n = half.count.fetch_add(1, Ordering::Relaxed) + 1;
         // While unarmed, `refresh` is a sum of two counts until enough samples are in.
-        if n % REFRESH_EVERY == 0 || self.delay_micros.load(Ordering::Relaxed) == UNARMED {
+        if n.is_multiple_of(REFRESH_EVERY) || self.delay_micros.load(Ordering::Relaxed) == UNARMED {
             self.refresh(period);
         }
     }

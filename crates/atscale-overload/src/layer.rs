@@ -9,7 +9,7 @@ use tower_layer::Layer;
 use crate::codel::CoDel;
 use crate::criticality::CRITICALITY_HEADER;
 use crate::error::ConfigError;
-use crate::limit::{Algorithm, Gradient2};
+use crate::limit::{Algorithm, Vegas};
 use crate::queue::{Settings, Shared};
 use crate::service::Overload;
 
@@ -42,7 +42,7 @@ impl Default for OverloadLayer {
 }
 
 impl OverloadLayer {
-    /// The defaults: [`Gradient2`], limits 1..=1000 starting at 20, a queue of
+    /// The defaults: [`Vegas`], limits 1..=1000 starting at 20, a queue of
     /// 1024, CoDel 5 ms / 100 ms, deadline-aware admission, criticality from
     /// `x-criticality`.
     pub fn new() -> Self {
@@ -131,7 +131,7 @@ pub struct Builder {
 impl Default for Builder {
     fn default() -> Self {
         Builder {
-            algorithm: Box::new(Gradient2::default()),
+            algorithm: Box::new(Vegas::default()),
             min: 1,
             max: 1000,
             initial: 20,
@@ -160,7 +160,7 @@ impl fmt::Debug for Builder {
 }
 
 impl Builder {
-    /// The limit algorithm ([`Gradient2`] by default; [`Vegas`](crate::limit::Vegas),
+    /// The limit algorithm ([`Vegas`] by default; [`Gradient2`](crate::limit::Gradient2),
     /// [`Aimd`](crate::limit::Aimd), or your own).
     pub fn algorithm(mut self, algorithm: impl Algorithm) -> Self {
         self.algorithm = Box::new(algorithm);

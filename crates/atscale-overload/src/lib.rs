@@ -7,8 +7,8 @@
 //! goodput falls toward zero exactly when demand peaks. [`OverloadLayer`]
 //! keeps it at capacity:
 //!
-//! - **an adaptive concurrency limit** ([`limit::Gradient2`] by default,
-//!   [`limit::Vegas`], [`limit::Aimd`], or your own [`limit::Algorithm`]),
+//! - **an adaptive concurrency limit** ([`limit::Vegas`] by default,
+//!   [`limit::Gradient2`], [`limit::Aimd`], or your own [`limit::Algorithm`]),
 //!   shared by every clone of the service; the current limit, the requests in
 //!   flight and the queue depth are readable at any time ([`Admission`]);
 //! - **a bounded admission queue** for requests over the limit, watched by

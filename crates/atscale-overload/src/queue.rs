@@ -45,8 +45,11 @@ struct State {
     decided: HashMap<u64, Decision>,
     next_id: u64,
     codel: Codel,
-    /// EWMA of successful requests' service times, in nanoseconds.
+    /// Smoothed service time of successful requests (RFC 6298's SRTT), in
+    /// nanoseconds.
     service: Option<f64>,
+    /// Its mean deviation (RFC 6298's RTTVAR).
+    service_var: f64,
     deadline_aware: bool,
 }
 
@@ -166,6 +169,7 @@ impl Shared {
                 next_id: 0,
                 codel: Codel::new(codel),
                 service: None,
+                service_var: 0.0,
                 deadline_aware: settings.deadline_aware,
             }),
             clock,
@@ -220,8 +224,9 @@ impl Shared {
             _ => None,
         };
         if st.queues.len == 0 && st.in_flight < limit {
-            if let (Some(left), Some(service)) = (remaining, st.service) {
-                if nanos(left) < service {
+            if let (Some(left), Some(service)) = (remaining, st.service_high()) {
+                // With nothing in flight the estimate is stale: admit, and learn.
+                if st.in_flight > 0 && nanos(left) < service {
                     // Even unqueued it would not finish in time.
                     return Arrival::Refused(overloaded(Duration::from_nanos(service as u64)));
                 }
@@ -262,10 +267,10 @@ impl Shared {
         if lifo && criticality == Criticality::Sheddable {
             return Arrival::Refused(overloaded(retry_after));
         }
-        if let (Some(left), Some(wait), Some(service)) = (remaining, wait, st.service) {
-            if nanos(left) < wait + service {
-                return Arrival::Refused(overloaded(retry_after));
-            }
+        if let (Some(left), Some(wait), Some(service)) = (remaining, wait, st.service_high())
+            && nanos(left) < wait + service
+        {
+            return Arrival::Refused(overloaded(retry_after));
         }
         if st.queues.len >= self.settings.capacity {
             // Full: a waiter of lower criticality makes room, else refuse.
@@ -304,13 +309,14 @@ impl Shared {
         }
     }
 
-    /// A request in service finished (`sample` = what the algorithm should learn).
+    /// A request in service finished: `sample` is what the algorithm should
+    /// learn, and whether its latency is a service time (it was answered).
     fn release(&self, sample: Option<(Sample, bool)>) {
         let now = self.clock.now_nanos();
         let mut wakers = Vec::new();
         let mut st = lock(&self.state);
         st.in_flight -= 1;
-        if let Some((sample, success)) = sample {
+        if let Some((sample, timed)) = sample {
             let estimate = st.estimate;
             let next = st.algorithm.update(estimate, &sample);
             st.estimate = if next.is_finite() {
@@ -318,12 +324,18 @@ impl Shared {
             } else {
                 st.estimate
             };
-            if success {
+            if timed {
                 let latency = nanos(sample.latency());
-                st.service = Some(match st.service {
-                    Some(s) => s * 0.9 + latency * 0.1,
-                    None => latency,
-                });
+                match st.service {
+                    Some(srtt) => {
+                        st.service_var = 0.75 * st.service_var + 0.25 * (srtt - latency).abs();
+                        st.service = Some(0.875 * srtt + 0.125 * latency);
+                    }
+                    None => {
+                        st.service = Some(latency);
+                        st.service_var = latency / 2.0;
+                    }
+                }
             }
         }
         if st.queues.len > 0 {
@@ -359,10 +371,10 @@ impl State {
     /// waiters would otherwise sit until their deadline and leave as 504s,
     /// having held a place for nothing.)
     fn shed_doomed(&mut self, wakers: &mut Vec<Waker>) {
-        let Some(service) = self.service else {
+        let (Some(typical), Some(service)) = (self.service, self.service_high()) else {
             return;
         };
-        let per_slot = service / self.limit() as f64;
+        let per_slot = typical / self.limit() as f64;
         let lifo = self.codel.standing();
         let mut tokio_now = None;
         let free = self.limit().saturating_sub(self.in_flight);
@@ -377,9 +389,14 @@ impl State {
                 break;
             }
             let waiter = self.queues.remove(class, id).expect("present");
-            let retry = retry_after(Some(service), Some(per_slot), len - 1);
+            let retry = retry_after(Some(typical), Some(per_slot), len - 1);
             self.shed(id, waiter, retry, wakers);
         }
+    }
+
+    /// A service time few requests exceed: SRTT + 2 × RTTVAR.
+    fn service_high(&self) -> Option<f64> {
+        self.service.map(|s| s + 2.0 * self.service_var)
     }
 
     fn limit(&self) -> usize {
@@ -418,7 +435,7 @@ impl State {
             let Some((id, waiter)) = self.queues.pop_next(lifo) else {
                 break;
             };
-            if let (Some(deadline), Some(service)) = (waiter.deadline, service) {
+            if let (Some(deadline), Some(service)) = (waiter.deadline, self.service_high()) {
                 let t = *tokio_now.get_or_insert_with(Instant::now);
                 if nanos(deadline.saturating_duration_since(t)) < service {
                     self.shed(id, waiter, retry, wakers);

@@ -133,3 +133,37 @@ fn aimd_on_exact_samples() {
     assert_eq!(a.update(10.0, &Sample::new(60 * MS, 10, false)), 9.0);
     assert_eq!(a.update(10.0, &Sample::new(10 * MS, 10, true)), 9.0);
 }
+
+#[test]
+fn vegas_probes_its_minimum_at_half_the_limit_then_restores_it() {
+    let mut v = Vegas::new().probe(1);
+    let at = |ms: u32, n: usize| Sample::new(ms * MS, n, false);
+    // The first sample sets the minimum (10 ms) and leaves the limit alone.
+    assert_eq!(v.update(10.0, &at(10, 10)), 10.0);
+    // Samples at 10 ms: no queue, the limit grows (to the layer's maximum,
+    // 20), until `probe × limit` samples have been seen: then a probe starts
+    // at half the limit.
+    let (mut limit, mut seen, mut probing) = (10.0, 1, None);
+    for _ in 0..1_000 {
+        let next = v.update(limit, &at(10, limit as usize));
+        seen += 1;
+        if next < limit {
+            probing = Some(next);
+            break;
+        }
+        limit = next.min(20.0); // the layer's maximum
+    }
+    let probing = probing.expect("a probe starts");
+    assert!(limit > 10.0 && seen as f64 > limit, "{limit} after {seen}");
+    assert_eq!(probing, (limit / 2.0).floor());
+    // Samples admitted above the probed limit do not count, nor end it.
+    assert_eq!(v.update(probing, &at(40, limit as usize)), probing);
+    // Samples admitted at or under it measure the new minimum (20 ms); after
+    // `probing` of them the limit comes back.
+    for _ in 0..probing as usize - 1 {
+        assert_eq!(v.update(probing, &at(20, probing as usize)), probing);
+    }
+    assert_eq!(v.update(probing, &at(20, probing as usize)), limit);
+    // 20 ms is now no queue at all: the limit grows again.
+    assert!(v.update(limit, &at(20, limit as usize)) > limit);
+}

@@ -156,18 +156,20 @@ async fn deadline_aware_admission_refuses_at_arrival_with_its_retry_after() {
     let waiting = tokio::spawn(svc.clone().oneshot(req(2)));
     settle().await;
     assert_eq!((adm.in_flight(), adm.queue_depth()), (1, 1));
-    // A new one would wait (1 ahead + 1) × 10 ms, then need 10 ms: 30 ms.
+    // A new one would wait (1 ahead + 1) × 10 ms (the typical service time
+    // per slot), then need a service time few requests exceed: RFC 6298's
+    // SRTT + 2 × RTTVAR, 10 ms + 2 × 5 ms after one sample. 40 ms in all.
     let err = svc
         .clone()
-        .oneshot(req_with_budget(3, 29 * MS))
+        .oneshot(req_with_budget(3, 39 * MS))
         .await
         .unwrap_err();
     let overloaded = find::<Overloaded>(&*err).expect("refused as overloaded");
     // The queue (1 waiting + the arrival) drains in 2 × 10 ms.
     assert_eq!(overloaded.retry_after(), Some(20 * MS));
     assert_eq!(adm.queue_depth(), 1, "the refused request never queued");
-    // With 30 ms it is admitted, and served in time.
-    let ok = tokio::spawn(svc.clone().oneshot(req_with_budget(4, 30 * MS)));
+    // With 40 ms it is admitted, and served in time.
+    let ok = tokio::spawn(svc.clone().oneshot(req_with_budget(4, 40 * MS)));
     settle().await;
     assert_eq!(adm.queue_depth(), 2);
     assert_eq!(ok.await.unwrap().unwrap(), 4);
@@ -312,4 +314,30 @@ async fn dropped_while_queued_granted_or_running_leaves_nothing_behind() {
     assert!(cut.is_err());
     assert_eq!((adm.in_flight(), adm.queue_depth()), (0, 0));
     assert_eq!(rec.served(), vec![0, 3, 4, 5]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_nothing_in_flight_a_request_is_admitted_whatever_the_estimate() {
+    let layer = fixed(2, 10);
+    let rec = Recorder::default();
+    let svc = layer.layer(rec.service(50 * MS));
+    svc.clone().oneshot(req(0)).await.unwrap(); // service time 50 ms
+    // 30 ms is less than a service time, but nothing runs: the estimate may be
+    // stale, so the request goes through (and the deadline decides).
+    let alone = svc.clone().oneshot(req_with_budget(1, 30 * MS));
+    assert!(
+        timeout(30 * MS, alone).await.is_err(),
+        "admitted, cut by the caller"
+    );
+    // With one in flight, the same request is refused at arrival.
+    let running = tokio::spawn(svc.clone().oneshot(req(2)));
+    settle().await;
+    let err = svc
+        .clone()
+        .oneshot(req_with_budget(3, 30 * MS))
+        .await
+        .unwrap_err();
+    assert_eq!(Kind::of(&*err), Kind::Overloaded);
+    running.await.unwrap().unwrap();
+    assert_eq!(rec.served(), vec![0, 1, 2]);
 }

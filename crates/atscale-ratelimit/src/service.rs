@@ -93,11 +93,11 @@ where
             (None, [bucket]) | (Some(bucket), []) => Some(bucket),
             _ => None,
         };
-        if let Some(bucket) = single {
-            if shared.store.try_admit_now(bucket, cost) == Some(true) {
-                metrics::admitted();
-                return ResponseFuture::called(self.inner.call(req));
-            }
+        if let Some(bucket) = single
+            && shared.store.try_admit_now(bucket, cost) == Some(true)
+        {
+            metrics::admitted();
+            return ResponseFuture::called(self.inner.call(req));
         }
         self.call_limited(req, keyed, cost)
     }

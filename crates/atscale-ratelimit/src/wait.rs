@@ -182,11 +182,11 @@ impl<St: Store> Future for Admission<St> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        if let Some(cancelled) = this.cancelled.as_pin_mut() {
-            if cancelled.poll(cx).is_ready() {
-                metrics::refused(Refused::Cancelled);
-                return Poll::Ready(Err(Box::new(Cancelled::new())));
-            }
+        if let Some(cancelled) = this.cancelled.as_pin_mut()
+            && cancelled.poll(cx).is_ready()
+        {
+            metrics::refused(Refused::Cancelled);
+            return Poll::Ready(Err(Box::new(Cancelled::new())));
         }
         ready!(this.sleep.poll(cx));
         this.guard.admit();

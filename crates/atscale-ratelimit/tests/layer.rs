@@ -496,10 +496,10 @@ impl Future for YieldOnce {
 
 impl Drop for YieldOnce {
     fn drop(&mut self) {
-        if let Some(Ok(grant)) = self.0.take() {
-            if let Some(receipt) = grant.into_receipt() {
-                MemoryStore.refund(receipt);
-            }
+        if let Some(Ok(grant)) = self.0.take()
+            && let Some(receipt) = grant.into_receipt()
+        {
+            MemoryStore.refund(receipt);
         }
     }
 }

@@ -158,12 +158,12 @@ where
                 StateProj::First { fut } => ready!(fut.poll(cx)).map_err(Into::into),
                 StateProj::Attempt { fut } => ready!(fut.poll(cx)).map_err(Into::into),
                 StateProj::Backoff { sleep, cancelled } => {
-                    if let Some(cancelled) = cancelled.as_pin_mut() {
-                        if cancelled.poll(cx).is_ready() {
-                            this.state.set(State::Done);
-                            let last = this.last.take().expect("kept through the backoff");
-                            return Poll::Ready(give_up(last, *this.attempts, Stop::Cancelled));
-                        }
+                    if let Some(cancelled) = cancelled.as_pin_mut()
+                        && cancelled.poll(cx).is_ready()
+                    {
+                        this.state.set(State::Done);
+                        let last = this.last.take().expect("kept through the backoff");
+                        return Poll::Ready(give_up(last, *this.attempts, Stop::Cancelled));
                     }
                     ready!(sleep.poll(cx));
                     *this.last = None;

@@ -24,7 +24,7 @@ async fn hedges_stop_while_the_shared_throttle_is_at_its_threshold() {
         service_fn(move |req: Req| {
             let n = calls.fetch_add(1, Ordering::SeqCst);
             let fail = req.uri().path() == "/fail";
-            let primary = req.headers().get("x-hedge").is_none() && n % 2 == 0;
+            let primary = req.headers().get("x-hedge").is_none() && n.is_multiple_of(2);
             async move {
                 if primary {
                     tokio::time::sleep(Duration::from_millis(50)).await;

@@ -9,14 +9,31 @@ use super::{Algorithm, Sample, nanos};
 /// Unlike Netflix's, the limit still shrinks while fewer than half of it are
 /// in use, if the queue estimate says so (it only stops growing then).
 ///
-/// The minimum latency is re-probed every `probe` samples × limit (default
-/// 30), so a lasting change of the service's speed is eventually learnt.
+/// The minimum latency is re-learnt every `probe` samples × limit (default
+/// 30), so a lasting change of the service's speed is learnt. Unlike
+/// Netflix's, which then takes the current latency (queueing included) as
+/// the new minimum and so lets the limit creep up at every probe while the
+/// service is saturated, this one probes as BBR does: it halves the limit
+/// until a limit's worth of requests admitted at that concurrency have
+/// answered, takes their minimum, and restores the limit.
 #[derive(Clone, Debug)]
 pub struct Vegas {
     rtt_min: f64,
     probe: u64,
     seen: u64,
     smoothing: f64,
+    probing: Option<Probe>,
+}
+
+/// A probe of the minimum latency in progress.
+#[derive(Clone, Copy, Debug)]
+struct Probe {
+    /// The limit to restore.
+    before: f64,
+    /// The halved limit probed at.
+    at: f64,
+    /// Samples admitted at or under `at` so far.
+    samples: u64,
 }
 
 impl Default for Vegas {
@@ -26,6 +43,7 @@ impl Default for Vegas {
             probe: 30,
             seen: 0,
             smoothing: 1.0,
+            probing: None,
         }
     }
 }
@@ -58,12 +76,30 @@ fn log10(limit: f64) -> f64 {
 impl Algorithm for Vegas {
     fn update(&mut self, limit: f64, sample: &Sample) -> f64 {
         let rtt = nanos(sample.latency()).max(1.0);
+        if let Some(mut probe) = self.probing {
+            // Only requests admitted under the halved limit measure it.
+            if sample.in_flight() as f64 <= probe.at {
+                self.rtt_min = self.rtt_min.min(rtt);
+                probe.samples += 1;
+            }
+            if probe.samples as f64 >= probe.at {
+                self.probing = None;
+                return probe.before;
+            }
+            self.probing = Some(probe);
+            return probe.at;
+        }
         self.seen += 1;
-        if self.seen as f64 > self.probe as f64 * limit {
-            // Probe: forget the minimum so the next samples set it afresh.
+        if self.seen as f64 > self.probe as f64 * limit && !sample.dropped() {
             self.seen = 0;
-            self.rtt_min = rtt;
-            return limit;
+            self.rtt_min = f64::INFINITY;
+            let at = (limit / 2.0).floor().max(1.0);
+            self.probing = Some(Probe {
+                before: limit,
+                at,
+                samples: 0,
+            });
+            return at;
         }
         if rtt < self.rtt_min {
             self.rtt_min = rtt;
