@@ -2,7 +2,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context as TaskContext, Poll};
+use std::task::{Context as TaskContext, Poll, ready};
 use std::time::Duration;
 
 use atscale_core::{BoxError, Scoped, Stalled};
@@ -17,8 +17,19 @@ pin_project! {
     #[project = InnerProj]
     enum Inner<F> {
         Plain { #[pin] future: F },
-        Watched { #[pin] future: Scoped<InProgress<F>> },
+        // Boxed: the timer is large, and only the watchdog needs it, so
+        // the common future stays small.
+        Watched { watched: Pin<Box<Watched<F>>> },
         Done,
+    }
+}
+
+pin_project! {
+    struct Watched<F> {
+        #[pin]
+        future: Scoped<InProgress<F>>,
+        #[pin]
+        timer: Option<Sleep>,
     }
 }
 
@@ -31,8 +42,6 @@ pin_project! {
     pub struct ResponseFuture<F> {
         #[pin]
         inner: Inner<F>,
-        #[pin]
-        timer: Option<Sleep>,
         ticket: Option<Ticket>,
     }
 }
@@ -41,18 +50,19 @@ impl<F> ResponseFuture<F> {
     pub(crate) fn plain(future: F, ticket: Ticket) -> Self {
         ResponseFuture {
             inner: Inner::Plain { future },
-            timer: None,
             ticket: Some(ticket),
         }
     }
 
     pub(crate) fn watched(future: Scoped<InProgress<F>>, ticket: Ticket, stall: Duration) -> Self {
+        let timer = ticket
+            .started()
+            .checked_add(stall)
+            .map(tokio::time::sleep_until);
         ResponseFuture {
-            inner: Inner::Watched { future },
-            timer: ticket
-                .started()
-                .checked_add(stall)
-                .map(tokio::time::sleep_until),
+            inner: Inner::Watched {
+                watched: Box::pin(Watched { future, timer }),
+            },
             ticket: Some(ticket),
         }
     }
@@ -84,42 +94,58 @@ where
 {
     type Output = Result<T::Tracked, BoxError>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         let output = match this.inner.as_mut().project() {
-            InnerProj::Plain { future } => future.poll(cx),
-            InnerProj::Watched { future } => future.poll(cx),
+            InnerProj::Plain { future } => ready!(future.poll(cx)),
+            InnerProj::Watched { watched } => match poll_watched(watched.as_mut(), this.ticket, cx)
+            {
+                Poll::Ready(Ok(output)) => output,
+                Poll::Ready(Err(idle)) => {
+                    // Stalled: drop the inner future now and cancel its context.
+                    this.inner.set(Inner::Done);
+                    if let Some(ticket) = this.ticket.take() {
+                        ticket.finish(Outcome::Stalled);
+                    }
+                    return Poll::Ready(Err(Box::new(Stalled::new(idle))));
+                }
+                Poll::Pending => return Poll::Pending,
+            },
             InnerProj::Done => panic!("heartbeat response future polled after completion"),
         };
-        if let Poll::Ready(result) = output {
-            this.inner.set(Inner::Done);
-            this.timer.set(None);
-            let ticket = this
-                .ticket
-                .take()
-                .expect("a pending future holds its ticket");
-            return Poll::Ready(match result {
-                Ok(response) => Ok(response.track(ticket)),
-                Err(err) => {
-                    ticket.finish(Outcome::Error);
-                    Err(err.into())
-                }
-            });
-        }
-        let (Some(timer), Some(ticket)) = (this.timer.as_mut().as_pin_mut(), this.ticket.as_ref())
-        else {
-            return Poll::Pending;
-        };
-        let Some(idle) = watchdog(timer, ticket, cx) else {
-            return Poll::Pending;
-        };
-        // Stalled: drop the inner future now and cancel its context.
         this.inner.set(Inner::Done);
-        this.timer.set(None);
-        if let Some(ticket) = this.ticket.take() {
-            ticket.finish(Outcome::Stalled);
-        }
-        Poll::Ready(Err(Box::new(Stalled::new(idle))))
+        let ticket = this
+            .ticket
+            .take()
+            .expect("a pending future holds its ticket");
+        Poll::Ready(match output {
+            Ok(response) => Ok(response.track(ticket)),
+            Err(err) => {
+                ticket.finish(Outcome::Error);
+                Err(err.into())
+            }
+        })
+    }
+}
+
+/// Polls a watched request: its output, or how long it showed no progress
+/// when the watchdog cuts it.
+fn poll_watched<F: Future>(
+    watched: Pin<&mut Watched<F>>,
+    ticket: &Option<Ticket>,
+    cx: &mut TaskContext<'_>,
+) -> Poll<Result<F::Output, Duration>> {
+    let w = watched.project();
+    if let Poll::Ready(output) = w.future.poll(cx) {
+        return Poll::Ready(Ok(output));
+    }
+    let (Some(timer), Some(ticket)) = (w.timer.as_pin_mut(), ticket.as_ref()) else {
+        return Poll::Pending;
+    };
+    match watchdog(timer, ticket, cx) {
+        Some(idle) => Poll::Ready(Err(idle)),
+        None => Poll::Pending,
     }
 }
 
