@@ -60,6 +60,7 @@ fn main() {
         return; // `cargo test --benches` asks benches to list their tests
     }
     println!("# Deadline: per-call overhead (budget {BUDGET:?})");
+    println!("load average at start (1, 5, 15 min): {}", support::load());
     for (rt_name, rt) in support::runtimes() {
         let comparisons = [
             (
@@ -88,4 +89,5 @@ fn main() {
             );
         }
     }
+    println!("\nload average at the end: {}", support::load());
 }

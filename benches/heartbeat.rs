@@ -71,6 +71,7 @@ fn main() {
         return; // `cargo test --benches` asks benches to list their tests
     }
     println!("# Heartbeat: per-request overhead (stall watchdog {STALL:?})");
+    println!("load average at start (1, 5, 15 min): {}", support::load());
     for (rt_name, rt) in support::runtimes() {
         let quiet = Monitor::new();
         let watched = Monitor::new();
@@ -113,4 +114,5 @@ fn main() {
             "\n{rt_name}: the subscriber received {received} pulses and missed {missed} (never waited for)"
         );
     }
+    println!("\nload average at the end: {}", support::load());
 }
