@@ -1,0 +1,831 @@
+//! End to end: what a server pays for a middleware stack, per request, over
+//! real connections on loopback.
+//!
+//! Three server configurations: **bare**; **atscale**, the recommended server
+//! stack (`atscale::stack::server`: ErrorEnrich → Deadline → Heartbeat →
+//! RateLimit at a rate never reached); and **peer**, the stack a user would
+//! assemble from tower-http and tower_governor (SetRequestId → Timeout →
+//! CatchPanic → Governor, global key, a rate never reached). Each serves an
+//! axum "hello" route over HTTP/1.1 keep-alive (32 connections) and over
+//! HTTP/2 (one connection), and tonic-health's `Check` over gRPC (one HTTP/2
+//! connection).
+//!
+//! Every server runs in a process of its own (this binary re-executed with
+//! `serve CONFIG PROTO`), on a tokio runtime with one worker, pinned to CPU
+//! 1; the load generator runs in this process on CPU 0. What is measured is
+//! the server process's CPU time (`CLOCK_PROCESS_CPUTIME_ID`, all of its
+//! threads) per request, at a fixed open-loop rate of half the bare
+//! server's closed-loop capacity (measured first, per protocol; requests
+//! are sent on schedule whether or not earlier ones have been answered, the
+//! schedule paced by tokio's 1 ms timer), and the latency from each
+//! request's scheduled time to its full response (p50, p99).
+//!
+//! Rounds interleave the configurations (their order rotates each round),
+//! each a window of `E2E_SECS` (default 2) seconds per configuration and
+//! protocol; the first round is a discarded warm-up. Rounds repeat until
+//! the 95% confidence interval of every ratio to bare (mean of per-round
+//! ratios, Student's t) is narrower than ±2% (`E2E_CI`, in percent), or
+//! `E2E_MAX_ROUNDS` (default 40).
+//!
+//! ```text
+//! cargo bench --bench stack                        # http1, h2, grpc
+//! cargo bench --bench stack -- http1 grpc          # some protocols
+//! E2E_SECS=1 E2E_MAX_ROUNDS=10 cargo bench --bench stack
+//! # a profile of one server process under the same load (perf installed):
+//! E2E_PERF_OUT=/tmp/atscale.data cargo bench --bench stack -- profile atscale http1 10
+//! ```
+//!
+//! The overload layer (another engineer's) has a marked slot in
+//! `atscale_stack!`: it is not in the measured stack yet.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use atscale::ratelimit::{Limit, Limiter, RateLimitLayer};
+use axum::Router;
+use axum::routing::get;
+use bytes::Bytes;
+use http::{HeaderValue, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+use tower::{ServiceBuilder, ServiceExt};
+
+use tower_governor::GovernorLayer;
+use tower_governor::governor::GovernorConfigBuilder;
+use tower_governor::key_extractor::GlobalKeyExtractor;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestId, RequestId, SetRequestIdLayer};
+use tower_http::timeout::TimeoutLayer;
+
+/// The CPU the servers are pinned to; the load generator takes the other.
+const SERVER_CPU: usize = 1;
+const CLIENT_CPU: usize = 0;
+/// HTTP/1.1 keep-alive connections of the load generator.
+const H1_CONNECTIONS: usize = 32;
+/// A budget no request reaches.
+const BUDGET: Duration = Duration::from_secs(30);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Config {
+    Bare,
+    Atscale,
+    Peer,
+}
+
+const CONFIGS: [Config; 3] = [Config::Bare, Config::Atscale, Config::Peer];
+
+impl Config {
+    fn name(self) -> &'static str {
+        match self {
+            Config::Bare => "bare",
+            Config::Atscale => "atscale",
+            Config::Peer => "peer",
+        }
+    }
+    fn parse(s: &str) -> Config {
+        *CONFIGS
+            .iter()
+            .find(|c| c.name() == s)
+            .unwrap_or_else(|| panic!("unknown configuration {s} (bare, atscale, peer)"))
+    }
+    fn label(self) -> &'static str {
+        match self {
+            Config::Bare => "bare",
+            Config::Atscale => "atscale `stack::server` (+ RateLimit)",
+            Config::Peer => "peer: SetRequestId + Timeout + CatchPanic + Governor",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Proto {
+    Http1,
+    Http2,
+    Grpc,
+}
+
+const PROTOS: [Proto; 3] = [Proto::Http1, Proto::Http2, Proto::Grpc];
+
+impl Proto {
+    fn name(self) -> &'static str {
+        match self {
+            Proto::Http1 => "http1",
+            Proto::Http2 => "h2",
+            Proto::Grpc => "grpc",
+        }
+    }
+    fn parse(s: &str) -> Option<Proto> {
+        PROTOS.iter().copied().find(|p| p.name() == s)
+    }
+    fn label(self) -> &'static str {
+        match self {
+            Proto::Http1 => "axum hello, HTTP/1.1 keep-alive (32 connections)",
+            Proto::Http2 => "axum hello, HTTP/2 (1 connection)",
+            Proto::Grpc => "tonic-health Check, gRPC (1 HTTP/2 connection)",
+        }
+    }
+}
+
+// ---------------------------------------------------------------- server side
+
+/// atscale's recommended server stack with a rate limit never reached.
+macro_rules! atscale_stack {
+    () => {{
+        let limiter = Limiter::new(Limit::per_second(1_000_000_000).expect("limit"));
+        atscale::stack::server("e2e", BUDGET).with_rate_limit(RateLimitLayer::reject(limiter))
+        // OVERLOAD SLOT: the overload layer (being written by another
+        // engineer) goes here once it exists, e.g. `.with_overload(..)`;
+        // until then the measured stack has none.
+    }};
+}
+
+/// Request ids from a counter, as in tower-http's own `MakeRequestId`
+/// example (`MakeRequestUuid` would read the OS random source per request).
+#[derive(Clone, Default)]
+struct CounterId(Arc<AtomicU64>);
+
+impl MakeRequestId for CounterId {
+    fn make_request_id<B>(&mut self, _: &Request<B>) -> Option<RequestId> {
+        let id = self.0.fetch_add(1, Ordering::Relaxed);
+        Some(RequestId::new(HeaderValue::from(id)))
+    }
+}
+
+/// The peer stack: tower-http's request id, timeout and panic catcher,
+/// tower_governor with one global limit never reached.
+macro_rules! peer_stack {
+    () => {{
+        let governor = GovernorConfigBuilder::default()
+            .key_extractor(GlobalKeyExtractor)
+            .per_nanosecond(1)
+            .burst_size(1 << 30)
+            .finish()
+            .expect("governor config");
+        ServiceBuilder::new()
+            .layer(SetRequestIdLayer::x_request_id(CounterId::default()))
+            .layer(TimeoutLayer::with_status_code(
+                StatusCode::REQUEST_TIMEOUT,
+                BUDGET,
+            ))
+            .layer(CatchPanicLayer::new())
+            .layer(GovernorLayer::new(Arc::new(governor)))
+    }};
+}
+
+fn pin_to(cpu: usize) {
+    if std::env::var("E2E_PIN").as_deref() == Ok("0") {
+        return;
+    }
+    let mut set = rustix::thread::CpuSet::new();
+    set.set(cpu);
+    // Threads created afterwards (the runtime's) inherit the mask.
+    if let Err(e) = rustix::thread::sched_setaffinity(None, &set) {
+        eprintln!("could not pin to CPU {cpu}: {e}");
+    }
+}
+
+fn process_cpu_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
+/// The child: serves `config` over `proto` on 127.0.0.1, prints its port,
+/// then answers each `cpu` line on stdin with its CPU time in ns; exits when
+/// stdin closes.
+fn serve(config: Config, proto: Proto) {
+    pin_to(SERVER_CPU);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("server runtime");
+    rt.block_on(async move {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        println!("{}", listener.local_addr().expect("addr").port());
+        std::io::stdout().flush().expect("stdout");
+        std::thread::spawn(|| {
+            let stdin = std::io::stdin();
+            for line in stdin.lock().lines() {
+                match line.as_deref() {
+                    Ok("cpu") => {
+                        println!("{}", process_cpu_ns());
+                        std::io::stdout().flush().expect("stdout");
+                    }
+                    _ => break,
+                }
+            }
+            std::process::exit(0);
+        });
+        match proto {
+            Proto::Http1 | Proto::Http2 => {
+                serve_axum(listener, config, proto == Proto::Http2).await
+            }
+            Proto::Grpc => serve_grpc(listener, config).await,
+        }
+    });
+}
+
+async fn serve_axum(listener: TcpListener, config: Config, h2: bool) {
+    let hello = Router::new().route("/", get(|| async { "hello" }));
+    let router = match config {
+        Config::Bare => hello,
+        Config::Atscale => hello.layer(atscale_stack!()),
+        Config::Peer => hello.layer(peer_stack!()),
+    };
+    // What `axum::serve` does: the routes (and the layers around them) are
+    // built once, not per request.
+    let router: Router = router.with_state(());
+    loop {
+        let (stream, _) = listener.accept().await.expect("accept");
+        stream.set_nodelay(true).expect("nodelay");
+        let router = router.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| router.clone().oneshot(req));
+            let io = TokioIo::new(stream);
+            // Connections end when the load generator closes them.
+            let _ = if h2 {
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(io, svc)
+                    .await
+            } else {
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, svc)
+                    .await
+            };
+        });
+    }
+}
+
+async fn serve_grpc(listener: TcpListener, config: Config) {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("", ServingStatus::Serving)
+        .await;
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    match config {
+        Config::Bare => {
+            Server::builder()
+                .add_service(health)
+                .serve_with_incoming(incoming)
+                .await
+        }
+        Config::Atscale => {
+            Server::builder()
+                .layer(atscale_stack!())
+                .add_service(health)
+                .serve_with_incoming(incoming)
+                .await
+        }
+        Config::Peer => {
+            Server::builder()
+                .layer(peer_stack!())
+                .add_service(health)
+                .serve_with_incoming(incoming)
+                .await
+        }
+    }
+    .expect("grpc server");
+}
+
+// ----------------------------------------------------------------- client side
+
+/// A server process and the load generator's connections to it.
+struct Target {
+    config: Config,
+    proto: Proto,
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    addr: SocketAddr,
+    client: Client,
+}
+
+enum Client {
+    /// HTTP/1.1 keep-alive connections, each driven by one task at a time.
+    H1(Vec<H1Sender>),
+    /// One HTTP/2 connection, shared by every request.
+    H2(H2Sender),
+}
+
+type H1Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+type H2Sender = hyper::client::conn::http2::SendRequest<Full<Bytes>>;
+
+impl Target {
+    async fn spawn(config: Config, proto: Proto) -> Target {
+        let exe = std::env::current_exe().expect("current_exe");
+        let mut child = Command::new(exe)
+            .args(["serve", config.name(), proto.name()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn server");
+        let stdin = child.stdin.take().expect("stdin");
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("port");
+        let port: u16 = line.trim().parse().expect("port number");
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let client = match proto {
+            Proto::Http1 => {
+                let mut conns = Vec::with_capacity(H1_CONNECTIONS);
+                for _ in 0..H1_CONNECTIONS {
+                    let stream = TcpStream::connect(addr).await.expect("connect");
+                    stream.set_nodelay(true).expect("nodelay");
+                    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                        .await
+                        .expect("handshake");
+                    tokio::spawn(conn);
+                    conns.push(send);
+                }
+                Client::H1(conns)
+            }
+            Proto::Http2 | Proto::Grpc => {
+                let stream = TcpStream::connect(addr).await.expect("connect");
+                stream.set_nodelay(true).expect("nodelay");
+                let (send, conn) = hyper::client::conn::http2::handshake(
+                    TokioExecutor::new(),
+                    TokioIo::new(stream),
+                )
+                .await
+                .expect("handshake");
+                tokio::spawn(conn);
+                Client::H2(send)
+            }
+        };
+        Target {
+            config,
+            proto,
+            child,
+            stdin,
+            stdout,
+            addr,
+            client,
+        }
+    }
+
+    /// The server process's CPU time so far, in ns.
+    fn cpu_ns(&mut self) -> u64 {
+        writeln!(self.stdin, "cpu").expect("ask cpu");
+        self.stdin.flush().expect("ask cpu");
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("cpu");
+        line.trim().parse().expect("cpu ns")
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        // Any line but `cpu` ends the server; wait so no process outlives the bench.
+        let _ = writeln!(self.stdin, "quit");
+        let _ = self.child.wait();
+    }
+}
+
+fn request(proto: Proto, addr: SocketAddr) -> Request<Full<Bytes>> {
+    match proto {
+        Proto::Http1 => Request::get("/")
+            .header(http::header::HOST, addr.to_string())
+            .body(Full::new(Bytes::new())),
+        Proto::Http2 => Request::get(format!("http://{addr}/")).body(Full::new(Bytes::new())),
+        // An empty HealthCheckRequest (service ""): a 5-byte gRPC frame.
+        Proto::Grpc => Request::post(format!("http://{addr}/grpc.health.v1.Health/Check"))
+            .header(http::header::CONTENT_TYPE, "application/grpc")
+            .header(http::header::TE, "trailers")
+            .body(Full::new(Bytes::from_static(&[0, 0, 0, 0, 0]))),
+    }
+    .expect("request")
+}
+
+/// Reads a response to its end and checks it: 200 and "hello", or gRPC status 0.
+async fn check(
+    proto: Proto,
+    res: Result<http::Response<hyper::body::Incoming>, hyper::Error>,
+) -> Result<(), String> {
+    let (parts, body) = res.map_err(|e| e.to_string())?.into_parts();
+    let body = body.collect().await.map_err(|e| e.to_string())?;
+    if parts.status != StatusCode::OK {
+        return Err(format!("status {}", parts.status));
+    }
+    if proto == Proto::Grpc {
+        let status = body
+            .trailers()
+            .and_then(|t| t.get("grpc-status"))
+            .or_else(|| parts.headers.get("grpc-status"));
+        if status.map(|s| s.as_bytes()) != Some(b"0") {
+            return Err(format!("grpc-status {status:?}"));
+        }
+    } else if body.to_bytes() != "hello" {
+        return Err("unexpected body".into());
+    }
+    Ok(())
+}
+
+async fn one_h1(conn: &mut H1Sender, proto: Proto, addr: SocketAddr) {
+    conn.ready().await.expect("connection");
+    let res = conn.send_request(request(proto, addr)).await;
+    check(proto, res).await.expect("request");
+}
+
+async fn one_h2(mut send: H2Sender, proto: Proto, addr: SocketAddr) {
+    let res = send.send_request(request(proto, addr)).await;
+    check(proto, res).await.expect("request");
+}
+
+/// Closed loop for `secs` (HTTP/1.1: one request in flight per connection;
+/// HTTP/2: 64 in flight): requests per second.
+async fn capacity(target: &mut Target, secs: f64) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let (proto, addr) = (target.proto, target.addr);
+    let start = Instant::now();
+    let mut workers = tokio::task::JoinSet::new();
+    match &mut target.client {
+        Client::H1(conns) => {
+            for mut conn in std::mem::take(conns) {
+                workers.spawn(async move {
+                    let mut n = 0u64;
+                    while Instant::now() < deadline {
+                        one_h1(&mut conn, proto, addr).await;
+                        n += 1;
+                    }
+                    (n, Some(conn))
+                });
+            }
+        }
+        Client::H2(send) => {
+            for _ in 0..64 {
+                let send = send.clone();
+                workers.spawn(async move {
+                    let mut n = 0u64;
+                    while Instant::now() < deadline {
+                        one_h2(send.clone(), proto, addr).await;
+                        n += 1;
+                    }
+                    (n, None)
+                });
+            }
+        }
+    }
+    let mut done = 0;
+    while let Some(worker) = workers.join_next().await {
+        let (n, conn) = worker.expect("worker");
+        done += n;
+        if let (Some(conn), Client::H1(conns)) = (conn, &mut target.client) {
+            conns.push(conn);
+        }
+    }
+    done as f64 / start.elapsed().as_secs_f64()
+}
+
+/// One measurement window: `rate` requests per second for `secs`, open loop.
+struct Sample {
+    cpu_per_request_ns: f64,
+    latencies_us: Vec<u32>,
+    achieved_rate: f64,
+}
+
+/// Sends `rate` requests per second for `secs` on schedule, whatever the
+/// answers (HTTP/1.1: request `i` queues on connection `i % 32`); latency
+/// is counted from each request's scheduled time.
+async fn open_loop(target: &mut Target, rate: f64, secs: f64) -> Sample {
+    let total = (rate * secs) as u64;
+    let (proto, addr) = (target.proto, target.addr);
+    let cpu_before = target.cpu_ns();
+    let start = Instant::now();
+    let schedule = move |i: u64| start + Duration::from_secs_f64(i as f64 / rate);
+    let mut latencies_us = Vec::with_capacity(total as usize);
+    let drained = match &mut target.client {
+        Client::H1(conns) => {
+            let mut queues = Vec::new();
+            let mut workers = Vec::new();
+            for mut conn in std::mem::take(conns) {
+                let (tx, mut rx) = mpsc::unbounded_channel::<Instant>();
+                queues.push(tx);
+                workers.push(tokio::spawn(async move {
+                    let mut lat = Vec::new();
+                    while let Some(at) = rx.recv().await {
+                        one_h1(&mut conn, proto, addr).await;
+                        lat.push(at.elapsed().as_micros() as u32);
+                    }
+                    (conn, lat)
+                }));
+            }
+            for i in 0..total {
+                let at = schedule(i);
+                if at > Instant::now() {
+                    tokio::time::sleep_until(at.into()).await;
+                }
+                queues[i as usize % queues.len()].send(at).expect("worker");
+            }
+            drop(queues);
+            tokio::time::timeout(Duration::from_secs(60), async {
+                for worker in workers {
+                    let (conn, lat) = worker.await.expect("worker");
+                    conns.push(conn);
+                    latencies_us.extend(lat);
+                }
+            })
+            .await
+        }
+        Client::H2(send) => {
+            let mut tasks = tokio::task::JoinSet::new();
+            for i in 0..total {
+                let at = schedule(i);
+                if at > Instant::now() {
+                    tokio::time::sleep_until(at.into()).await;
+                }
+                let send = send.clone();
+                tasks.spawn(async move {
+                    one_h2(send, proto, addr).await;
+                    at.elapsed().as_micros() as u32
+                });
+            }
+            tokio::time::timeout(Duration::from_secs(60), async {
+                while let Some(lat) = tasks.join_next().await {
+                    latencies_us.push(lat.expect("request task"));
+                }
+            })
+            .await
+        }
+    };
+    drained.expect("all responses within 60 s");
+    let elapsed = start.elapsed().as_secs_f64();
+    let cpu = target.cpu_ns() - cpu_before;
+    Sample {
+        cpu_per_request_ns: cpu as f64 / total as f64,
+        latencies_us,
+        achieved_rate: total as f64 / elapsed,
+    }
+}
+
+// ------------------------------------------------------------------ statistics
+
+/// Two-sided 95% Student t for `df` degrees of freedom.
+fn t95(df: usize) -> f64 {
+    const T: [f64; 30] = [
+        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+        2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+        2.052, 2.048, 2.045, 2.042,
+    ];
+    if df == 0 {
+        f64::INFINITY
+    } else {
+        T.get(df - 1).copied().unwrap_or(1.96)
+    }
+}
+
+/// Mean and 95% confidence half-width.
+fn mean_ci(xs: &[f64]) -> (f64, f64) {
+    let n = xs.len() as f64;
+    let mean = xs.iter().sum::<f64>() / n;
+    if xs.len() < 2 {
+        return (mean, f64::INFINITY);
+    }
+    let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    (mean, t95(xs.len() - 1) * (var / n).sqrt())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i] as f64
+}
+
+fn env_f64(name: &str, default: f64) -> f64 {
+    std::env::var(name)
+        .ok()
+        .map(|v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("{name}: not a number: {v}"))
+        })
+        .unwrap_or(default)
+}
+
+/// Per protocol and configuration: the rounds' samples.
+struct Series {
+    cpu: Vec<f64>,
+    latencies: Vec<u32>,
+    rates: Vec<f64>,
+}
+
+fn run(protos: Vec<Proto>) {
+    pin_to(CLIENT_CPU);
+    let secs = env_f64("E2E_SECS", 2.0);
+    let ci_goal = env_f64("E2E_CI", 2.0) / 100.0;
+    let max_rounds = env_f64("E2E_MAX_ROUNDS", 40.0) as usize;
+    let min_rounds = 5.min(max_rounds);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("client runtime");
+    rt.block_on(async move {
+        let mut targets: Vec<Vec<Target>> = Vec::new();
+        let mut rates = Vec::new();
+        for &proto in &protos {
+            let mut row = Vec::new();
+            for config in CONFIGS {
+                let mut target = Target::spawn(config, proto).await;
+                // warm-up, and a check that every configuration answers
+                capacity(&mut target, 0.3).await;
+                row.push(target);
+            }
+            let cap = capacity(&mut row[0], 1.5).await;
+            let rate = env_f64(
+                &format!("E2E_RATE_{}", proto.name().to_uppercase()),
+                cap / 2.0,
+            );
+            eprintln!(
+                "{}: bare closed-loop capacity {cap:.0} req/s, offered {rate:.0} req/s",
+                proto.name()
+            );
+            rates.push((cap, rate));
+            targets.push(row);
+        }
+        let mut series: Vec<Vec<Series>> = protos
+            .iter()
+            .map(|_| {
+                CONFIGS
+                    .iter()
+                    .map(|_| Series {
+                        cpu: Vec::new(),
+                        latencies: Vec::new(),
+                        rates: Vec::new(),
+                    })
+                    .collect()
+            })
+            .collect();
+        let started = Instant::now();
+        let mut widest = f64::INFINITY;
+        let mut rounds = 0;
+        // Round 0 is the warm-up.
+        for round in 0..=max_rounds {
+            for (p, row) in targets.iter_mut().enumerate() {
+                for k in 0..CONFIGS.len() {
+                    let c = (k + round) % CONFIGS.len();
+                    let sample = open_loop(&mut row[c], rates[p].1, secs).await;
+                    if round > 0 {
+                        let s = &mut series[p][c];
+                        s.cpu.push(sample.cpu_per_request_ns);
+                        s.latencies.extend(sample.latencies_us);
+                        s.rates.push(sample.achieved_rate);
+                    }
+                }
+            }
+            if round == 0 {
+                continue;
+            }
+            rounds = round;
+            widest = 0.0f64;
+            for per_proto in &series {
+                for s in &per_proto[1..] {
+                    let ratios: Vec<f64> = s
+                        .cpu
+                        .iter()
+                        .zip(&per_proto[0].cpu)
+                        .map(|(x, b)| x / b)
+                        .collect();
+                    let (mean, half) = mean_ci(&ratios);
+                    widest = widest.max(half / mean);
+                }
+            }
+            eprintln!(
+                "round {round}: widest 95% CI of a ratio to bare ±{:.2}% ({:.0} s)",
+                widest * 100.0,
+                started.elapsed().as_secs_f64()
+            );
+            if round >= min_rounds && widest < ci_goal {
+                break;
+            }
+        }
+        report(&protos, &targets, &rates, &mut series, rounds, widest, secs);
+    });
+}
+
+fn report(
+    protos: &[Proto],
+    targets: &[Vec<Target>],
+    rates: &[(f64, f64)],
+    series: &mut [Vec<Series>],
+    rounds: usize,
+    widest: f64,
+    secs: f64,
+) {
+    println!(
+        "\n{rounds} rounds of {secs} s per configuration and protocol (after a warm-up round); widest 95% CI of a ratio: ±{:.2}%\n",
+        widest * 100.0
+    );
+    for (p, proto) in protos.iter().enumerate() {
+        let (cap, rate) = rates[p];
+        println!(
+            "### {}: offered {rate:.0} req/s (bare closed-loop capacity {cap:.0} req/s)\n",
+            proto.label()
+        );
+        println!(
+            "| configuration | server CPU / request (median) | ratio to bare, mean ± 95% CI | p50 | p99 | achieved req/s |"
+        );
+        println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+        let bare = series[p][0].cpu.clone();
+        for (c, s) in series[p].iter_mut().enumerate() {
+            let ratios: Vec<f64> = s.cpu.iter().zip(&bare).map(|(x, b)| x / b).collect();
+            let (mean, half) = mean_ci(&ratios);
+            s.latencies.sort_unstable();
+            println!(
+                "| {} | {:.2} µs | {} | {:.0} µs | {:.0} µs | {:.0} |",
+                targets[p][c].config.label(),
+                median(s.cpu.clone()) / 1000.0,
+                if c == 0 {
+                    "1 (anchor)".to_string()
+                } else {
+                    format!("**{mean:.4}** ± {half:.4}")
+                },
+                percentile(&s.latencies, 0.5),
+                percentile(&s.latencies, 0.99),
+                median(s.rates.clone()),
+            );
+        }
+        let ratios: Vec<f64> = series[p][1]
+            .cpu
+            .iter()
+            .zip(&series[p][2].cpu)
+            .map(|(a, b)| a / b)
+            .collect();
+        let (mean, half) = mean_ci(&ratios);
+        println!("\natscale / peer: **{mean:.4}** ± {half:.4}\n");
+    }
+}
+
+/// `profile CONFIG PROTO SECS`: one server under the open-loop load for
+/// `SECS`, with `perf record -g` attached to it when `E2E_PERF_OUT` names
+/// the output file.
+fn profile(config: Config, proto: Proto, secs: f64) {
+    pin_to(CLIENT_CPU);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("client runtime");
+    rt.block_on(async move {
+        let mut target = Target::spawn(config, proto).await;
+        let cap = capacity(&mut target, 1.0).await;
+        let rate = env_f64(
+            &format!("E2E_RATE_{}", proto.name().to_uppercase()),
+            cap / 2.0,
+        );
+        let perf = std::env::var("E2E_PERF_OUT").ok().map(|out| {
+            Command::new("perf")
+                .args(["record", "-g", "-o", &out, "-p"])
+                .arg(target.child.id().to_string())
+                .args(["--", "sleep"])
+                .arg(format!("{secs}"))
+                .spawn()
+                .expect("perf")
+        });
+        let sample = open_loop(&mut target, rate, secs).await;
+        if let Some(mut perf) = perf {
+            perf.wait().expect("perf");
+        }
+        eprintln!(
+            "{} {}: {rate:.0} req/s offered, {:.2} µs CPU per request",
+            config.name(),
+            proto.name(),
+            sample.cpu_per_request_ns / 1000.0
+        );
+    });
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; the rest are words.
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    match args.first().map(String::as_str) {
+        Some("serve") => serve(
+            Config::parse(&args[1]),
+            Proto::parse(&args[2]).expect("protocol"),
+        ),
+        Some("profile") => profile(
+            Config::parse(&args[1]),
+            Proto::parse(&args[2]).expect("protocol: http1, h2, grpc"),
+            args.get(3).map_or(10.0, |s| s.parse().expect("seconds")),
+        ),
+        _ => {
+            let mut protos: Vec<Proto> = args.iter().filter_map(|a| Proto::parse(a)).collect();
+            if protos.is_empty() {
+                protos = PROTOS.to_vec();
+            }
+            run(protos);
+        }
+    }
+}
