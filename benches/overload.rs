@@ -14,7 +14,8 @@
 //!
 //! `cargo bench --bench overload` prints the tables in markdown and writes
 //! `benches/overload-goodput.svg`. `OVERLOAD_SEEDS` (default 5) and
-//! `OVERLOAD_SKIP_OVERHEAD=1` shorten it; `OVERLOAD_ONLY=atscale` runs the
+//! `OVERLOAD_SKIP_OVERHEAD=1` shorten it (`OVERLOAD_ONLY_OVERHEAD=1` runs
+//! only the overhead part); `OVERLOAD_ONLY=atscale` runs the
 //! configurations whose name contains the text (the SVG then shows only them).
 
 mod support;
@@ -618,6 +619,10 @@ fn main() {
         Config::Ours(Algo::Vegas),
         Config::Ours(Algo::Aimd),
     ];
+    if std::env::var("OVERLOAD_ONLY_OVERHEAD").is_ok() {
+        overhead();
+        return;
+    }
     let only = std::env::var("OVERLOAD_ONLY").unwrap_or_default();
     let configs: Vec<Config> = configs
         .into_iter()

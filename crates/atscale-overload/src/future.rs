@@ -28,12 +28,10 @@ pin_project! {
 pin_project! {
     #[project = StateProj]
     enum State<S, Req, F> {
+        // Boxed: the slow path only, and it keeps the request, which would
+        // otherwise make every response future as large as a request.
         Queued {
-            svc: Option<S>,
-            req: Option<Req>,
-            ticket: Option<Ticket>,
-            #[pin]
-            timer: Timer,
+            queued: Pin<Box<Queued<S, Req>>>,
         },
         Running {
             #[pin]
@@ -43,6 +41,16 @@ pin_project! {
         Refused {
             err: Option<BoxError>,
         },
+    }
+}
+
+pin_project! {
+    struct Queued<S, Req> {
+        svc: Option<S>,
+        req: Option<Req>,
+        ticket: Option<Ticket>,
+        #[pin]
+        timer: Timer,
     }
 }
 
@@ -73,10 +81,12 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
         };
         ResponseFuture {
             state: State::Queued {
-                svc: Some(svc),
-                req: Some(req),
-                ticket: Some(ticket),
-                timer,
+                queued: Box::pin(Queued {
+                    svc: Some(svc),
+                    req: Some(req),
+                    ticket: Some(ticket),
+                    timer,
+                }),
             },
         }
     }
@@ -99,12 +109,9 @@ where
         let mut state = self.project().state;
         loop {
             match state.as_mut().project() {
-                StateProj::Queued {
-                    svc,
-                    req,
-                    ticket,
-                    timer,
-                } => {
+                StateProj::Queued { queued } => {
+                    let q = queued.as_mut().project();
+                    let (svc, req, ticket, timer) = (q.svc, q.req, q.ticket, q.timer);
                     let t = ticket.as_mut().expect("polled after completion");
                     let left = match t.poll(cx) {
                         Poll::Ready(Ok(permit)) => {

@@ -2,7 +2,7 @@
 //! bounded admission queue (CoDel, adaptive LIFO, criticality, deadlines).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context as TaskContext, Poll, Waker};
 use std::time::Duration;
@@ -30,9 +30,48 @@ pub(crate) struct Shared {
     state: Mutex<State>,
     clock: Clock,
     settings: Settings,
+    counters: Counters,
+}
+
+/// What the admission fast path reads without the lock. `in_flight` is the
+/// truth (taken by CAS, under the lock or not); the others mirror the state.
+#[derive(Debug)]
+struct Counters {
     limit: AtomicUsize,
     in_flight: AtomicUsize,
     queued: AtomicUsize,
+    /// SRTT + 2 RTTVAR in nanoseconds; `u64::MAX` until the first sample.
+    service_high: AtomicU64,
+}
+
+impl Counters {
+    /// Takes a slot if one is free under the limit; the new in-flight count.
+    fn try_acquire(&self) -> Option<usize> {
+        let limit = self.limit.load(Ordering::Acquire);
+        let mut cur = self.in_flight.load(Ordering::Acquire);
+        loop {
+            if cur >= limit {
+                return None;
+            }
+            match self.in_flight.compare_exchange_weak(
+                cur,
+                cur + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Some(cur + 1),
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    fn release(&self) {
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
 }
 
 #[derive(Debug)]
@@ -40,7 +79,6 @@ struct State {
     algorithm: Box<dyn Algorithm>,
     /// The algorithm's estimate, clamped to [min, max].
     estimate: f64,
-    in_flight: usize,
     queues: Queues,
     decided: HashMap<u64, Decision>,
     next_id: u64,
@@ -163,7 +201,6 @@ impl Shared {
             state: Mutex::new(State {
                 algorithm,
                 estimate: initial as f64,
-                in_flight: 0,
                 queues: Queues::default(),
                 decided: HashMap::new(),
                 next_id: 0,
@@ -174,22 +211,25 @@ impl Shared {
             }),
             clock,
             settings,
-            limit: AtomicUsize::new(initial),
-            in_flight: AtomicUsize::new(0),
-            queued: AtomicUsize::new(0),
+            counters: Counters {
+                limit: AtomicUsize::new(initial),
+                in_flight: AtomicUsize::new(0),
+                queued: AtomicUsize::new(0),
+                service_high: AtomicU64::new(u64::MAX),
+            },
         }
     }
 
     pub(crate) fn limit(&self) -> usize {
-        self.limit.load(Ordering::Relaxed)
+        self.counters.limit.load(Ordering::Relaxed)
     }
 
     pub(crate) fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Relaxed)
+        self.counters.in_flight.load(Ordering::Relaxed)
     }
 
     pub(crate) fn queued(&self) -> usize {
-        self.queued.load(Ordering::Relaxed)
+        self.counters.queued.load(Ordering::Relaxed)
     }
 
     pub(crate) fn service_time(&self) -> Option<Duration> {
@@ -203,9 +243,31 @@ impl Shared {
     }
 
     fn publish(&self, st: &State) {
-        self.limit.store(st.limit(), Ordering::Relaxed);
-        self.in_flight.store(st.in_flight, Ordering::Relaxed);
-        self.queued.store(st.queues.len, Ordering::Relaxed);
+        self.counters.queued.store(st.queues.len, Ordering::Release);
+    }
+
+    /// The fast path, without the lock: `Some` when the request is admitted
+    /// (nobody waits and a slot is free) or refused at once (its deadline
+    /// cannot cover a service time); `None` when it must take the slow path
+    /// ([`arrive`](Self::arrive)).
+    pub(crate) fn try_admit(
+        self: &Arc<Self>,
+        deadline: Option<Deadline>,
+    ) -> Option<Result<Permit, Overloaded>> {
+        let c = &self.counters;
+        if c.queued.load(Ordering::Acquire) != 0 {
+            return None;
+        }
+        if let (true, Some(d)) = (self.settings.deadline_aware, deadline) {
+            let high = c.service_high.load(Ordering::Relaxed);
+            // With nothing in flight the estimate may be stale: admit, and learn.
+            if high != u64::MAX && c.in_flight() > 0 && nanos(d.remaining()) < high as f64 {
+                return Some(Err(overloaded(Duration::from_nanos(high))));
+            }
+        }
+        let in_flight = c.try_acquire()?;
+        let now = self.clock.now_nanos();
+        Some(Ok(Permit::new(self.clone(), now, in_flight, deadline)))
     }
 
     /// A request arrives: admitted now, queued, or refused.
@@ -217,25 +279,24 @@ impl Shared {
         let now = self.clock.now_nanos();
         let mut wakers = Vec::new();
         let mut st = lock(&self.state);
-        let limit = st.limit();
         // Remaining deadline, read only when it can matter.
         let remaining = match (self.settings.deadline_aware, deadline, st.service) {
             (true, Some(d), Some(_)) => Some(d.remaining()),
             _ => None,
         };
-        if st.queues.len == 0 && st.in_flight < limit {
+        if st.queues.len == 0 {
+            let c = &self.counters;
             if let (Some(left), Some(service)) = (remaining, st.service_high()) {
                 // With nothing in flight the estimate is stale: admit, and learn.
-                if st.in_flight > 0 && nanos(left) < service {
+                if c.in_flight() > 0 && nanos(left) < service {
                     // Even unqueued it would not finish in time.
                     return Arrival::Refused(overloaded(Duration::from_nanos(service as u64)));
                 }
             }
-            st.in_flight += 1;
-            let in_flight = st.in_flight;
-            self.in_flight.store(in_flight, Ordering::Relaxed);
-            drop(st);
-            return Arrival::Admitted(Permit::new(self.clone(), now, in_flight, deadline));
+            if let Some(in_flight) = c.try_acquire() {
+                drop(st);
+                return Arrival::Admitted(Permit::new(self.clone(), now, in_flight, deadline));
+            }
         }
         let arrival = self.enqueue(&mut st, now, criticality, deadline, remaining, &mut wakers);
         self.publish(&st);
@@ -254,8 +315,9 @@ impl Shared {
         remaining: Option<Duration>,
         wakers: &mut Vec<Waker>,
     ) -> Arrival {
+        let c = &self.counters;
         if self.settings.deadline_aware {
-            st.shed_doomed(wakers);
+            st.shed_doomed(c, wakers);
         }
         let limit = st.limit();
         let class = criticality.index();
@@ -294,7 +356,7 @@ impl Shared {
                 waker: None,
             },
         );
-        st.dispatch(now, wakers);
+        st.dispatch(now, c, wakers);
         match st.decided.remove(&id) {
             Some(Decision::Granted { in_flight, at }) => {
                 Arrival::Admitted(Permit::new(self.clone(), at, in_flight, deadline))
@@ -314,8 +376,9 @@ impl Shared {
     fn release(&self, sample: Option<(Sample, bool)>) {
         let now = self.clock.now_nanos();
         let mut wakers = Vec::new();
+        let c = &self.counters;
         let mut st = lock(&self.state);
-        st.in_flight -= 1;
+        c.release();
         if let Some((sample, timed)) = sample {
             let estimate = st.estimate;
             let next = st.algorithm.update(estimate, &sample);
@@ -336,14 +399,15 @@ impl Shared {
                         st.service_var = latency / 2.0;
                     }
                 }
+                let high = st.service_high().unwrap_or(f64::MAX);
+                c.service_high
+                    .store(high.min(u64::MAX as f64 - 1.0) as u64, Ordering::Relaxed);
             }
+            c.limit.store(st.limit(), Ordering::Release);
         }
         if st.queues.len > 0 {
-            st.dispatch(now, &mut wakers);
+            st.dispatch(now, c, &mut wakers);
             self.publish(&st);
-        } else {
-            self.limit.store(st.limit(), Ordering::Relaxed);
-            self.in_flight.store(st.in_flight, Ordering::Relaxed);
         }
         drop(st);
         wakers.into_iter().for_each(Waker::wake);
@@ -360,7 +424,8 @@ fn retry_after(service: Option<f64>, per_slot: Option<f64>, queued: usize) -> Du
 }
 
 fn nanos(d: Duration) -> f64 {
-    d.as_nanos() as f64
+    // Not `as_nanos() as f64`: a u128 to f64 conversion is a libcall.
+    d.as_secs() as f64 * 1e9 + f64::from(d.subsec_nanos())
 }
 
 impl State {
@@ -370,14 +435,14 @@ impl State {
     /// LIFO the newest arrivals are served first, so a standing queue's oldest
     /// waiters would otherwise sit until their deadline and leave as 504s,
     /// having held a place for nothing.)
-    fn shed_doomed(&mut self, wakers: &mut Vec<Waker>) {
+    fn shed_doomed(&mut self, c: &Counters, wakers: &mut Vec<Waker>) {
         let (Some(typical), Some(service)) = (self.service, self.service_high()) else {
             return;
         };
         let per_slot = typical / self.limit() as f64;
         let lifo = self.codel.standing();
         let mut tokio_now = None;
-        let free = self.limit().saturating_sub(self.in_flight);
+        let free = self.limit().saturating_sub(c.in_flight());
         while let Some((class, id, Some(deadline))) = self.queues.last(lifo) {
             let len = self.queues.len;
             let now = *tokio_now.get_or_insert_with(Instant::now);
@@ -413,12 +478,15 @@ impl State {
     /// highest criticality is served, oldest first, newest first while the
     /// queue is standing. A waiter that could no longer finish before its
     /// deadline is refused instead of served.
-    fn dispatch(&mut self, now: u64, wakers: &mut Vec<Waker>) {
+    fn dispatch(&mut self, now: u64, c: &Counters, wakers: &mut Vec<Waker>) {
         if self.deadline_aware {
-            self.shed_doomed(wakers);
+            self.shed_doomed(c, wakers);
         }
         let mut tokio_now = None;
-        while self.in_flight < self.limit() && self.queues.len > 0 {
+        while self.queues.len > 0 {
+            let Some(in_flight) = c.try_acquire() else {
+                break;
+            };
             let service = self.service;
             let per_slot = service.map(|s| s / self.limit() as f64);
             let retry = retry_after(service, per_slot, self.queues.len);
@@ -429,27 +497,24 @@ impl State {
                 retry_after: retry,
             };
             if !self.codel.dequeue(now, &mut view) {
+                c.release();
                 break;
             }
             let lifo = self.codel.standing();
             let Some((id, waiter)) = self.queues.pop_next(lifo) else {
+                c.release();
                 break;
             };
             if let (Some(deadline), Some(service)) = (waiter.deadline, self.service_high()) {
                 let t = *tokio_now.get_or_insert_with(Instant::now);
                 if nanos(deadline.saturating_duration_since(t)) < service {
+                    c.release();
                     self.shed(id, waiter, retry, wakers);
                     continue;
                 }
             }
-            self.in_flight += 1;
-            self.decided.insert(
-                id,
-                Decision::Granted {
-                    in_flight: self.in_flight,
-                    at: now,
-                },
-            );
+            self.decided
+                .insert(id, Decision::Granted { in_flight, at: now });
             wakers.extend(waiter.waker);
         }
     }
@@ -557,8 +622,8 @@ impl Ticket {
         let decision = st.decided.remove(&self.id);
         match decision {
             Some(Decision::Granted { .. }) => {
-                st.in_flight -= 1;
-                st.dispatch(now, &mut wakers);
+                shared.counters.release();
+                st.dispatch(now, &shared.counters, &mut wakers);
             }
             Some(Decision::Shed { .. }) => {}
             None => {

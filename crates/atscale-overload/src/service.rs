@@ -68,6 +68,12 @@ where
             Some(cx) => cx.deadline(),
             None => Context::current().and_then(|cx| cx.deadline()),
         };
+        match self.shared.try_admit(deadline) {
+            Some(Ok(permit)) => return ResponseFuture::running(self.inner.call(req), permit),
+            Some(Err(overloaded)) => return ResponseFuture::refused(overloaded.into()),
+            None => {}
+        }
+        // Someone waits, or no slot is free: criticality matters now.
         let criticality = req.criticality(&self.header);
         match self.shared.arrive(criticality, deadline) {
             Arrival::Admitted(permit) => ResponseFuture::running(self.inner.call(req), permit),

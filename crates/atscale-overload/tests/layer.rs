@@ -341,3 +341,54 @@ async fn with_nothing_in_flight_a_request_is_admitted_whatever_the_estimate() {
     running.await.unwrap().unwrap();
     assert_eq!(rec.served(), vec![0, 1, 2]);
 }
+
+#[test]
+fn racing_threads_never_exceed_the_limit() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap();
+    let layer = OverloadLayer::builder()
+        .algorithm(Vegas::new())
+        .min_limit(3)
+        .max_limit(3)
+        .initial_limit(3)
+        .queue_capacity(10_000)
+        .build()
+        .unwrap();
+    let adm = layer.admission();
+    let rec = Recorder::default();
+    // No timer: each request yields a few times in service.
+    let backend = {
+        let rec = rec.clone();
+        tower::service_fn(move |r: http::Request<usize>| {
+            let rec = rec.clone();
+            async move {
+                use std::sync::atomic::Ordering::SeqCst;
+                let n = rec.now.fetch_add(1, SeqCst) + 1;
+                rec.peak.fetch_max(n, SeqCst);
+                for _ in 0..3 {
+                    tokio::task::yield_now().await;
+                }
+                rec.now.fetch_sub(1, SeqCst);
+                Ok::<_, std::convert::Infallible>(*r.body())
+            }
+        })
+    };
+    let svc = layer.layer(backend);
+    rt.block_on(async {
+        let calls: Vec<_> = (0..4_000)
+            .map(|i| tokio::spawn(svc.clone().oneshot(req(i))))
+            .collect();
+        for c in calls {
+            timeout(Duration::from_secs(30), c)
+                .await
+                .expect("bounded")
+                .unwrap()
+                .unwrap();
+        }
+    });
+    assert!(rec.peak.load(std::sync::atomic::Ordering::SeqCst) <= 3);
+    assert_eq!((adm.in_flight(), adm.queue_depth()), (0, 0));
+}

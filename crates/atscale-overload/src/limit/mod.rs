@@ -126,5 +126,6 @@ impl ExpAvg {
 }
 
 pub(crate) fn nanos(d: Duration) -> f64 {
-    d.as_nanos() as f64
+    // Not `as_nanos() as f64`: a u128 to f64 conversion is a libcall.
+    d.as_secs() as f64 * 1e9 + f64::from(d.subsec_nanos())
 }
