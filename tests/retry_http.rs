@@ -100,7 +100,10 @@ async fn a_503_is_retried_and_retry_after_is_waited_for() {
         .unwrap();
     assert_eq!(res.status(), 200);
     assert_eq!(res.extensions().get::<Attempts>(), Some(&Attempts(3)));
-    assert_eq!(res.into_body().collect().await.unwrap().to_bytes(), "answer");
+    assert_eq!(
+        res.into_body().collect().await.unwrap().to_bytes(),
+        "answer"
+    );
     let seen = script.seen.lock().unwrap();
     let previous: Vec<Option<&str>> = seen.iter().map(|s| s.1.as_deref()).collect();
     assert_eq!(previous, [None, Some("1"), Some("2")]);
@@ -149,7 +152,10 @@ async fn a_429_whose_retry_after_passes_the_deadline_comes_back_at_once() {
         .unwrap()
         .unwrap();
     assert_eq!((res.status().as_u16(), script.calls()), (429, 1));
-    assert!(started.elapsed() < Duration::from_secs(5), "no wait for 30 s");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "no wait for 30 s"
+    );
 }
 
 #[tokio::test]

@@ -352,3 +352,68 @@ async fn a_hedging_policy_and_a_timeout_from_the_service_config() {
     assert_eq!(Kind::of(&*err), Kind::DeadlineExceeded, "{err}");
     assert!(started.elapsed() >= Duration::from_millis(200));
 }
+
+/// End to end with the server stack: ErrorEnrich answers a rate-limited call
+/// with `RESOURCE_EXHAUSTED` and `grpc-retry-pushback-ms`; a client that
+/// retries rate-limited calls waits exactly that and gets through.
+#[tokio::test]
+async fn an_atscale_server_pushes_back_and_the_client_waits_for_it() {
+    use atscale::error::ErrorEnrichLayer;
+    use atscale::ratelimit::{Limit, Limiter, RateLimitLayer};
+
+    let arrivals = Script::new([]);
+    let counted = arrivals.clone();
+    let count = move |req: http::Request<Body>| {
+        counted.seen.lock().unwrap().push(Arrival {
+            at: Instant::now(),
+            previous: req
+                .headers()
+                .get("grpc-previous-rpc-attempts")
+                .map(|v| v.to_str().unwrap().to_owned()),
+            path: req.uri().path().to_owned(),
+        });
+        req
+    };
+    // One call per 300 ms: the second call in a row is refused with the
+    // time until the next slot.
+    let limiter = Limiter::new(Limit::new(1, Duration::from_millis(300)).unwrap());
+    let addr = serve_health(
+        ServiceBuilder::new()
+            .map_request(count)
+            .layer(ErrorEnrichLayer::new("health"))
+            .layer(RateLimitLayer::reject(limiter)),
+    )
+    .await;
+    let policy = RetryPolicy::builder()
+        .max_attempts(3)
+        .initial_backoff(Duration::from_millis(10))
+        .retryable_kinds([Kind::Unreachable, Kind::Overloaded, Kind::RateLimited])
+        .non_idempotent(true)
+        .build()
+        .unwrap();
+    let svc = ServiceBuilder::new()
+        .layer(BufferBodyLayer::new(64 * 1024).non_idempotent(true))
+        .layer(RetryLayer::new(policy))
+        .service(replica(channel(addr).await));
+    let mut client = HealthClient::new(svc);
+    tokio::time::timeout(BOUND, client.check(check()))
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::timeout(BOUND, client.check(check()))
+        .await
+        .unwrap()
+        .unwrap();
+    let seen = arrivals.seen.lock().unwrap();
+    let previous: Vec<Option<&str>> = seen.iter().map(|a| a.previous.as_deref()).collect();
+    assert_eq!(
+        previous,
+        [None, None, Some("1")],
+        "one retry, of the second call"
+    );
+    let waited = seen[2].at - seen[1].at;
+    assert!(
+        waited >= Duration::from_millis(200),
+        "waited for the pushback (the backoff is 10 ms): {waited:?}"
+    );
+}
