@@ -8,6 +8,7 @@ mod deadline;
 mod error;
 mod heartbeat;
 mod hedge;
+mod overload;
 mod ratelimit;
 mod retry;
 
@@ -21,6 +22,7 @@ async fn main() -> Result<(), BoxError> {
         error::run().await?,
         heartbeat::run().await?,
         hedge::run().await?,
+        overload::run().await?,
         ratelimit::run().await?,
         retry::run().await?,
     ];
