@@ -559,3 +559,16 @@ fn services_and_futures_are_send_sync_and_clone() {
     send::<atscale_retry::future::ResponseFuture<Backend, Req>>();
     let _ = Kind::Unreachable;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_goes_to_another_discovered_replica() {
+    let backend = Backend::new([Act::Unreachable, Act::Ok]);
+    let list = tower::discover::ServiceList::new((0..2).map(|i| backend.replica(i)));
+    let mut svc = RetryLayer::new(policy().build().unwrap()).discover(list);
+    let res = svc.ready().await.unwrap().call(get()).await.unwrap();
+    assert_eq!(res.body(), "ok");
+    assert_eq!(svc.replicas().len(), 2);
+    let seen = backend.seen.lock().unwrap();
+    let replicas: Vec<usize> = seen.iter().map(|s| s.replica).collect();
+    assert_eq!(replicas, [0, 1]);
+}
