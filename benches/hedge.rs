@@ -5,7 +5,8 @@
 //!    2-worker runtime per configuration, latencies drawn by SplitMix64 from
 //!    (seed, request id, call number), compared side by side: no hedge,
 //!    `tower::hedge::Hedge`, `tower-resilience-hedge`, a plain fixed 20 ms
-//!    hedge, and ours (fixed 20 ms, adaptive p90). Writes an SVG latency CDF
+//!    hedge, and ours (fixed 20 ms, adaptive at p90 and p97.5, and adaptive
+//!    with the percentile left to the budget). Writes an SVG latency CDF
 //!    to `benches/hedge-cdf.svg`.
 //! 2. Per-request overhead when no hedge fires, against tower's `Hedge`
 //!    (unarmed and armed) around the same ready service, interleaved.
@@ -225,10 +226,11 @@ enum Cfg {
     OursFixed,
     OursAdaptive,
     OursAdaptive975,
+    OursAdaptiveBudget,
 }
 
 impl Cfg {
-    const ALL: [Cfg; 7] = [
+    const ALL: [Cfg; 8] = [
         Cfg::NoHedge,
         Cfg::Tower,
         Cfg::Resilience,
@@ -236,6 +238,7 @@ impl Cfg {
         Cfg::OursFixed,
         Cfg::OursAdaptive,
         Cfg::OursAdaptive975,
+        Cfg::OursAdaptiveBudget,
     ];
 
     fn name(self) -> &'static str {
@@ -247,6 +250,7 @@ impl Cfg {
             Cfg::OursFixed => "ours fixed 20 ms",
             Cfg::OursAdaptive => "ours adaptive p90",
             Cfg::OursAdaptive975 => "ours adaptive p97.5",
+            Cfg::OursAdaptiveBudget => "ours adaptive, from the budget",
         }
     }
 
@@ -259,11 +263,15 @@ impl Cfg {
             Cfg::OursFixed => "#2ca02c",
             Cfg::OursAdaptive => "#d62728",
             Cfg::OursAdaptive975 => "#8c564b",
+            Cfg::OursAdaptiveBudget => "#e377c2",
         }
     }
 
     fn warms_up(self) -> bool {
-        matches!(self, Cfg::Tower | Cfg::OursAdaptive | Cfg::OursAdaptive975)
+        matches!(
+            self,
+            Cfg::Tower | Cfg::OursAdaptive | Cfg::OursAdaptive975 | Cfg::OursAdaptiveBudget
+        )
     }
 }
 
@@ -405,6 +413,15 @@ fn build(cfg: Cfg, sim: &Arc<Sim>) -> (Svc, Option<HedgeStats>) {
         Cfg::OursAdaptive975 => ours(
             Delay::adaptive()
                 .percentile(0.975)
+                .min_samples(100)
+                .window(Duration::from_secs(2))
+                .into(),
+        ),
+        // No percentile: it follows the budget (1 - budget / 2, 0.975 here),
+        // a request that reaches it sends both hedges at once, and half the
+        // budget is kept for stragglers.
+        Cfg::OursAdaptiveBudget => ours(
+            Delay::adaptive()
                 .min_samples(100)
                 .window(Duration::from_secs(2))
                 .into(),

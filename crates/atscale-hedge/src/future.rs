@@ -276,14 +276,13 @@ where
 /// Sends one hedge, unless the deadline, the budget or the request says no.
 ///
 /// When the budget says no while attempts are still in flight, the request
-/// asks again one delay later: the longer a request has waited, the more
-/// often it asks, so a tight budget goes mostly to the slowest requests.
+/// asks again later (see `Shared::ask_again`).
 fn launch<S, Req>(armed: &mut Armed<S, Req>, shared: &Shared, now: Instant, running: bool)
 where
     S: Service<Req> + Clone,
     Req: Replay + Carrier,
 {
-    armed.fire_now = false;
+    let early = std::mem::take(&mut armed.fire_now);
     let index = armed.launched;
     if let Some(parent) = &armed.parent
         && (parent.is_expired() || parent.is_cancelled())
@@ -295,10 +294,12 @@ where
         armed.stopped = true;
         return;
     }
-    if !shared.try_hedge(armed.position) {
+    // A request whose attempts failed needs this hedge to succeed at all.
+    let needed = early || !running;
+    if !shared.try_hedge(armed.position, needed) {
         event!(attempt = index, "no hedge: budget exhausted");
         if running && !armed.delay.is_zero() {
-            armed.next_at = Some(now + armed.delay);
+            armed.next_at = Some(now + shared.ask_again(armed.delay));
         } else {
             armed.stopped = true;
         }
@@ -336,7 +337,10 @@ where
         index,
     });
     armed.launched += 1;
-    armed.next_at = Some(now + armed.delay);
+    // A request that reached a delay following the budget sends its next
+    // hedge now too (if the budget agrees); otherwise one delay later.
+    let together = !early && shared.sends_together();
+    armed.next_at = Some(if together { now } else { now + armed.delay });
 }
 
 type Projection<'a, S, Req, C> = ResponseFutureProj<'a, S, Req, C>;
@@ -405,6 +409,9 @@ where
     // Losers are dropped now; their guards cancel their contexts.
     this.primary.set(Attempt::Done);
     this.primary_guard.take();
+    if let (Some(shared), Some(armed)) = (this.shared.as_deref(), this.armed.as_ref()) {
+        shared.finish(armed.position);
+    }
     if let Some(armed) = this.armed.as_mut() {
         armed.backups.clear();
         armed.stopped = true;

@@ -9,7 +9,9 @@ use tower_layer::Layer;
 use crate::budget::HedgeBudget;
 use crate::discover::HedgeDiscover;
 use crate::error::InvalidConfig;
-use crate::policy::{Budget, BudgetKind, Delay, DelayKind, ErrorsAreFatal, RoundRobin};
+use crate::policy::{
+    Budget, BudgetKind, Delay, DelayKind, ErrorsAreFatal, RoundRobin, tail_reserve,
+};
 use crate::service::{Backends, Hedge};
 use crate::shared::{Counters, DelaySource, Shared};
 use crate::stats::HedgeStats;
@@ -83,8 +85,8 @@ impl HedgeLayer {
         HedgeLayer::builder().delay(Delay::fixed(delay)).assemble()
     }
 
-    /// One hedge at the 95th percentile of recent latencies (once 100 were
-    /// seen), within the default 5% budget.
+    /// One hedge at the 97.5th percentile of recent latencies (once 100 were
+    /// seen: the percentile that follows the default 5% budget), within it.
     pub fn adaptive() -> Self {
         HedgeLayer::builder().assemble()
     }
@@ -240,7 +242,7 @@ impl<C> HedgeBuilder<C> {
             return Err(InvalidConfig::new("max_attempts", "must be 1 to 5"));
         }
         if let DelayKind::Adaptive(a) = self.delay.kind {
-            if !(a.percentile > 0.0 && a.percentile <= 1.0) {
+            if a.percentile.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
                 return Err(InvalidConfig::new("percentile", "must be in (0, 1]"));
             }
             if a.window.is_zero() {
@@ -271,7 +273,9 @@ impl<C> HedgeBuilder<C> {
         let delay = match self.delay.kind {
             DelayKind::Fixed(d) => DelaySource::Fixed(d),
             DelayKind::Adaptive(a) => {
-                DelaySource::Adaptive(LatencyWindow::new(a.percentile, a.min_samples, a.window))
+                let (percentile, together) = a.resolve(&self.budget);
+                let window = LatencyWindow::new(percentile, a.min_samples, a.window);
+                DelaySource::Adaptive(window.together(together))
             }
         };
         let budget = match self.budget.kind {
@@ -279,7 +283,9 @@ impl<C> HedgeBuilder<C> {
                 ratio,
                 min_per_second,
                 window,
-            } => Some(HedgeBudget::new(ratio, min_per_second, window)),
+            } => Some(
+                HedgeBudget::new(ratio, min_per_second, window).with_reserve(tail_reserve(&delay)),
+            ),
             BudgetKind::Unlimited => None,
         };
         HedgeLayer {

@@ -70,19 +70,45 @@ impl Shared {
         }
     }
 
+    /// Notes that the request at `position` has its answer (for the
+    /// budget's stragglers).
+    pub(crate) fn finish(&self, position: u64) {
+        if let Some(b) = &self.budget {
+            b.finish(position);
+        }
+    }
+
+    /// Whether a request that reaches its delay sends all its hedges at once.
+    pub(crate) fn sends_together(&self) -> bool {
+        matches!(&self.delay, DelaySource::Adaptive(w) if w.sends_together())
+    }
+
     pub(crate) fn is_adaptive(&self) -> bool {
         matches!(self.delay, DelaySource::Adaptive(_))
     }
 
+    /// When a request the budget refused asks again: one delay later, or a
+    /// quarter of one when the delay follows the budget (a straggler among
+    /// requests asking too early is told apart once its neighbours finish).
+    pub(crate) fn ask_again(&self, delay: Duration) -> Duration {
+        if self.sends_together() {
+            delay / 4
+        } else {
+            delay
+        }
+    }
+
     /// Takes one hedge for the request at `position` from the budget (always
-    /// granted without a budget).
-    pub(crate) fn try_hedge(&self, position: u64) -> bool {
+    /// granted without a budget); `needed`: its attempts failed
+    /// (non-fatally), so it may take the budget's reserve as a straggler
+    /// would.
+    pub(crate) fn try_hedge(&self, position: u64, needed: bool) -> bool {
         let throttled = self.throttle.as_ref().is_some_and(|t| !t.allows());
         let granted = !throttled
             && self
                 .budget
                 .as_ref()
-                .is_none_or(|b| b.try_acquire(position, self.clock.now_nanos()));
+                .is_none_or(|b| b.acquire(position, self.clock.now_nanos(), needed));
         if granted {
             self.counters.sent.fetch_add(1, Ordering::Relaxed);
         } else {

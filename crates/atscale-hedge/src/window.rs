@@ -83,12 +83,15 @@ pub(crate) struct LatencyWindow {
     ends: AtomicU64,
     halves: [Half; 2],
     delay_micros: AtomicU64,
+    /// A request that reaches the delay sends all its hedges at once.
+    together: bool,
 }
 
 impl std::fmt::Debug for LatencyWindow {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LatencyWindow")
             .field("percentile", &self.percentile)
+            .field("together", &self.together)
             .field("min_samples", &self.min_samples)
             .field("delay", &self.delay())
             .finish_non_exhaustive()
@@ -108,7 +111,19 @@ impl LatencyWindow {
             ends: AtomicU64::new(half),
             halves,
             delay_micros: AtomicU64::new(UNARMED),
+            together: false,
         }
+    }
+
+    /// Whether a request that reaches the delay sends all its hedges at once
+    /// (the percentile follows the budget) rather than one per delay.
+    pub(crate) fn together(mut self, together: bool) -> Self {
+        self.together = together;
+        self
+    }
+
+    pub(crate) fn sends_together(&self) -> bool {
+        self.together
     }
 
     /// Moves the window to `now`'s half if time has passed (`now` in the
