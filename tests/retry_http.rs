@@ -17,14 +17,19 @@ use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpListener;
 use tower::{Layer, ServiceExt};
 
+/// An answer: a status, and a `Retry-After` value.
+type Answer = (u16, Option<&'static str>);
+/// An arrival: when, and its `grpc-previous-rpc-attempts`.
+type Arrival = (Instant, Option<String>);
+
 #[derive(Clone, Default)]
 struct Script {
-    answers: Arc<Mutex<VecDeque<(u16, Option<&'static str>)>>>,
-    seen: Arc<Mutex<Vec<(Instant, Option<String>)>>>,
+    answers: Arc<Mutex<VecDeque<Answer>>>,
+    seen: Arc<Mutex<Vec<Arrival>>>,
 }
 
 impl Script {
-    fn new(answers: impl IntoIterator<Item = (u16, Option<&'static str>)>) -> Self {
+    fn new(answers: impl IntoIterator<Item = Answer>) -> Self {
         Script {
             answers: Arc::new(Mutex::new(answers.into_iter().collect())),
             seen: Arc::default(),

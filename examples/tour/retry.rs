@@ -71,18 +71,14 @@ async fn server(mode: Arc<AtomicU8>, calls: Arc<AtomicU64>) -> Result<SocketAddr
 
 type Buffered = http::Request<BufferedBody<Body>>;
 
+/// The channel behind a retry layer: buffered requests in, tonic bodies out.
+type Retried = atscale::hedge::BufferBody<
+    atscale::retry::Retry<tower::util::MapRequest<Channel, fn(Buffered) -> http::Request<Body>>>,
+>;
+
 /// A health client retrying by `layer` (tonic's request body is a stream:
 /// buffered so that a retry can replay it, then given back to the channel).
-fn client(
-    channel: Channel,
-    layer: RetryLayer,
-) -> HealthClient<
-    atscale::hedge::BufferBody<
-        atscale::retry::Retry<
-            tower::util::MapRequest<Channel, fn(Buffered) -> http::Request<Body>>,
-        >,
-    >,
-> {
+fn client(channel: Channel, layer: RetryLayer) -> HealthClient<Retried> {
     let stack = ServiceBuilder::new()
         .layer(BufferBodyLayer::new(64 * 1024).non_idempotent(true))
         .layer(layer)
