@@ -40,14 +40,19 @@ pin_project! {
 
 impl<B: Body> TrackedBody<B> {
     pub(crate) fn new(inner: B, mut ticket: Ticket, grpc: bool) -> Self {
+        if inner.is_end_stream() {
+            // Nothing to follow: the request ends with its head.
+            ticket.finish(Outcome::Ok);
+            return TrackedBody {
+                inner: Some(inner),
+                timer: None,
+                ticket: None,
+                grpc,
+            };
+        }
         let now = Instant::now();
         ticket.touch(now);
-        let ticket = if inner.is_end_stream() {
-            ticket.finish(Outcome::Ok);
-            None
-        } else {
-            Some(ticket)
-        };
+        let ticket = Some(ticket);
         let timer = ticket
             .as_ref()
             .and_then(Ticket::stall)
@@ -93,17 +98,18 @@ where
         };
         match inner.poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                // The watchdog reads the progress when it fires: no timer reset per frame.
-                if let Some(ticket) = this.ticket.as_mut() {
-                    ticket.progress(Instant::now());
-                }
                 let ended = this
                     .inner
                     .as_ref()
                     .as_pin_ref()
                     .is_some_and(|b| b.is_end_stream());
                 if ended {
-                    Self::finish(this.ticket, Outcome::Ok);
+                    if let Some(ticket) = this.ticket.take() {
+                        ticket.last_frame();
+                    }
+                } else if let Some(ticket) = this.ticket.as_mut() {
+                    // The watchdog reads the progress when it fires: no timer reset per frame.
+                    ticket.progress(Instant::now());
                 }
                 Poll::Ready(Some(Ok(frame)))
             }

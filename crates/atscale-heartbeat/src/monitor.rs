@@ -338,7 +338,7 @@ impl Shared {
     }
 
     #[inline]
-    fn watched(&self) -> bool {
+    pub(crate) fn watched(&self) -> bool {
         self.subscribers.load(Ordering::Relaxed) > 0
     }
 

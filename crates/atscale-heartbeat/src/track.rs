@@ -92,6 +92,16 @@ impl Ticket {
         self.shared.progress(self.key, self.id, now, true);
     }
 
+    /// The body's last frame: a unit of progress, and the end of the
+    /// request. Unwatched, the progress is not recorded: the entry goes at
+    /// once (one registry update and no clock read instead of two and one).
+    pub(crate) fn last_frame(mut self) {
+        if self.shared.watched() {
+            self.progress(Instant::now());
+        }
+        self.finish(Outcome::Ok);
+    }
+
     /// Resets the request's idle time without counting a frame (the response head arrived).
     pub(crate) fn touch(&mut self, now: Instant) {
         self.shared.progress(self.key, self.id, now, false);

@@ -199,6 +199,40 @@ async fn an_empty_or_sized_body_finishes_without_being_polled_to_the_end() {
     assert_eq!(monitor.counts().cancelled(), 0);
 }
 
+/// The next pulse, failing the test instead of hanging if none comes.
+async fn bounded(pulses: &mut Pulses) -> Pulse {
+    tokio::time::timeout(Duration::from_secs(1), pulses.next())
+        .await
+        .expect("a pulse within 1 s")
+        .expect("the monitor is alive")
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_last_frame_of_a_watched_body_is_a_unit_of_progress() {
+    let monitor = Monitor::new();
+    let mut pulses = monitor.subscribe();
+    let svc = ServiceBuilder::new()
+        .layer(monitor.layer())
+        .service(service_fn(|_req: Req| async {
+            Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from("x"))))
+        }));
+    let mut body = Box::pin(svc.oneshot(req()).await.unwrap().into_body());
+    body.frame().await.unwrap().unwrap();
+    let Pulse::Started { id } = bounded(&mut pulses).await else {
+        panic!("first pulse: started")
+    };
+    // the only frame counts, and the request ends with it
+    assert_eq!(bounded(&mut pulses).await, Pulse::Progress { id, units: 1 });
+    assert!(matches!(
+        bounded(&mut pulses).await,
+        Pulse::Finished {
+            outcome: Outcome::Ok,
+            ..
+        }
+    ));
+    assert_eq!(monitor.in_flight(), 0);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_stalled_request_is_cut_its_future_dropped_and_its_context_cancelled() {
     let monitor = Monitor::builder().stall(Duration::from_secs(2)).build();
