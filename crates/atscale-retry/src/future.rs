@@ -166,9 +166,12 @@ where
                         return Poll::Ready(give_up(last, *this.attempts, Stop::Cancelled));
                     }
                     ready!(sleep.poll(cx));
-                    *this.last = None;
+                    let last = this.last.take().expect("kept through the backoff");
                     if !launch(&mut this) {
-                        unreachable!("a backoff is only entered with a request to send");
+                        // The request would not copy again (a `Replay` that
+                        // gave a copy once may refuse the next).
+                        this.state.set(State::Done);
+                        return Poll::Ready(give_up(last, *this.attempts, Stop::NotRetryable));
                     }
                     continue;
                 }

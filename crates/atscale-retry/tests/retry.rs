@@ -572,3 +572,51 @@ async fn a_retry_goes_to_another_discovered_replica() {
     let replicas: Vec<usize> = seen.iter().map(|s| s.replica).collect();
     assert_eq!(replicas, [0, 1]);
 }
+
+/// A request that copies once, then refuses.
+struct CopiesOnce {
+    copies: Arc<Mutex<u32>>,
+    cx: Option<Context>,
+}
+
+impl atscale_core::Carrier for CopiesOnce {
+    fn context(&self) -> Option<&Context> {
+        self.cx.as_ref()
+    }
+    fn set_context(&mut self, cx: Context) {
+        self.cx = Some(cx);
+    }
+}
+
+impl atscale_hedge::Replay for CopiesOnce {
+    fn replay(&self) -> Option<Self> {
+        let mut copies = self.copies.lock().unwrap();
+        *copies += 1;
+        (*copies == 1).then(|| CopiesOnce {
+            copies: self.copies.clone(),
+            cx: None,
+        })
+    }
+}
+
+impl atscale_retry::RetryRequest for CopiesOnce {}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_that_stops_copying_ends_the_call_instead_of_panicking() {
+    let calls = Arc::new(Mutex::new(0));
+    let backend = {
+        let calls = calls.clone();
+        tower::service_fn(move |_req: CopiesOnce| {
+            *calls.lock().unwrap() += 1;
+            async { Err::<(), BoxError>(Unreachable::new("backend").into()) }
+        })
+    };
+    let svc = RetryLayer::new(policy().max_attempts(3).build().unwrap()).layer(backend);
+    let req = CopiesOnce {
+        copies: Arc::default(),
+        cx: None,
+    };
+    let err = svc.oneshot(req).await.unwrap_err();
+    assert!(err.is::<Unreachable>(), "{err}");
+    assert_eq!(*calls.lock().unwrap(), 1);
+}
