@@ -145,6 +145,22 @@
 //! - Replicas: a retry goes to another replica.
 //! - Contexts: every attempt gets a child context; a failed one is cancelled.
 //! - One hand-written future, nothing boxed per call.
+//!
+//! # Where this departs from gRFC A6
+//!
+//! - No transparent retries: a call that never reached the server
+//!   ([`Kind::Unreachable`](atscale_core::Kind::Unreachable)) is retried by
+//!   the policy, counts as an attempt and takes a throttle token (A6 retries
+//!   it on the side when the transport knows it never left the client).
+//! - A gRPC call is committed when its response headers arrive, and the
+//!   throttle counts it a success then: a failure in its trailers is not seen.
+//! - A service config listing `DEADLINE_EXCEEDED`, `INVALID_ARGUMENT` or
+//!   `CANCELLED` in `retryableStatusCodes` is refused (naming the field):
+//!   atscale never retries them, and says so rather than ignoring them.
+//! - Hedging policies from a service config run on the hedge
+//!   ([`MethodConfigLayer`]): a pushback does not pace the next hedge, and
+//!   `waitForReady`, message size limits and `perAttemptRecvTimeout` are
+//!   ignored.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod code;
