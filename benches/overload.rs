@@ -12,9 +12,11 @@
 //!   → the protection under test → backend.
 //! - Poisson arrivals, 10 s per run, 5 seeds pooled.
 //!
+//! Then the real-clock check over axum on loopback (see `real`), 2x and 5x.
+//!
 //! `cargo bench --bench overload` prints the tables in markdown and writes
 //! `benches/overload-goodput.svg`. `OVERLOAD_SEEDS` (default 5) and
-//! `OVERLOAD_SKIP_OVERHEAD=1` shorten it (`OVERLOAD_ONLY_OVERHEAD=1` runs
+//! `OVERLOAD_SKIP_OVERHEAD=1` and `OVERLOAD_SKIP_REAL=1` shorten it (`OVERLOAD_ONLY_OVERHEAD=1` runs
 //! only the overhead part); `OVERLOAD_ONLY=atscale` runs the
 //! configurations whose name contains the text (the SVG then shows only them).
 
@@ -484,7 +486,7 @@ fn recovery(runs: &[Outcome]) -> Option<f64> {
 // ---------------------------------------------------------------- the SVG
 
 fn svg(rows: &[(String, Vec<f64>)]) -> String {
-    let (w, h, left, top, right, bottom) = (720.0, 420.0, 60.0, 20.0, 300.0, 50.0);
+    let (w, h, left, top, right, bottom) = (800.0, 420.0, 60.0, 24.0, 340.0, 50.0);
     let pw = w - left - right;
     let ph = h - top - bottom;
     let x = |i: usize| left + pw * i as f64 / (LOADS.len() - 1) as f64;
@@ -593,6 +595,155 @@ fn overhead() {
         }
     }
     println!("load average at end: {}", support::load());
+}
+
+// ---------------------------------------------------------------- real clock
+
+/// The real-clock check: an axum server on loopback, on a thread and a
+/// current_thread runtime of its own (one "CPU"), whose handler burns 4 ms
+/// of real CPU in 0.5 ms slices with a yield between them (so requests share
+/// the thread as they would share cores), behind ErrorEnrich → Deadline
+/// (`x-deadline-ms`) → [OverloadLayer::new()]; an open-loop client sends
+/// `load` × the measured capacity for 3 s with 100 ms deadlines.
+mod real {
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::{Duration, Instant};
+
+    use atscale::ServiceBuilderExt;
+    use atscale::deadline::DeadlineLayer;
+    use atscale::error::ErrorEnrichLayer;
+    use atscale::overload::OverloadLayer;
+    use axum::Router;
+    use axum::routing::get;
+    use http::{HeaderName, Request, StatusCode};
+    use http_body_util::Empty;
+    use hyper_util::client::legacy::Client;
+    use hyper_util::client::legacy::connect::HttpConnector;
+    use hyper_util::rt::TokioExecutor;
+
+    const X_DEADLINE: HeaderName = HeaderName::from_static("x-deadline-ms");
+    const RUN: Duration = Duration::from_secs(3);
+    type HttpClient = Client<HttpConnector, Empty<bytes::Bytes>>;
+
+    async fn burn() -> &'static str {
+        for _ in 0..8 {
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_micros(500) {
+                std::hint::spin_loop();
+            }
+            tokio::task::yield_now().await;
+        }
+        "done"
+    }
+
+    fn server(overload: Option<OverloadLayer>) -> SocketAddr {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let outer = tower::ServiceBuilder::new()
+                    .enrich_errors(ErrorEnrichLayer::new("bench"))
+                    .deadline(
+                        DeadlineLayer::server(Duration::from_secs(5)).with_header(X_DEADLINE),
+                    );
+                let router = Router::new().route("/", get(burn));
+                let router = match overload {
+                    Some(o) => router.layer(outer.overload(o)),
+                    None => router.layer(outer),
+                };
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                let _ = axum::serve(listener, router).await;
+            });
+        });
+        addr
+    }
+
+    fn request(addr: SocketAddr, deadline: bool) -> Request<Empty<bytes::Bytes>> {
+        let mut b = Request::get(format!("http://{addr}/"));
+        if deadline {
+            b = b.header(X_DEADLINE, "100");
+        }
+        b.body(Empty::new()).unwrap()
+    }
+
+    /// Requests per second answered 200 within 100 ms; 503s; others.
+    async fn offer(client: &HttpClient, addr: SocketAddr, rate: f64, run: Duration) -> [u64; 3] {
+        let counts = Arc::new([AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)]);
+        let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+        let start = Instant::now();
+        let mut calls = Vec::new();
+        while start.elapsed() < run {
+            tick.tick().await;
+            let (client, counts) = (client.clone(), counts.clone());
+            calls.push(tokio::spawn(async move {
+                let sent = Instant::now();
+                let i = match client.request(request(addr, true)).await {
+                    Ok(r)
+                        if r.status() == StatusCode::OK
+                            && sent.elapsed() <= Duration::from_millis(100) =>
+                    {
+                        0
+                    }
+                    Ok(r) if r.status() == StatusCode::SERVICE_UNAVAILABLE => 1,
+                    _ => 2,
+                };
+                counts[i].fetch_add(1, Ordering::Relaxed);
+            }));
+        }
+        for c in calls {
+            let _ = tokio::time::timeout(Duration::from_secs(5), c).await;
+        }
+        [0, 1, 2].map(|i| counts[i].load(Ordering::Relaxed))
+    }
+
+    pub(crate) fn check() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+            let bare = server(None);
+            let start = Instant::now();
+            for _ in 0..100 {
+                client.request(request(bare, false)).await.unwrap();
+            }
+            let capacity = 100.0 / start.elapsed().as_secs_f64();
+            println!(
+                "\n## Real clock: axum on loopback, 4 ms of CPU per request, 100 ms deadlines, {} s per run\n",
+                RUN.as_secs()
+            );
+            println!("capacity measured one request at a time: {capacity:.0} requests/s\n");
+            println!("| configuration | load | goodput % of capacity | 503 | other (504, late) |");
+            println!("| --- | ---: | ---: | ---: | ---: |");
+            for load in [2.0, 5.0] {
+                for with in [false, true] {
+                    let addr = if with {
+                        let addr = server(Some(OverloadLayer::new()));
+                        // Ordinary traffic first, so the layer knows the service time.
+                        offer(&client, addr, capacity / 2.0, Duration::from_millis(300)).await;
+                        addr
+                    } else {
+                        bare
+                    };
+                    let [ok, refused, other] = offer(&client, addr, load * capacity, RUN).await;
+                    println!(
+                        "| {} | {load}x | {:.1} | {refused} | {other} |",
+                        if with { "stack + `OverloadLayer::new()`" } else { "stack alone" },
+                        ok as f64 / RUN.as_secs_f64() / capacity * 100.0,
+                    );
+                }
+            }
+        });
+    }
 }
 
 // ---------------------------------------------------------------- main
@@ -713,6 +864,9 @@ fn main() {
                 .map(|r| format!("{r:.1} s"))
                 .unwrap_or_else(|| "never".into())
         );
+    }
+    if std::env::var("OVERLOAD_SKIP_REAL").is_err() {
+        real::check();
     }
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/overload-goodput.svg");
     std::fs::write(path, svg(&curves)).expect("write the SVG");

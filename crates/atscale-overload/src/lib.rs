@@ -19,10 +19,15 @@
 //!   deadline passes leaves at once; a dropped one frees its place;
 //! - **deadline-aware admission**: a request whose remaining deadline (from
 //!   its atscale [`Context`](atscale_core::Context)) cannot cover its
-//!   expected wait (its place in the queue, at the recent service time per
-//!   slot) plus a typical service time is refused at arrival, before it costs
-//!   anything, with a retry-after estimate; at its turn, a waiter that could
-//!   no longer finish in time is refused rather than served;
+//!   expected wait (its place in the queue × the smoothed service time per
+//!   slot) plus a service time few requests exceed (RFC 6298's SRTT + 2 ×
+//!   RTTVAR, over successful requests) is refused at arrival, before it costs
+//!   anything, with a retry-after estimate. Waiters that could no longer make
+//!   it even if nobody else arrived are refused (503) as soon as that is
+//!   known, and at its turn a waiter that could no longer finish in time is
+//!   refused rather than served. With nothing in flight a request is never
+//!   refused on these grounds (the estimate may be stale: it is admitted,
+//!   and teaches it);
 //! - **criticality** ([`Criticality`]): critical / default / sheddable, from
 //!   the `x-criticality` header or gRPC metadata entry (the name is
 //!   configurable), or set in-process in the request's extensions; critical

@@ -373,8 +373,7 @@ impl Shared {
 
     /// A request in service finished: `sample` is what the algorithm should
     /// learn, and whether its latency is a service time (it was answered).
-    fn release(&self, sample: Option<(Sample, bool)>) {
-        let now = self.clock.now_nanos();
+    fn release(&self, now: u64, sample: Option<(Sample, bool)>) {
         let mut wakers = Vec::new();
         let c = &self.counters;
         let mut st = lock(&self.state);
@@ -676,10 +675,11 @@ impl Permit {
 
     pub(crate) fn finish(mut self, outcome: Outcome) {
         if let Some(shared) = self.shared.take() {
+            let now = shared.clock.now_nanos();
             let sample = match outcome {
                 Outcome::Ignored => None,
                 _ => {
-                    let latency = shared.clock.now_nanos().saturating_sub(self.start);
+                    let latency = now.saturating_sub(self.start);
                     let dropped = outcome == Outcome::Dropped;
                     Some((
                         Sample::new(Duration::from_nanos(latency), self.in_flight, dropped),
@@ -687,7 +687,7 @@ impl Permit {
                     ))
                 }
             };
-            shared.release(sample);
+            shared.release(now, sample);
         }
     }
 }
@@ -700,14 +700,15 @@ impl Drop for Permit {
             let expired = self
                 .deadline
                 .is_some_and(|d| d.is_expired_at(Instant::now()));
+            let now = shared.clock.now_nanos();
             let sample = expired.then(|| {
-                let latency = shared.clock.now_nanos().saturating_sub(self.start);
+                let latency = now.saturating_sub(self.start);
                 (
                     Sample::new(Duration::from_nanos(latency), self.in_flight, true),
                     false,
                 )
             });
-            shared.release(sample);
+            shared.release(now, sample);
         }
     }
 }
