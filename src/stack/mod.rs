@@ -4,7 +4,7 @@
 //!
 //! | stack | layers, outermost first | use it for |
 //! | --- | --- | --- |
-//! | [`ServerStack`] | ErrorEnrich → Deadline (reads `grpc-timeout` and `x-deadline-ms`) → Heartbeat → RateLimit (optional) → your service | every axum `Router` (`Router::layer`) and tonic server (`Server::builder().layer`) |
+//! | [`ServerStack`] | ErrorEnrich → Deadline (reads `grpc-timeout` and `x-deadline-ms`; over gRPC response bodies too) → Heartbeat → RateLimit (optional) → your service | every axum `Router` (`Router::layer`) and tonic server (`Server::builder().layer`) |
 //! | [`ClientStack`] | ErrorEnrich (client) → Deadline (writes `grpc-timeout`) → RateLimit (optional) → BufferBody + Hedge (optional) → Heartbeat → [`GrpcErrors`](crate::remote::GrpcErrors) → tonic `Channel` | every tonic generated client (`FooClient::new(stack.layer(channel))`) |
 //! | [`HttpClientStack`] | ErrorEnrich (client) → Deadline (writes `x-deadline-ms`) → RateLimit (optional) → BufferBody + Hedge (optional, idempotent methods) → Heartbeat → [`HttpErrors`](crate::remote::HttpErrors) → any tower HTTP client | every HTTP dependency (hyper-util's `Client`, …) |
 //!

@@ -38,7 +38,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use atscale_deadline::{Deadline, DeadlineLayer};
+use atscale_deadline::body::{ResponseDeadline, ResponseDeadlineLayer};
+use atscale_deadline::{BodyDeadlineLayer, Deadline, DeadlineLayer};
 use atscale_error::ErrorEnrich;
 use atscale_error::ErrorEnrichLayer;
 use atscale_error::mode::Server;
@@ -72,6 +73,10 @@ pub fn server(service: impl Into<Arc<str>>, budget: Duration) -> ServerStack {
 ///   and runs with it in its [`Context`](crate::core::Context), so the
 ///   handler's outgoing calls (through a [`ClientStack`](super::ClientStack)) pass on what is
 ///   left of it;
+/// - is held to that deadline past its response head when it is a gRPC
+///   call: a stream that outlives it ends with `DEADLINE_EXCEEDED`
+///   trailers and its context is cancelled (HTTP streams too, with
+///   [`with_body_deadline`](Self::with_body_deadline));
 /// - reports to the stack's [`Monitor`] (started, finished, outcome, in
 ///   flight; no stall watchdog unless the monitor has one);
 /// - is charged to the rate limit, if one is set, within its deadline;
@@ -113,6 +118,7 @@ pub fn server(service: impl Into<Arc<str>>, budget: Duration) -> ServerStack {
 pub struct ServerStack<R = Identity> {
     enrich: ErrorEnrichLayer<Server>,
     deadline: DeadlineLayer,
+    bodies: ResponseDeadlineLayer,
     monitor: Monitor,
     rate_limit: R,
 }
@@ -142,6 +148,7 @@ impl ServerStack {
         ServerStack {
             enrich,
             deadline,
+            bodies: BodyDeadlineLayer::grpc().responses_only(),
             monitor: Monitor::new(),
             rate_limit: Identity::new(),
         }
@@ -164,6 +171,16 @@ impl<R> ServerStack<R> {
         self
     }
 
+    /// Enforces the deadline over response bodies as `bodies` says:
+    /// `BodyDeadlineLayer::all().responses_only()` cuts HTTP streams (SSE,
+    /// downloads) at the request's deadline too, `::off()` none. The
+    /// default covers gRPC streams only (`BodyDeadlineLayer::grpc()`).
+    #[must_use]
+    pub fn with_body_deadline(mut self, bodies: ResponseDeadlineLayer) -> Self {
+        self.bodies = bodies;
+        self
+    }
+
     /// Charges every request to `rate_limit`, inside the deadline and the
     /// heartbeat.
     pub fn with_rate_limit<K, W, St: Store>(
@@ -173,6 +190,7 @@ impl<R> ServerStack<R> {
         ServerStack {
             enrich: self.enrich,
             deadline: self.deadline,
+            bodies: self.bodies,
             monitor: self.monitor,
             rate_limit,
         }
@@ -195,11 +213,12 @@ impl<R> ServerStack<R> {
 }
 
 impl<S, R: Layer<S>> Layer<S> for ServerStack<R> {
-    type Service = ErrorEnrich<Deadline<Heartbeat<R::Service>>, Server>;
+    type Service = ErrorEnrich<Deadline<ResponseDeadline<Heartbeat<R::Service>>>, Server>;
 
     fn layer(&self, inner: S) -> Self::Service {
         let inner = self.rate_limit.layer(inner);
         let inner = Heartbeat::new(inner, self.monitor.clone());
+        let inner = self.bodies.layer(inner);
         let inner = self.deadline.layer(inner);
         self.enrich.layer(inner)
     }

@@ -123,6 +123,80 @@ impl<S> Layer<S> for BodyDeadlineLayer {
     }
 }
 
+impl BodyDeadlineLayer {
+    /// Covers the response bodies only, leaving the request's type as it
+    /// is (for stacks whose inner services expect a given request body,
+    /// like tonic's `Routes` under typed middleware): see
+    /// [`ResponseDeadlineLayer`].
+    pub const fn responses_only(self) -> ResponseDeadlineLayer {
+        ResponseDeadlineLayer {
+            bodies: self.bodies,
+        }
+    }
+}
+
+/// Enforces the request's deadline over its response body only: the
+/// response side of [`BodyDeadlineLayer`], made by
+/// [`BodyDeadlineLayer::responses_only`].
+///
+/// The request body keeps its type. Reading it is still bounded: before
+/// the response head by the [`Deadline`](crate::Deadline) itself, after it
+/// by the response body it feeds (cut at the deadline) and the request's
+/// context (cancelled then), which work reading it in the background
+/// should run under.
+#[derive(Clone, Copy, Debug)]
+pub struct ResponseDeadlineLayer {
+    bodies: Bodies,
+}
+
+impl<S> Layer<S> for ResponseDeadlineLayer {
+    type Service = ResponseDeadline<S>;
+
+    fn layer(&self, inner: S) -> ResponseDeadline<S> {
+        ResponseDeadline {
+            inner,
+            bodies: self.bodies,
+        }
+    }
+}
+
+/// Wraps a response body in [`DeadlineBody`]; made by
+/// [`ResponseDeadlineLayer`].
+///
+/// # Backpressure
+///
+/// `poll_ready` delegates to the inner service.
+#[derive(Clone, Debug)]
+pub struct ResponseDeadline<S> {
+    inner: S,
+    bodies: Bodies,
+}
+
+impl<S> ResponseDeadline<S> {
+    atscale_core::inner_accessors!();
+}
+
+impl<S, ReqB, ResB> Service<http::Request<ReqB>> for ResponseDeadline<S>
+where
+    S: Service<http::Request<ReqB>, Response = http::Response<ResB>>,
+    S::Error: Into<BoxError>,
+{
+    type Response = http::Response<DeadlineBody<ResB>>;
+    type Error = BoxError;
+    type Future = BodyDeadlineFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: http::Request<ReqB>) -> Self::Future {
+        BodyDeadlineFuture {
+            cut: Cut::of(self.bodies, &req),
+            inner: self.inner.call(req),
+        }
+    }
+}
+
 /// Wraps a request's bodies in [`DeadlineBody`]; made by
 /// [`BodyDeadlineLayer`].
 ///
@@ -147,6 +221,25 @@ struct Cut {
     deadline: RequestDeadline,
 }
 
+impl Cut {
+    /// The cut of `req`'s bodies, if `bodies` covers it and it has a deadline.
+    fn of<B>(bodies: Bodies, req: &http::Request<B>) -> Option<Cut> {
+        let covered = match bodies {
+            Bodies::Off => false,
+            Bodies::Grpc => is_grpc(req.headers()),
+            Bodies::All => true,
+        };
+        if !covered {
+            return None;
+        }
+        let cx = req.extensions().get::<Context>()?;
+        Some(Cut {
+            deadline: cx.deadline()?,
+            cx: cx.clone(),
+        })
+    }
+}
+
 impl<S, ReqB, ResB> Service<http::Request<ReqB>> for BodyDeadline<S>
 where
     S: Service<http::Request<DeadlineBody<ReqB>>, Response = http::Response<ResB>>,
@@ -161,20 +254,7 @@ where
     }
 
     fn call(&mut self, req: http::Request<ReqB>) -> Self::Future {
-        let covered = match self.bodies {
-            Bodies::Off => false,
-            Bodies::Grpc => is_grpc(req.headers()),
-            Bodies::All => true,
-        };
-        let cut = covered
-            .then(|| req.extensions().get::<Context>())
-            .flatten()
-            .and_then(|cx| {
-                cx.deadline().map(|deadline| Cut {
-                    cx: cx.clone(),
-                    deadline,
-                })
-            });
+        let cut = Cut::of(self.bodies, &req);
         let req = req.map(|body| DeadlineBody::new(body, cut.clone(), false));
         BodyDeadlineFuture {
             inner: self.inner.call(req),
@@ -184,7 +264,7 @@ where
 }
 
 pin_project! {
-    /// The response future of [`BodyDeadline`].
+    /// The response future of [`BodyDeadline`] and [`ResponseDeadline`].
     #[derive(Debug)]
     pub struct BodyDeadlineFuture<F> {
         #[pin]
