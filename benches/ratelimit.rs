@@ -11,6 +11,14 @@
 //! a discarded calibration run, 11 repetitions; figures are medians with
 //! min..max over repetitions, ratios are per repetition against the anchor.
 //! Rates are so high that nothing is ever limited.
+//!
+//! The two-thread comparison counts a repetition only if both threads ran
+//! at once: their timed windows overlap by at least 90% and each was on a
+//! CPU for at least 90% of its window (`/proc/thread-self/schedstat`).
+//! Otherwise it prints why and exits with status 2. On a machine loaded by
+//! other work, run that part at real-time priority so that the threads are
+//! not descheduled: `chrt -f 10 target/release/deps/ratelimit-<hash> threads`
+//! (the binary `cargo bench --bench ratelimit --no-run` names).
 
 use std::cell::RefCell;
 use std::convert::Infallible;
