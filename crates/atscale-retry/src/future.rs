@@ -223,36 +223,39 @@ where
             let throttled = counts && this.throttle.as_ref().is_some_and(|t| !t.failure());
             let next = if !retryable {
                 Next::Stop(Stop::NotRetryable)
-            } else if pushback == Pushback::Stop {
-                Next::Stop(Stop::Pushback)
-            } else if attempts >= policy.max_attempts() {
-                Next::Stop(Stop::MaxAttempts)
-            } else if throttled {
-                Next::Stop(Stop::Throttled)
             } else if let Some(plan) = this.plan.as_ref() {
-                let wait = match pushback.after() {
-                    Some(after) => {
-                        *this.since_pushback = 0;
-                        after
+                if pushback == Pushback::Stop {
+                    Next::Stop(Stop::Pushback)
+                } else if attempts >= policy.max_attempts() {
+                    Next::Stop(Stop::MaxAttempts)
+                } else if throttled {
+                    Next::Stop(Stop::Throttled)
+                } else {
+                    let wait = match pushback.after() {
+                        Some(after) => {
+                            *this.since_pushback = 0;
+                            after
+                        }
+                        None => {
+                            *this.since_pushback += 1;
+                            policy.backoff(*this.since_pushback)
+                        }
+                    };
+                    match &plan.parent {
+                        Some(p) if p.is_cancelled() => Next::Stop(Stop::Cancelled),
+                        Some(p)
+                            if p.remaining().is_some_and(|left| {
+                                wait.saturating_add(policy.min_attempt()) > left
+                            }) =>
+                        {
+                            Next::Stop(Stop::Deadline)
+                        }
+                        _ => Next::Wait(wait),
                     }
-                    None => {
-                        *this.since_pushback += 1;
-                        policy.backoff(*this.since_pushback)
-                    }
-                };
-                match &plan.parent {
-                    Some(p) if p.is_cancelled() => Next::Stop(Stop::Cancelled),
-                    Some(p)
-                        if p.remaining().is_some_and(|left| {
-                            wait.saturating_add(policy.min_attempt()) > left
-                        }) =>
-                    {
-                        Next::Stop(Stop::Deadline)
-                    }
-                    _ => Next::Wait(wait),
                 }
             } else {
-                // Not replayable (or not idempotent): sent once.
+                // Not replayable (or not idempotent): sent once, its outcome
+                // as it is.
                 this.state.set(State::Done);
                 return Poll::Ready(pass(last, attempts));
             };

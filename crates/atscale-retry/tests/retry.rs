@@ -620,3 +620,17 @@ async fn a_request_that_stops_copying_ends_the_call_instead_of_panicking() {
     assert!(err.is::<Unreachable>(), "{err}");
     assert_eq!(*calls.lock().unwrap(), 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_call_sent_once_keeps_its_error_but_still_counts_for_the_throttle() {
+    let throttle = RetryThrottle::new(2, 0.5).unwrap();
+    throttle.failure(); // 1 token: at the threshold, retries are off
+    let backend = Backend::new([Act::Unreachable]);
+    let svc = RetryLayer::new(policy().build().unwrap())
+        .throttle(throttle.clone())
+        .layer(backend.clone());
+    let err = svc.oneshot(post()).await.unwrap_err();
+    assert!(err.is::<Unreachable>(), "not a RetryFailed: {err}");
+    assert_eq!(throttle.milli_tokens(), 0, "the failure took its token");
+    assert_eq!(backend.calls(), 1);
+}
