@@ -147,9 +147,33 @@ pub trait ServiceBuilderExt<L>: sealed::Sealed<L> + Sized {
     /// [`buffer_body`](Self::buffer_body) (retries replay the buffered body),
     /// outside the per-attempt layers (heartbeat, transport). In place of a
     /// hedge, or beside one on the same `RetryThrottle`.
+    ///
+    /// Named `retries` because `ServiceBuilder` has an inherent `retry(policy)`
+    /// (tower's `Retry`, with tower's `retry` feature), which a trait method
+    /// of the same name could never be called over.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use atscale::prelude::*;
+    /// use tower::{ServiceBuilder, ServiceExt, service_fn};
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() -> Result<(), BoxError> {
+    /// let policy = RetryPolicy::builder().max_attempts(3).build()?;
+    /// let client = ServiceBuilder::new()
+    ///     .deadline(DeadlineLayer::client(Duration::from_secs(1)))
+    ///     .retries(RetryLayer::new(policy).throttle(RetryThrottle::new(10, 0.1)?))
+    ///     .service(service_fn(|_req: http::Request<String>| async {
+    ///         Ok::<_, BoxError>(http::Response::new(String::from("ok")))
+    ///     }));
+    /// let res = client.oneshot(http::Request::new(String::new())).await?;
+    /// assert_eq!(res.body(), "ok");
+    /// # Ok(())
+    /// # }
+    /// ```
     #[cfg(feature = "retry")]
     #[cfg_attr(docsrs, doc(cfg(feature = "retry")))]
-    fn retry(self, layer: RetryLayer) -> ServiceBuilder<Stack<RetryLayer, L>>;
+    fn retries(self, layer: RetryLayer) -> ServiceBuilder<Stack<RetryLayer, L>>;
 }
 
 impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
@@ -195,7 +219,7 @@ impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
     }
 
     #[cfg(feature = "retry")]
-    fn retry(self, layer: RetryLayer) -> ServiceBuilder<Stack<RetryLayer, L>> {
+    fn retries(self, layer: RetryLayer) -> ServiceBuilder<Stack<RetryLayer, L>> {
         self.layer(layer)
     }
 }
