@@ -17,6 +17,7 @@
 mod support;
 
 use std::convert::Infallible;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use atscale::core::{BoxError, RateLimited};
@@ -25,16 +26,28 @@ use axum::Router;
 use axum::body::Body;
 use axum::error_handling::HandleErrorLayer;
 use axum::response::IntoResponse;
-use http::{Request, Response, StatusCode};
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, Uri};
 use support::case;
 use tower::layer::layer_fn;
 use tower::layer::util::Identity;
 use tower::util::MapErrLayer;
 use tower::{ServiceBuilder, service_fn};
 
+/// The request path as hyper hands it over: a slice of the connection's
+/// read buffer, so cloning the `Uri` (as ErrorEnrich does) is a reference
+/// count, not a copy. (Built from a `&str`, the path would be a private
+/// `Vec`, and its first clone would allocate to share it: a cost no
+/// request from a real connection pays.)
+static PATH: LazyLock<Bytes> = LazyLock::new(|| {
+    let path = Bytes::from(b"/orders/42".to_vec());
+    let _ = path.clone(); // now shared, as hyper's read buffer is
+    path
+});
+
 fn request(_: u64) -> Request<Body> {
     Request::builder()
-        .uri("/orders/42")
+        .uri(Uri::from_maybe_shared(PATH.clone()).expect("valid path"))
         .body(Body::empty())
         .expect("valid request")
 }
