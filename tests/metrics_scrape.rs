@@ -12,6 +12,7 @@ mod prom;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use atscale::heartbeat::Monitor;
 use atscale::ratelimit::{Limit, Limiter, RateLimitLayer};
 use axum::Router;
 use axum::routing::get;
@@ -21,10 +22,11 @@ use loopback::{bounded, http_client, serve_router};
 use metrics_exporter_prometheus::PrometheusBuilder;
 use prom::{Scrape, scrape};
 
-/// 5 OK, 2 past their deadline, 3 rate limited (burst 7, then nothing for an hour).
-const BURST: u32 = 7;
+/// 5 OK, 2 past their deadline, 1 stalled, then 3 rate limited (burst 8,
+/// then nothing for an hour).
+const BURST: u32 = 8;
 
-async fn server() -> SocketAddr {
+async fn server(monitor: Monitor) -> SocketAddr {
     let prometheus = PrometheusBuilder::new()
         .with_recommended_naming(true)
         .install_recorder()
@@ -33,7 +35,8 @@ async fn server() -> SocketAddr {
 
     let limiter = Limiter::new(Limit::per_hour(1).unwrap().burst(BURST).unwrap());
     let stack = atscale::stack::server("scrape", Duration::from_secs(10))
-        .with_rate_limit(RateLimitLayer::reject(limiter));
+        .with_rate_limit(RateLimitLayer::reject(limiter))
+        .with_monitor(monitor);
     let app = Router::new()
         .route("/work", get(|| async { "done" }))
         .route(
@@ -43,6 +46,8 @@ async fn server() -> SocketAddr {
                 "too late"
             }),
         )
+        // No progress at all: cut by the heartbeat's watchdog.
+        .route("/hang", get(std::future::pending::<&'static str>))
         .layer(stack)
         // After `.layer`: the scrape itself is not counted.
         .merge(Router::new().route("/metrics", get(move || async move { prometheus.render() })));
@@ -65,8 +70,10 @@ fn moved(before: &Scrape, after: &Scrape, name: &str, labels: &[(&str, &str)]) -
 
 #[tokio::test]
 async fn known_traffic_moves_each_metric_by_its_exact_amount() {
-    let addr = server().await;
+    let monitor = Monitor::builder().stall(Duration::from_millis(300)).build();
+    let addr = server(monitor.clone()).await;
     let before = scrape(addr).await;
+    assert_eq!(before.sum("atscale_heartbeat_in_flight", &[]), 0.0);
 
     let mut statuses = Vec::new();
     for _ in 0..5 {
@@ -75,27 +82,33 @@ async fn known_traffic_moves_each_metric_by_its_exact_amount() {
     for _ in 0..2 {
         statuses.push(get_status(addr, "/slow", "50").await);
     }
+    // one request in flight, seen by a scrape, then cut as stalled
+    let hang = tokio::spawn(get_status(addr, "/hang", "5000"));
+    bounded("the hanging request in flight", monitor.wait_in_flight(1)).await;
+    let during = scrape(addr).await;
+    assert_eq!(during.sum("atscale_heartbeat_in_flight", &[]), 1.0);
+    statuses.push(hang.await.unwrap());
     for _ in 0..3 {
         statuses.push(get_status(addr, "/work", "5000").await);
     }
     statuses.push(get_status(addr, "/work", "soon").await);
     assert_eq!(
         statuses,
-        [200, 200, 200, 200, 200, 504, 504, 429, 429, 429, 400],
+        [200, 200, 200, 200, 200, 504, 504, 503, 429, 429, 429, 400],
         "the traffic itself"
     );
 
     let after = scrape(addr).await;
     let m = |name: &str, labels: &[(&str, &str)]| moved(&before, &after, name, labels);
 
-    // deadline: 10 requests arrived with a header deadline, 2 passed while
+    // deadline: 11 requests arrived with a header deadline, 2 passed while
     // running, 1 was malformed
     assert_eq!(
         m(
             "atscale_deadline_remaining_seconds_count",
             &[("origin", "header")]
         ),
-        10.0
+        11.0
     );
     assert_eq!(
         m(
@@ -108,7 +121,7 @@ async fn known_traffic_moves_each_metric_by_its_exact_amount() {
     assert_eq!(m("atscale_deadline_malformed_total", &[]), 1.0);
 
     // rate limit: the malformed request never reached it
-    assert_eq!(m("atscale_ratelimit_admitted_total", &[]), 7.0);
+    assert_eq!(m("atscale_ratelimit_admitted_total", &[]), 8.0);
     assert_eq!(
         m(
             "atscale_ratelimit_refused_total",
@@ -130,7 +143,12 @@ async fn known_traffic_moves_each_metric_by_its_exact_amount() {
     assert_eq!(by("deadline_exceeded", "504"), 2.0);
     assert_eq!(by("rate_limited", "429"), 3.0);
     assert_eq!(by("bad_request", "400"), 1.0);
-    assert_eq!(m(errors, &[]), 6.0);
+    assert_eq!(by("stalled", "503"), 1.0);
+    assert_eq!(m(errors, &[]), 7.0);
+
+    // heartbeat: the stall, and nothing left in flight
+    assert_eq!(m("atscale_heartbeat_stalls_total", &[]), 1.0);
+    assert_eq!(after.sum("atscale_heartbeat_in_flight", &[]), 0.0);
     assert_eq!(m("atscale_panics_total", &[]), 0.0);
 
     // every answer's duration, by route template, method and status
@@ -149,7 +167,8 @@ async fn known_traffic_moves_each_metric_by_its_exact_amount() {
     assert_eq!(answer("/slow", "504"), 2.0);
     assert_eq!(answer("/work", "429"), 3.0);
     assert_eq!(answer("/work", "400"), 1.0);
-    assert_eq!(m(duration, &[]), 11.0);
+    assert_eq!(answer("/hang", "503"), 1.0);
+    assert_eq!(m(duration, &[]), 12.0);
     assert_eq!(m(duration, &[("error_type", "rate_limited")]), 3.0);
     assert!(
         after.sum(

@@ -371,7 +371,7 @@ pub mod field {
     pub const RATELIMIT_OUTCOME: &str = "ratelimit.outcome";
     /// The rate limit's wait, in milliseconds.
     pub const RATELIMIT_WAIT_MS: &str = "ratelimit.wait_ms";
-    /// Hedged attempts sent for the request.
+    /// `true` once a hedged attempt was sent for the request.
     pub const HEDGE_SENT: &str = "hedge.sent";
     /// The error's kind, when the request failed.
     pub const ERROR_KIND: &str = "error.kind";

@@ -105,6 +105,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod layer;
+mod metrics;
 mod monitor;
 mod progress;
 mod pulse;

@@ -16,6 +16,7 @@ use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
 use crate::health::Health;
 use crate::layer::HeartbeatLayer;
+use crate::metrics;
 use crate::pulse::{Outcome, Pulse, RequestId};
 
 /// The handle to a heartbeat: subscribe to pulses, count and inspect requests
@@ -362,6 +363,7 @@ impl Shared {
     pub(crate) fn start(&self) -> (usize, RequestId, Instant) {
         let now = Instant::now();
         let (key, id) = self.registry().insert(now);
+        metrics::started();
         self.emit(|| Pulse::Started { id });
         self.changed();
         (key, id, now)
@@ -398,6 +400,7 @@ impl Shared {
     #[inline]
     pub(crate) fn finish(&self, key: usize, id: RequestId, started: Instant, outcome: Outcome) {
         self.registry().remove(key, outcome);
+        metrics::finished(outcome);
         self.emit(|| Pulse::Finished {
             id,
             outcome,
@@ -657,6 +660,7 @@ impl Stream for Pulses {
                 Poll::Ready(Some(Ok(pulse))) => return Poll::Ready(Some(pulse)),
                 Poll::Ready(Some(Err(BroadcastStreamRecvError::Lagged(n)))) => {
                     this.missed += n;
+                    metrics::pulses_dropped(n);
                 }
                 Poll::Ready(None) => return Poll::Ready(None),
                 Poll::Pending => return Poll::Pending,

@@ -15,6 +15,7 @@ use tower::util::Oneshot;
 use tower_service::Service;
 
 use crate::body::{BufferedBody, Reader, Step};
+use crate::metrics;
 use crate::policy::{Classify, Verdict};
 use crate::replay::Replay;
 use crate::service::Backends;
@@ -403,6 +404,7 @@ where
         }
         if index > 0 {
             shared.counters.won.fetch_add(1, Ordering::Relaxed);
+            metrics::won();
             event!(attempt = index, "hedge won");
         }
     }

@@ -184,6 +184,7 @@ mod discover;
 pub mod error;
 pub mod future;
 mod layer;
+mod metrics;
 mod policy;
 mod replay;
 mod service;

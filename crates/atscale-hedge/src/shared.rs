@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::budget::HedgeBudget;
+use crate::metrics;
 use crate::window::LatencyWindow;
 use atscale_core::{Clock, RetryThrottle};
 
@@ -52,6 +53,7 @@ impl Shared {
             Some(b) => b.arrive(|| now.unwrap_or_else(|| self.clock.now_nanos())),
             None => self.counters.requests.fetch_add(1, Ordering::Relaxed),
         };
+        metrics::arrived(delay);
         (now, delay, position)
     }
 
@@ -111,8 +113,10 @@ impl Shared {
                 .is_none_or(|b| b.acquire(position, self.clock.now_nanos(), needed));
         if granted {
             self.counters.sent.fetch_add(1, Ordering::Relaxed);
+            metrics::sent();
         } else {
             self.counters.denied.fetch_add(1, Ordering::Relaxed);
+            metrics::denied(throttled);
         }
         granted
     }

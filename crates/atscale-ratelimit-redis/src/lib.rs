@@ -239,6 +239,7 @@
 mod cluster;
 pub mod error;
 mod limiter;
+mod metrics;
 mod script;
 mod store;
 

@@ -22,6 +22,7 @@ use tokio::time::Instant;
 
 use crate::error::{InvalidConfig, StoreUnavailable};
 use crate::limiter::{Layout, RedisKeyedLimiter, RedisLimiter, check_tag, local_now};
+use crate::metrics;
 use crate::script::{ACQUIRE, Lua, REFUND, cancelled_key};
 
 /// What a request gets when Redis cannot be asked (down, slower than the
@@ -348,10 +349,12 @@ impl RedisStore {
         match self.inner.policy {
             FaultPolicy::FailOpen => {
                 bump(&c.failed_open);
+                metrics::failed(true);
                 Ok(Grant::new(Duration::ZERO, None))
             }
             FaultPolicy::FailClosed => {
                 bump(&c.failed_closed);
+                metrics::failed(false);
                 Err(Refusal::Store(Box::new(StoreUnavailable::new(cause))))
             }
         }
@@ -399,6 +402,7 @@ impl RedisStore {
         args: &[i64],
         alive: &(dyn Fn() -> bool + Send + Sync),
     ) -> RedisResult<Vec<i64>> {
+        let _round_trip = metrics::RoundTrip::start();
         match &self.inner.conn {
             Conn::Single(conn) => {
                 let mut inv = lua.script.prepare_invoke();

@@ -1,0 +1,84 @@
+//! The hedge's metrics and span field (the `metrics` feature); without the
+//! feature every function is an empty inline no-op.
+//!
+//! Names: [`atscale_core::metrics`].
+
+use std::time::Duration;
+
+#[cfg(feature = "metrics")]
+mod imp {
+    use std::time::Duration;
+
+    use atscale_core::metrics::{
+        HEDGE_DELAY, HEDGE_DENIED, HEDGE_REQUESTS, HEDGE_SENT, HEDGE_WON, field,
+    };
+
+    #[inline]
+    pub(crate) fn arrived(delay: Option<Duration>) {
+        ::metrics::counter!(HEDGE_REQUESTS).increment(1);
+        if let Some(delay) = delay {
+            ::metrics::gauge!(HEDGE_DELAY).set(delay.as_secs_f64());
+        }
+    }
+
+    #[inline]
+    pub(crate) fn sent() {
+        ::metrics::counter!(HEDGE_SENT).increment(1);
+        tracing::Span::current().record(field::HEDGE_SENT, true);
+    }
+
+    #[inline]
+    pub(crate) fn won() {
+        ::metrics::counter!(HEDGE_WON).increment(1);
+    }
+
+    #[inline]
+    pub(crate) fn denied(throttled: bool) {
+        if throttled {
+            ::metrics::counter!(HEDGE_DENIED, "reason" => "throttle").increment(1);
+        } else {
+            ::metrics::counter!(HEDGE_DENIED, "reason" => "budget").increment(1);
+        }
+    }
+}
+
+#[cfg(not(feature = "metrics"))]
+mod imp {
+    use std::time::Duration;
+
+    #[inline(always)]
+    pub(crate) fn arrived(_: Option<Duration>) {}
+
+    #[inline(always)]
+    pub(crate) fn sent() {}
+
+    #[inline(always)]
+    pub(crate) fn won() {}
+
+    #[inline(always)]
+    pub(crate) fn denied(_: bool) {}
+}
+
+/// A request arrived; `delay`: the delay before its first hedge, if known.
+#[inline(always)]
+pub(crate) fn arrived(delay: Option<Duration>) {
+    imp::arrived(delay);
+}
+
+/// A hedge was sent.
+#[inline(always)]
+pub(crate) fn sent() {
+    imp::sent();
+}
+
+/// A hedge's answer was taken.
+#[inline(always)]
+pub(crate) fn won() {
+    imp::won();
+}
+
+/// A hedge was not sent: the throttle said no (`throttled`), or the budget.
+#[inline(always)]
+pub(crate) fn denied(throttled: bool) {
+    imp::denied(throttled);
+}
