@@ -111,15 +111,6 @@ fn fail(path: String, deps: Deps) -> futures_util::future::BoxFuture<'static, Bo
     })
 }
 
-async fn slow((): ()) -> Result<(), BoxError> {
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    Ok(())
-}
-
-async fn never((): ()) -> Result<(), BoxError> {
-    std::future::pending().await
-}
-
 /// tower's `Elapsed`: a timeout around a service that is too slow.
 fn tower_timeout() -> futures_util::future::BoxFuture<'static, BoxError> {
     async fn slow((): ()) -> Result<(), BoxError> {
