@@ -6,21 +6,25 @@
 //! - backend 504 → gateway 504 naming the deadline the gateway's caller set;
 //! - backend port closed → gateway 503 naming the dependency;
 //! - the backend sees the shrinking `x-deadline-ms`;
-//! - a backend's own text never reaches the gateway's caller.
+//! - a backend's own text never reaches the gateway's caller;
+//! - a hedge covers GETs, not POSTs, and the heartbeat sees each attempt.
 
 mod loopback;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use atscale::core::{BoxError, Context, DeadlineExceeded, Kind, RateLimited};
 use atscale::heartbeat::Monitor;
+use atscale::hedge::{Budget, BufferedBody, Delay, HedgeLayer};
 use atscale::remote::RemoteFailure;
 use atscale::stack::{self, DEADLINE_HEADER};
 use axum::Router;
 use axum::body::Body;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Empty, Full};
 use loopback::{bounded, closed_port, http_client, serve_router};
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -298,4 +302,78 @@ async fn the_client_stack_error_keeps_the_kind_for_a_plain_caller() {
     assert_eq!(err.kind(), Kind::RateLimited);
     assert_eq!(err.retry_after(), Some(Duration::from_secs(3)));
     assert_eq!(err.status(), 429);
+}
+
+/// A backend whose first request on each path hangs (a slow replica) and
+/// later ones answer at once; it counts the requests it sees.
+async fn slow_first_backend(seen: Arc<AtomicUsize>) -> SocketAddr {
+    let handler = service_fn(move |req: http::Request<Body>| {
+        let n = seen.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if n == 0 {
+                std::future::pending::<()>().await;
+            }
+            Ok::<_, BoxError>(http::Response::new(Body::from(format!(
+                "{} answered",
+                req.method()
+            ))))
+        }
+    });
+    serve_router(
+        Router::new()
+            .fallback_service(stack::server("backend", Duration::from_secs(10)).layer(handler)),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn only_idempotent_methods_are_hedged_and_each_attempt_is_monitored() {
+    let hedge = || {
+        HedgeLayer::builder()
+            .delay(Delay::fixed(Duration::from_millis(30)))
+            .budget(Budget::unlimited())
+            .build()
+            .unwrap()
+    };
+    let client = || http_client::<BufferedBody<Full<Bytes>>>();
+
+    // A GET is hedged: the backup answers while the first attempt hangs.
+    let seen = Arc::new(AtomicUsize::new(0));
+    let backend = slow_first_backend(seen.clone()).await;
+    let to_backend = stack::http_client("gateway", Duration::from_secs(5)).with_hedge(hedge());
+    let monitor = to_backend.monitor().clone();
+    let stats = to_backend.hedge_stats();
+    let svc = to_backend.layer(client());
+    let get = http::Request::get(format!("http://{backend}/items"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let res = bounded("the hedged GET", svc.clone().oneshot(get))
+        .await
+        .unwrap();
+    let body = bounded("its body", res.into_body().collect())
+        .await
+        .unwrap();
+    assert_eq!(body.to_bytes(), "GET answered");
+    assert_eq!((stats.hedges_sent(), stats.hedges_won()), (1, 1));
+    assert_eq!(seen.load(Ordering::SeqCst), 2);
+    // The heartbeat saw both attempts: the winner finished, the loser was cancelled.
+    bounded("both attempts end", monitor.wait_finished(2)).await;
+    assert_eq!(
+        (monitor.counts().ok(), monitor.counts().cancelled()),
+        (1, 1)
+    );
+
+    // A POST is not: it waits on the one attempt, and fails at the deadline.
+    let seen = Arc::new(AtomicUsize::new(0));
+    let backend = slow_first_backend(seen.clone()).await;
+    let to_backend = stack::http_client("gateway", Duration::from_millis(300)).with_hedge(hedge());
+    let stats = to_backend.hedge_stats();
+    let svc = to_backend.layer(client());
+    let post = http::Request::post(format!("http://{backend}/orders"))
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap();
+    let err = bounded("the POST", svc.oneshot(post)).await.unwrap_err();
+    assert_eq!(err.kind(), Kind::DeadlineExceeded);
+    assert_eq!(stats.hedges_sent(), 0);
+    assert_eq!(seen.load(Ordering::SeqCst), 1);
 }
