@@ -27,13 +27,17 @@
 //! - [`stack::client`] (a [`ClientStack`](stack::ClientStack)): ErrorEnrich
 //!   → Deadline → RateLimit → Hedge → Heartbeat, for every tonic `Channel`,
 //!   in one line;
+//! - [`stack::http_client()`] (an [`HttpClientStack`](stack::HttpClientStack)):
+//!   the same for any tower HTTP client (hyper-util's `Client`), writing
+//!   `x-deadline-ms`, hedging idempotent methods only;
 //! - [`ServiceBuilderExt`] for stacks of your own
 //!   (`.enrich_errors(..).deadline(..).multi_rate_limit(..).hedge(..).heartbeat(..)`);
 //!   the [`stack`] module says which orders the compiler refuses and which
 //!   ones silently misbehave;
-//! - [`remote`]: failures a downstream gRPC service answered, back in the
-//!   shared vocabulary, so a gateway answers a downstream deadline with a
-//!   504 and a downstream rate limit with a 429.
+//! - [`remote`]: failures a downstream gRPC or HTTP service answered, back
+//!   in the shared vocabulary, so a gateway answers a downstream deadline
+//!   with a 504, a downstream rate limit with a 429 and the same
+//!   `Retry-After`, and a dependency it cannot reach with a 503 naming it.
 //!
 //! # Example
 //!
