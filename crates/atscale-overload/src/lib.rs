@@ -140,6 +140,7 @@ pub mod error;
 pub mod future;
 mod layer;
 pub mod limit;
+mod metrics;
 mod queue;
 mod service;
 pub mod throttle;

@@ -13,6 +13,7 @@ use tokio::time::Instant;
 use crate::codel::{Codel, Head};
 use crate::criticality::Criticality;
 use crate::limit::{Algorithm, Sample};
+use crate::metrics::{self, Reason};
 
 /// The settings the builder validated.
 #[derive(Debug)]
@@ -59,7 +60,7 @@ impl Counters {
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
-                Ok(_) => return Some(cur + 1),
+                Ok(_) => return Some(metrics::acquired(cur + 1)),
                 Err(now) => cur = now,
             }
         }
@@ -67,6 +68,7 @@ impl Counters {
 
     fn release(&self) {
         self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        metrics::released();
     }
 
     fn in_flight(&self) -> usize {
@@ -197,6 +199,7 @@ impl Shared {
         clock: Clock,
     ) -> Self {
         let initial = settings.initial;
+        metrics::limit(initial);
         Shared {
             state: Mutex::new(State {
                 algorithm,
@@ -244,6 +247,7 @@ impl Shared {
 
     fn publish(&self, st: &State) {
         self.counters.queued.store(st.queues.len, Ordering::Release);
+        metrics::queued(st.queues.len);
     }
 
     /// The fast path, without the lock: `Some` when the request is admitted
@@ -290,6 +294,7 @@ impl Shared {
                 // With nothing in flight the estimate is stale: admit, and learn.
                 if c.in_flight() > 0 && nanos(left) < service {
                     // Even unqueued it would not finish in time.
+                    metrics::shed(Reason::Deadline, criticality);
                     return Arrival::Refused(overloaded(Duration::from_nanos(service as u64)));
                 }
             }
@@ -327,11 +332,13 @@ impl Shared {
         let wait = per_slot.map(|p| (ahead + 1) as f64 * p);
         let retry_after = retry_after(st.service, per_slot, st.queues.len);
         if lifo && criticality == Criticality::Sheddable {
+            metrics::shed(Reason::StandingQueue, criticality);
             return Arrival::Refused(overloaded(retry_after));
         }
         if let (Some(left), Some(wait), Some(service)) = (remaining, wait, st.service_high())
             && nanos(left) < wait + service
         {
+            metrics::shed(Reason::Deadline, criticality);
             return Arrival::Refused(overloaded(retry_after));
         }
         if st.queues.len >= self.settings.capacity {
@@ -342,7 +349,10 @@ impl Shared {
                     let (id, waiter) = st.queues.pop_victim().expect("a waiter");
                     st.shed(id, waiter, retry_after, wakers);
                 }
-                _ => return Arrival::Refused(overloaded(retry_after)),
+                _ => {
+                    metrics::shed(Reason::QueueFull, criticality);
+                    return Arrival::Refused(overloaded(retry_after));
+                }
             }
         }
         let id = st.next_id;
@@ -361,7 +371,10 @@ impl Shared {
             Some(Decision::Granted { in_flight, at }) => {
                 Arrival::Admitted(Permit::new(self.clone(), at, in_flight, deadline))
             }
-            Some(Decision::Shed { retry_after }) => Arrival::Refused(overloaded(retry_after)),
+            Some(Decision::Shed { retry_after }) => {
+                metrics::shed(Reason::Queued, criticality);
+                Arrival::Refused(overloaded(retry_after))
+            }
             None => Arrival::Queued(Ticket {
                 shared: Some(self.clone()),
                 id,
@@ -403,6 +416,7 @@ impl Shared {
                     .store(high.min(u64::MAX as f64 - 1.0) as u64, Ordering::Relaxed);
             }
             c.limit.store(st.limit(), Ordering::Release);
+            metrics::limit(st.limit());
         }
         if st.queues.len > 0 {
             st.dispatch(now, c, &mut wakers);
@@ -582,6 +596,7 @@ impl Ticket {
             Some(Decision::Shed { retry_after }) => {
                 drop(st);
                 self.shared = None;
+                metrics::shed(Reason::Queued, metrics::of_class(self.class));
                 Poll::Ready(Err(Left::Shed(overloaded(retry_after))))
             }
             None => match st.queues.by_class[self.class].get_mut(&self.id) {
@@ -595,6 +610,7 @@ impl Ticket {
                 None => {
                     drop(st);
                     self.shared = None;
+                    metrics::shed(Reason::Queued, metrics::of_class(self.class));
                     Poll::Ready(Err(Left::Shed(overloaded(Duration::from_millis(1)))))
                 }
             },
@@ -606,7 +622,10 @@ impl Ticket {
     pub(crate) fn expire(&mut self) -> Left {
         let deadline = self.deadline.expect("only requests with a deadline expire");
         match self.leave() {
-            Some(Decision::Shed { retry_after }) => Left::Shed(overloaded(retry_after)),
+            Some(Decision::Shed { retry_after }) => {
+                metrics::shed(Reason::Queued, metrics::of_class(self.class));
+                Left::Shed(overloaded(retry_after))
+            }
             _ => Left::Expired(deadline),
         }
     }

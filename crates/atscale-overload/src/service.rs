@@ -8,6 +8,7 @@ use tower_service::Service;
 use crate::criticality::Prioritized;
 use crate::future::ResponseFuture;
 use crate::layer::Admission;
+use crate::metrics::{self, Reason};
 use crate::queue::{Arrival, Shared};
 
 /// Admits each request under an adaptive concurrency limit, through a CoDel /
@@ -70,7 +71,10 @@ where
         };
         match self.shared.try_admit(deadline) {
             Some(Ok(permit)) => return ResponseFuture::running(self.inner.call(req), permit),
-            Some(Err(overloaded)) => return ResponseFuture::refused(overloaded.into()),
+            Some(Err(overloaded)) => {
+                metrics::shed(Reason::Deadline, req.criticality(&self.header));
+                return ResponseFuture::refused(overloaded.into());
+            }
             None => {}
         }
         // Someone waits, or no slot is free: criticality matters now.

@@ -14,6 +14,7 @@ use tower::util::Oneshot;
 use tower_service::Service;
 
 use crate::error::{RetryFailed, Stop};
+use crate::metrics;
 use crate::outcome::{Failure, RetryRequest, RetryResponse};
 use crate::policy::RetryPolicy;
 use crate::pushback::Pushback;
@@ -198,6 +199,7 @@ where
                 if let Some(t) = this.throttle.as_ref() {
                     t.success();
                 }
+                metrics::throttle(this.throttle.as_ref());
                 if let Some(guard) = this.guard.take() {
                     guard.disarm(); // the response body may still stream
                 }
@@ -221,6 +223,7 @@ where
             let attempts = *this.attempts;
             let counts = retryable || pushback == Pushback::Stop;
             let throttled = counts && this.throttle.as_ref().is_some_and(|t| !t.failure());
+            metrics::throttle(this.throttle.as_ref());
             let next = if !retryable {
                 Next::Stop(Stop::NotRetryable)
             } else if let Some(plan) = this.plan.as_ref() {
@@ -318,6 +321,7 @@ where
     #[cfg(not(feature = "tracing"))]
     let _ = replica;
     *this.attempts = previous + 1;
+    metrics::retried();
     this.state.set(State::Attempt {
         fut: Oneshot::new(svc, req),
     });

@@ -170,6 +170,7 @@ pub mod error;
 pub mod future;
 mod layer;
 mod method;
+mod metrics;
 mod outcome;
 mod policy;
 mod pushback;

@@ -8,6 +8,7 @@ use atscale_core::{BoxError, Context, RetryThrottle};
 use tower_service::Service;
 
 use crate::future::{Plan, ResponseFuture};
+use crate::metrics;
 use crate::outcome::{RetryRequest, RetryResponse};
 use crate::policy::RetryPolicy;
 
@@ -172,6 +173,7 @@ where
     }
 
     fn call(&mut self, mut req: Req) -> Self::Future {
+        metrics::first();
         let parent = match req.context() {
             Some(cx) => Some(cx.clone()),
             None => Context::current(),

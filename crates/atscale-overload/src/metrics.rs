@@ -1,0 +1,141 @@
+//! The overload layer's metrics (the `metrics` feature); without the
+//! feature every function is an empty inline no-op.
+//!
+//! Names: [`atscale_core::metrics`]. The limit and queue-depth gauges are
+//! set to the layer's own values: with several overload layers in one
+//! process, the last to change writes them.
+
+use crate::criticality::Criticality;
+
+/// Why a request was shed.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Reason {
+    /// At arrival: its deadline cannot cover the wait and a service time.
+    Deadline,
+    /// At arrival: sheddable while the queue stands.
+    StandingQueue,
+    /// At arrival: the queue was full of requests at least as critical.
+    QueueFull,
+    /// While queued: CoDel, a more critical arrival, or its deadline
+    /// becoming impossible.
+    Queued,
+}
+
+/// The criticality of a queue class (`Criticality::index`).
+#[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+pub(crate) fn of_class(class: usize) -> Criticality {
+    match class {
+        0 => Criticality::Critical,
+        1 => Criticality::Default,
+        _ => Criticality::Sheddable,
+    }
+}
+
+#[cfg(feature = "metrics")]
+mod imp {
+    use atscale_core::metrics::{
+        OVERLOAD_IN_FLIGHT, OVERLOAD_LIMIT, OVERLOAD_QUEUE_DEPTH, OVERLOAD_SHED,
+    };
+
+    use super::Reason;
+    use crate::criticality::Criticality;
+
+    macro_rules! by_criticality {
+        ($criticality:expr, $reason:literal) => {
+            match $criticality {
+                Criticality::Critical => ::metrics::counter!(
+                    OVERLOAD_SHED, "reason" => $reason, "criticality" => "critical"
+                ),
+                Criticality::Default => ::metrics::counter!(
+                    OVERLOAD_SHED, "reason" => $reason, "criticality" => "default"
+                ),
+                Criticality::Sheddable => ::metrics::counter!(
+                    OVERLOAD_SHED, "reason" => $reason, "criticality" => "sheddable"
+                ),
+            }
+        };
+    }
+
+    #[inline]
+    pub(crate) fn shed(reason: Reason, criticality: Criticality) {
+        let counter = match reason {
+            Reason::Deadline => by_criticality!(criticality, "deadline"),
+            Reason::StandingQueue => by_criticality!(criticality, "standing_queue"),
+            Reason::QueueFull => by_criticality!(criticality, "queue_full"),
+            Reason::Queued => by_criticality!(criticality, "queued"),
+        };
+        counter.increment(1);
+    }
+
+    #[inline]
+    pub(crate) fn acquired() {
+        ::metrics::gauge!(OVERLOAD_IN_FLIGHT).increment(1.0);
+    }
+
+    #[inline]
+    pub(crate) fn released() {
+        ::metrics::gauge!(OVERLOAD_IN_FLIGHT).decrement(1.0);
+    }
+
+    #[inline]
+    pub(crate) fn queued(n: usize) {
+        ::metrics::gauge!(OVERLOAD_QUEUE_DEPTH).set(n as f64);
+    }
+
+    #[inline]
+    pub(crate) fn limit(n: usize) {
+        ::metrics::gauge!(OVERLOAD_LIMIT).set(n as f64);
+    }
+}
+
+#[cfg(not(feature = "metrics"))]
+mod imp {
+    use super::Reason;
+    use crate::criticality::Criticality;
+
+    #[inline(always)]
+    pub(crate) fn shed(_: Reason, _: Criticality) {}
+
+    #[inline(always)]
+    pub(crate) fn acquired() {}
+
+    #[inline(always)]
+    pub(crate) fn released() {}
+
+    #[inline(always)]
+    pub(crate) fn queued(_: usize) {}
+
+    #[inline(always)]
+    pub(crate) fn limit(_: usize) {}
+}
+
+/// A request of `criticality` was shed for `reason`.
+#[inline(always)]
+pub(crate) fn shed(reason: Reason, criticality: Criticality) {
+    imp::shed(reason, criticality);
+}
+
+/// A slot was taken; returns `in_flight` (the new count) unchanged.
+#[inline(always)]
+pub(crate) fn acquired(in_flight: usize) -> usize {
+    imp::acquired();
+    in_flight
+}
+
+/// A slot was given back.
+#[inline(always)]
+pub(crate) fn released() {
+    imp::released();
+}
+
+/// `n` requests wait for a slot.
+#[inline(always)]
+pub(crate) fn queued(n: usize) {
+    imp::queued(n);
+}
+
+/// The concurrency limit is now `n`.
+#[inline(always)]
+pub(crate) fn limit(n: usize) {
+    imp::limit(n);
+}
