@@ -37,8 +37,7 @@ pub(crate) fn response<B>(err: &Enriched, internal_details: bool) -> Response<Re
                 .expect("percent-encoding leaves only visible ASCII"),
         );
         if let Some(after) = err.retry_after() {
-            let millis = u64::try_from(after.as_millis()).unwrap_or(u64::MAX);
-            headers.insert(PUSHBACK, HeaderValue::from(millis));
+            headers.insert(PUSHBACK, HeaderValue::from(pushback_ms(after)));
         }
         res
     }
@@ -124,10 +123,10 @@ pub(crate) fn status(err: &Enriched, internal_details: bool) -> tonic::Status {
     let code = tonic::Code::from(err.kind().grpc_code() as i32);
     let mut status = tonic::Status::with_error_details_vec(code, err.message(), details);
     if let Some(after) = err.retry_after() {
-        let millis = u64::try_from(after.as_millis()).unwrap_or(u64::MAX);
-        status
-            .metadata_mut()
-            .insert(PUSHBACK, tonic::metadata::MetadataValue::from(millis));
+        status.metadata_mut().insert(
+            PUSHBACK,
+            tonic::metadata::MetadataValue::from(pushback_ms(after)),
+        );
     }
     status
 }
@@ -136,9 +135,26 @@ pub(crate) fn status(err: &Enriched, internal_details: bool) -> tonic::Status {
 /// overloaded): a retrying client waits exactly this many milliseconds.
 const PUSHBACK: &str = "grpc-retry-pushback-ms";
 
+/// The pushback for `after`: whole milliseconds rounded up (a client that
+/// waits exactly this is never early), at most `i32::MAX` (A6: a signed
+/// 32-bit integer; anything larger reads as "do not retry").
+fn pushback_ms(after: std::time::Duration) -> i32 {
+    i32::try_from(after.as_nanos().div_ceil(1_000_000)).unwrap_or(i32::MAX)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pushback_rounds_up_and_fits_a6s_i32() {
+        use std::time::Duration;
+        assert_eq!(pushback_ms(Duration::from_millis(1500)), 1500);
+        assert_eq!(pushback_ms(Duration::from_micros(1_500_001)), 1501);
+        assert_eq!(pushback_ms(Duration::from_nanos(1)), 1);
+        assert_eq!(pushback_ms(Duration::ZERO), 0);
+        assert_eq!(pushback_ms(Duration::from_secs(u64::MAX)), i32::MAX);
+    }
 
     #[test]
     fn percent_encoding_keeps_visible_ascii() {
