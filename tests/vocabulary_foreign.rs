@@ -356,3 +356,42 @@ async fn foreign_errors_leave_a_tonic_server_with_their_code() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_grpc_dependency_that_cannot_be_reached_is_a_503_naming_it() {
+    // The gRPC client stack over a channel to a closed port, inside an axum
+    // handler behind the server stack.
+    let closed = closed_port().await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{closed}"))
+        .unwrap()
+        .connect_lazy();
+    let health = HealthClient::new(
+        stack::grpc_client("orders", Duration::from_secs(5))
+            .with_dependency("inventory")
+            .layer(channel),
+    );
+    let handler = service_fn(move |_req: http::Request<Body>| {
+        let mut health = health.clone();
+        async move {
+            let status = health
+                .check(HealthCheckRequest::default())
+                .await
+                .unwrap_err();
+            // The generated client's status says UNAVAILABLE ...
+            assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+            Err::<http::Response<Body>, _>(BoxError::from(status))
+        }
+    });
+    let addr = serve_router(
+        Router::new()
+            .fallback_service(stack::server("orders", Duration::from_secs(10)).layer(handler)),
+    )
+    .await;
+    // ... and the server answers 503 naming the dependency, not its address.
+    let answer = get(addr, "/").await;
+    assert_eq!(answer.status, 503, "{}", answer.problem);
+    assert_eq!(answer.problem["code"], "unreachable");
+    let detail = answer.problem["detail"].as_str().unwrap();
+    assert!(detail.contains("(inventory)"), "{detail}");
+    assert!(!answer.problem.to_string().contains("127.0.0.1"));
+}

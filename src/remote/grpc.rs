@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll, ready};
 use std::time::{Duration, Instant};
 
@@ -67,15 +68,27 @@ impl RemoteFailure {
 
 /// Turns trailers-only gRPC error responses into [`RemoteFailure`] errors;
 /// see the [module docs](super).
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct GrpcErrorsLayer {
-    _priv: (),
+    dependency: Option<Arc<str>>,
 }
 
 impl GrpcErrorsLayer {
-    /// The layer.
+    /// The layer, for a dependency without a name: a refused connection
+    /// is still [`Kind::Unreachable`](atscale_core::Kind::Unreachable), but
+    /// answers do not say which dependency it was.
     pub const fn new() -> Self {
-        GrpcErrorsLayer { _priv: () }
+        GrpcErrorsLayer { dependency: None }
+    }
+
+    /// Names the dependency `name` in
+    /// [`Unreachable`](atscale_core::Unreachable) errors, as
+    /// [`HttpErrorsLayer::dependency`](super::HttpErrorsLayer::dependency)
+    /// does.
+    #[must_use]
+    pub fn dependency(mut self, name: impl Into<Arc<str>>) -> Self {
+        self.dependency = Some(name.into());
+        self
     }
 }
 
@@ -83,7 +96,10 @@ impl<S> Layer<S> for GrpcErrorsLayer {
     type Service = GrpcErrors<S>;
 
     fn layer(&self, inner: S) -> GrpcErrors<S> {
-        GrpcErrors { inner }
+        GrpcErrors {
+            inner,
+            dependency: self.dependency.clone(),
+        }
     }
 }
 
@@ -99,6 +115,10 @@ impl<S> Layer<S> for GrpcErrorsLayer {
 /// [`GrpcErrors`] fails with [`DeadlineExceeded`] for the deadline of the
 /// request's [`Context`](atscale_core::Context), the one the header came
 /// from, so the deadline is reported as such whichever timer fires first.
+/// A transport error showing that the call never reached the server (a
+/// refused connection, a refused stream) is
+/// [`Unreachable`](atscale_core::Unreachable) naming the dependency, when
+/// the layer has its name.
 ///
 /// # Backpressure
 ///
@@ -106,6 +126,7 @@ impl<S> Layer<S> for GrpcErrorsLayer {
 #[derive(Clone, Debug)]
 pub struct GrpcErrors<S> {
     inner: S,
+    dependency: Option<Arc<str>>,
 }
 
 impl<S> GrpcErrors<S> {
@@ -134,6 +155,7 @@ where
             inner: self.inner.call(req),
             started: Instant::now(),
             deadline,
+            dependency: self.dependency.clone(),
         }
     }
 }
@@ -146,6 +168,7 @@ pin_project! {
         inner: F,
         started: Instant,
         deadline: Option<atscale_core::Deadline>,
+        dependency: Option<Arc<str>>,
     }
 }
 
@@ -172,7 +195,10 @@ where
                         (Some(_), Some(deadline)) => {
                             Box::new(DeadlineExceeded::at(*deadline, tokio::time::Instant::now()))
                         }
-                        _ => err,
+                        _ => match this.dependency {
+                            Some(name) => super::unreachable(err, name),
+                            None => err,
+                        },
                     },
                 ));
             }
@@ -322,6 +348,20 @@ mod tests {
         // Other transport errors pass through as they are.
         let err = call("/refused").await.unwrap_err();
         assert_eq!(err.to_string(), "connection refused");
+        // A refused connection names the dependency, when it has a name.
+        let refused = service_fn(|_req: http::Request<()>| async {
+            Err::<http::Response<()>, _>(BoxError::from(std::io::Error::from(
+                std::io::ErrorKind::ConnectionRefused,
+            )))
+        });
+        let err = GrpcErrorsLayer::new()
+            .dependency("inventory")
+            .layer(refused)
+            .oneshot(http::Request::new(()))
+            .await
+            .unwrap_err();
+        let unreachable = atscale_core::find::<atscale_core::Unreachable>(&*err).unwrap();
+        assert_eq!(unreachable.dependency(), "inventory");
         // An error status in the head is a RemoteFailure.
         let err = call("/failed").await.unwrap_err();
         let failure = atscale_core::find::<RemoteFailure>(&*err).unwrap();

@@ -123,6 +123,7 @@ pub type Transport<S> = Heartbeat<GrpcErrors<TonicBody<S>>>;
 pub struct ClientStack<R = Identity, H = Identity> {
     enrich: ErrorEnrichLayer<Client>,
     deadline: DeadlineLayer,
+    errors: GrpcErrorsLayer,
     rate_limit: R,
     hedge: H,
     monitor: Monitor,
@@ -150,6 +151,7 @@ impl ClientStack {
         ClientStack {
             enrich,
             deadline,
+            errors: GrpcErrorsLayer::new(),
             rate_limit: Identity::new(),
             hedge: Identity::new(),
             monitor: Monitor::new(),
@@ -165,6 +167,15 @@ impl<R, H> ClientStack<R, H> {
         self
     }
 
+    /// Names the dependency `name` when it cannot be reached (a refused
+    /// connection answers 503 / `UNAVAILABLE` naming it; without a name the
+    /// answer only says a dependency could not be reached).
+    #[must_use]
+    pub fn with_dependency(mut self, name: impl Into<Arc<str>>) -> Self {
+        self.errors = self.errors.dependency(name);
+        self
+    }
+
     /// Charges every call (once, whatever the hedge does) to `rate_limit`.
     pub fn with_rate_limit<K, W, St: Store>(
         self,
@@ -173,6 +184,7 @@ impl<R, H> ClientStack<R, H> {
         ClientStack {
             enrich: self.enrich,
             deadline: self.deadline,
+            errors: self.errors,
             rate_limit,
             hedge: self.hedge,
             monitor: self.monitor,
@@ -188,6 +200,7 @@ impl<R, H> ClientStack<R, H> {
         ClientStack {
             enrich: self.enrich,
             deadline: self.deadline,
+            errors: self.errors,
             rate_limit: self.rate_limit,
             hedge: GrpcHedgeLayer {
                 buffer: BufferBodyLayer::new(64 * 1024).non_idempotent(true),
@@ -222,7 +235,7 @@ impl<R, C: Clone> ClientStack<R, GrpcHedgeLayer<C>> {
     {
         let replicas = replicas
             .into_iter()
-            .map(|s| transport(&self.monitor, s))
+            .map(|s| transport(&self.errors, &self.monitor, s))
             .collect();
         let hedged = self.hedge.hedge.replicas(replicas)?;
         let inner = self.hedge.buffer.layer(hedged);
@@ -234,11 +247,8 @@ impl<R, C: Clone> ClientStack<R, GrpcHedgeLayer<C>> {
     }
 }
 
-fn transport<S>(monitor: &Monitor, channel: S) -> Transport<S> {
-    Heartbeat::new(
-        GrpcErrorsLayer::new().layer(TonicBody { inner: channel }),
-        monitor.clone(),
-    )
+fn transport<S>(errors: &GrpcErrorsLayer, monitor: &Monitor, channel: S) -> Transport<S> {
+    Heartbeat::new(errors.layer(TonicBody { inner: channel }), monitor.clone())
 }
 
 impl<S, R, H> Layer<S> for ClientStack<R, H>
@@ -249,7 +259,7 @@ where
     type Service = StatusErrors<ErrorEnrich<Deadline<R::Service>, Client>>;
 
     fn layer(&self, channel: S) -> Self::Service {
-        let inner = transport(&self.monitor, channel);
+        let inner = transport(&self.errors, &self.monitor, channel);
         let inner = self.hedge.layer(inner);
         let inner = self.rate_limit.layer(inner);
         let inner = self.deadline.layer(inner);
