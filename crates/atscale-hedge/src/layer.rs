@@ -32,7 +32,8 @@ pub const MAX_ATTEMPTS: u8 = 5;
 /// use std::time::Duration;
 /// use atscale_hedge::{Budget, Delay, HedgeLayer};
 ///
-/// // Presets: a fixed 20 ms delay, or the adaptive defaults (95th percentile).
+/// // Presets: a fixed 20 ms delay, or the adaptive defaults (the percentile
+/// // follows the budget: the 97.5th for 5%).
 /// let fixed = HedgeLayer::fixed(Duration::from_millis(20));
 /// let adaptive = HedgeLayer::adaptive();
 ///
