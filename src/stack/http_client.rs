@@ -263,3 +263,44 @@ impl<S, C: Clone> Layer<S> for HttpHedgeLayer<C> {
         self.buffer.layer(self.hedge.layer(inner))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use atscale_core::{BoxError, Context, Origin};
+    use tower::{ServiceExt, service_fn};
+
+    use super::*;
+
+    /// The deadline headers (`x-deadline-ms`, `grpc-timeout`) a call
+    /// carried, made inside a handler whose caller allowed 750 ms.
+    async fn sent(stack: HttpClientStack) -> (Option<String>, Option<String>) {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let client = service_fn(move |req: http::Request<()>| {
+            let header = |name: &str| {
+                req.headers()
+                    .get(name)
+                    .map(|v| v.to_str().unwrap().to_owned())
+            };
+            let _ = tx.send((header("x-deadline-ms"), header("grpc-timeout")));
+            async { Ok::<_, BoxError>(http::Response::new(String::new())) }
+        });
+        let served = Context::new().with_budget(Duration::from_millis(750), Origin::Header);
+        served
+            .scope(stack.layer(client).oneshot(http::Request::new(())))
+            .await
+            .unwrap();
+        rx.recv().await.unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_deadline_goes_out_as_x_deadline_ms_and_grpc_timeout_when_asked() {
+        let stack = HttpClientStack::new("gateway", Duration::from_secs(5));
+        assert_eq!(sent(stack.clone()).await, (Some("750".into()), None));
+        assert_eq!(
+            sent(stack.with_grpc_timeout()).await,
+            (Some("750".into()), Some("750000u".into()))
+        );
+    }
+}
