@@ -616,6 +616,23 @@ mod tests {
     }
 
     #[test]
+    fn layers_services_and_bodies_are_send_sync_and_clone_as_promised() {
+        fn send_sync<T: Send + Sync>() {}
+        fn clone<T: Clone>() {}
+        send_sync::<BodyDeadlineLayer>();
+        send_sync::<ResponseDeadlineLayer>();
+        send_sync::<BodyDeadline<()>>();
+        send_sync::<ResponseDeadline<()>>();
+        send_sync::<DeadlineBody<Full<Bytes>>>();
+        send_sync::<BodyDeadlineFuture<std::future::Ready<()>>>();
+        clone::<BodyDeadlineLayer>();
+        clone::<ResponseDeadlineLayer>();
+        clone::<BodyDeadline<()>>();
+        clone::<ResponseDeadline<()>>();
+        clone::<DeadlineLayer<BodyDeadlineLayer>>();
+    }
+
+    #[test]
     fn grpc_trailers_say_deadline_exceeded_and_whose_deadline() {
         let deadline =
             RequestDeadline::after(Instant::now(), Duration::ZERO, Origin::GrpcTimeout).unwrap();
