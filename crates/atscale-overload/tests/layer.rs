@@ -392,3 +392,32 @@ fn racing_threads_never_exceed_the_limit() {
     assert!(rec.peak.load(std::sync::atomic::Ordering::SeqCst) <= 3);
     assert_eq!((adm.in_flight(), adm.queue_depth()), (0, 0));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_critical_arrival_counts_only_the_critical_waiters_ahead_of_it() {
+    let layer = fixed(1, 10);
+    let adm = layer.admission();
+    let rec = Recorder::default();
+    let svc = layer.layer(rec.service(10 * MS));
+    svc.clone().oneshot(req(0)).await.unwrap(); // service 10 ms, high 20 ms
+    let running = tokio::spawn(svc.clone().oneshot(req(1)));
+    let mut waiting = Vec::new();
+    for id in 2..5 {
+        waiting.push(tokio::spawn(svc.clone().oneshot(req(id))));
+    }
+    settle().await;
+    assert_eq!(adm.queue_depth(), 3);
+    // 35 ms: a default request waits behind 3 (4 × 10 ms + 20 ms): refused.
+    let mut tight = req_with_budget(5, 35 * MS);
+    let err = svc.clone().oneshot(tight).await.unwrap_err();
+    assert_eq!(Kind::of(&*err), Kind::Overloaded);
+    // A critical one with the same budget is served before them (1 × 10 ms + 20 ms).
+    tight = req_with_budget(6, 35 * MS);
+    tight.extensions_mut().insert(Criticality::Critical);
+    assert_eq!(svc.clone().oneshot(tight).await.unwrap(), 6);
+    running.await.unwrap().unwrap();
+    for w in waiting {
+        w.await.unwrap().unwrap();
+    }
+    assert_eq!(rec.served(), vec![0, 1, 6, 2, 3, 4]);
+}
