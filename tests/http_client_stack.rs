@@ -9,6 +9,9 @@
 //! - a backend's own text never reaches the gateway's caller;
 //! - a hedge covers GETs, not POSTs, and the heartbeat sees each attempt.
 
+#[path = "../crates/atscale-error/tests/support/mod.rs"]
+mod support;
+
 mod loopback;
 
 use std::net::SocketAddr;
@@ -265,6 +268,7 @@ async fn the_backend_sees_the_shrinking_deadline() {
 
 #[tokio::test]
 async fn a_backends_own_text_never_reaches_the_gateways_caller() {
+    let (logs, _guard) = support::capture_logs();
     let (mut gateway, _) = start().await;
     let answer = get_gateway(&gateway, "/broken", 2000).await;
     assert_eq!(answer.status, 502, "{}", answer.body);
@@ -277,7 +281,17 @@ async fn a_backends_own_text_never_reaches_the_gateways_caller() {
             answer.body
         );
     }
-    // ... but the gateway's log has the backend's service and error id.
+    // ... but the gateway's log line for its answer has the backend's
+    // service and error id, and still not its text.
+    let line = logs.by_id(problem["error_id"].as_str().unwrap());
+    let chain = line.field("chain").unwrap_or_default();
+    assert!(
+        chain.contains(
+            "backend answered 500 Internal Server Error (error id feedfacefeedfacefeedfacefeedface)"
+        ),
+        "{chain}"
+    );
+    assert!(!chain.contains("hunter2"), "{chain}");
     let failure = bounded("the failure", gateway.failures.recv())
         .await
         .unwrap();
