@@ -116,9 +116,12 @@
 //!   cheap global limit first keeps a flood from costing rate-limit work,
 //!   and a request queued here has not yet spent a token.
 //!
-//! On a client, [`throttle::ThrottleLayer`] sits inside Deadline and outside
-//! retries and hedges would be wrong: put it closest to the transport of one
-//! backend, so every attempt is counted, one layer per backend.
+//! On a client, put [`throttle::ThrottleLayer`] closest to one backend's
+//! transport (inside Deadline, RateLimit, Retry and Hedge), one layer per
+//! backend: every attempt is counted, and a throttled attempt never reaches
+//! the wire. A retry policy should not retry a [`Throttled`](error::Throttled)
+//! refusal on the same backend (it is the backend's own refusal, replayed
+//! locally).
 //!
 //! # Differences from tower's `ConcurrencyLimit` and `LoadShed`
 //!
