@@ -20,8 +20,10 @@
 //! request end (as it does for a deadline before the head:
 //! `Outcome::Cancelled`).
 //!
-//! The timer is only registered once a body is polled; a request without a
-//! deadline, or whose bodies are not covered, gets pass-through bodies.
+//! The timer is only registered once a body waits for its next frame (a
+//! body that is ready at once, like a unary answer, never touches the timer
+//! wheel); a request without a deadline, or whose bodies are not covered,
+//! gets pass-through bodies.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -293,7 +295,7 @@ where
                 return Poll::Ready(Err(DeadlineExceeded::at(c.deadline, now).into()));
             }
         }
-        let grpc = is_grpc(res.headers());
+        let grpc = cut.is_some() && is_grpc(res.headers());
         Poll::Ready(Ok(res.map(|body| DeadlineBody::new(body, cut, grpc))))
     }
 }
@@ -309,9 +311,9 @@ pin_project! {
     pub struct DeadlineBody<B> {
         #[pin]
         inner: Option<B>,
-        // Armed on the first poll of a covered body.
-        #[pin]
-        timer: Option<Sleep>,
+        // Armed (boxed once) only when the inner body is pending: a body
+        // that is ready at once never touches the timer wheel.
+        timer: Option<Pin<Box<Sleep>>>,
         cut: Option<Cut>,
         grpc: bool,
     }
@@ -346,28 +348,43 @@ where
         cx: &mut TaskContext<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, BoxError>>> {
         let mut this = self.project();
-        let Some(inner) = this.inner.as_mut().as_pin_mut() else {
+        let Some(mut inner) = this.inner.as_mut().as_pin_mut() else {
             return Poll::Ready(None);
         };
         let Some(cut) = this.cut.as_ref() else {
             return inner.poll_frame(cx).map_err(Into::into);
         };
-        if this.timer.is_none() {
-            this.timer
-                .set(Some(tokio::time::sleep_until(cut.deadline.instant())));
-        }
-        // The timer first: a body that is always ready is cut all the same.
+        // An armed timer first: a body that stays ready is cut all the same.
         let expired = this
             .timer
             .as_mut()
-            .as_pin_mut()
-            .is_some_and(|timer| timer.poll(cx).is_ready());
+            .is_some_and(|timer| timer.as_mut().poll(cx).is_ready());
         if !expired {
-            return inner.poll_frame(cx).map_err(Into::into);
+            match inner.as_mut().poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    // Not armed (the body never waited): a frame that is not
+                    // the last is checked against the clock, so a body that
+                    // is always ready is cut too.
+                    let unchecked = this.timer.is_some() || inner.is_end_stream();
+                    if unchecked || !cut.deadline.is_expired_at(Instant::now()) {
+                        return Poll::Ready(Some(Ok(frame)));
+                    }
+                }
+                Poll::Ready(other) => return Poll::Ready(other.map(|r| r.map_err(Into::into))),
+                Poll::Pending if this.timer.is_some() => return Poll::Pending,
+                Poll::Pending => {
+                    let mut timer = Box::pin(tokio::time::sleep_until(cut.deadline.instant()));
+                    let fired = timer.as_mut().poll(cx).is_ready();
+                    *this.timer = Some(timer);
+                    if !fired {
+                        return Poll::Pending;
+                    }
+                }
+            }
         }
         // Expired: drop the inner body, cancel the request's context.
         this.inner.set(None);
-        this.timer.set(None);
+        *this.timer = None;
         cut.cx.cancel();
         let exceeded = DeadlineExceeded::at(cut.deadline, Instant::now());
         if *this.grpc {
