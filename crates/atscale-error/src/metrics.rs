@@ -28,9 +28,14 @@ mod imp {
     use crate::error::{Enriched, Panicked, RequestMeta};
     use crate::trace::TraceId;
 
-    /// The request's span and, when durations are on, its arrival time.
+    /// The request's span and, when durations are on, its arrival time;
+    /// `None` (one word, nothing allocated) when neither a subscriber wants
+    /// the span nor durations are on.
     #[derive(Clone, Debug)]
-    pub(crate) struct Observed {
+    pub(crate) struct Observed(Option<Box<Inner>>);
+
+    #[derive(Clone, Debug)]
+    struct Inner {
         span: tracing::Span,
         started: Option<Instant>,
     }
@@ -57,7 +62,12 @@ mod imp {
                 error.id = Empty,
                 http.response.status_code = Empty,
             );
-            if !span.is_disabled() {
+            let started = durations_enabled().then(Instant::now);
+            if span.is_disabled() {
+                if started.is_none() {
+                    return Observed(None);
+                }
+            } else {
                 if let Some(route) = route {
                     span.record("http.route", route);
                 }
@@ -65,10 +75,18 @@ mod imp {
                     span.record(field::TRACE_ID, id.as_str());
                 }
             }
-            Observed {
-                span,
-                started: durations_enabled().then(Instant::now),
-            }
+            Observed(Some(Box::new(Inner { span, started })))
+        }
+
+        fn span(&self) -> Option<&tracing::Span> {
+            self.0
+                .as_ref()
+                .map(|o| &o.span)
+                .filter(|s| !s.is_disabled())
+        }
+
+        fn started(&self) -> Option<Instant> {
+            self.0.as_ref()?.started
         }
     }
 
@@ -77,15 +95,16 @@ mod imp {
 
     #[inline]
     pub(crate) fn enter(meta: Option<&RequestMeta>) -> Entered {
-        let span = &meta?.obs.span;
-        (!span.is_disabled()).then(|| span.clone().entered())
+        Some(meta?.obs.span()?.clone().entered())
     }
 
     #[inline]
     pub(crate) fn answered_ok<B>(meta: Option<&RequestMeta>, res: &Response<B>) {
         let Some(meta) = meta else { return };
-        meta.obs.span.record(field::STATUS, res.status().as_u16());
-        if let Some(started) = meta.obs.started {
+        if let Some(span) = meta.obs.span() {
+            span.record(field::STATUS, res.status().as_u16());
+        }
+        if let Some(started) = meta.obs.started() {
             duration(
                 started,
                 &meta.method,
@@ -99,12 +118,13 @@ mod imp {
 
     pub(crate) fn answered_err<B>(err: &Enriched, res: &Response<B>) {
         let obs = err.observed();
-        obs.span.record(field::STATUS, res.status().as_u16());
-        obs.span.record(field::ERROR_KIND, err.kind().as_str());
-        obs.span
-            .record(field::ERROR_ID, tracing::field::display(err.id()));
+        if let Some(span) = obs.span() {
+            span.record(field::STATUS, res.status().as_u16());
+            span.record(field::ERROR_KIND, err.kind().as_str());
+            span.record(field::ERROR_ID, tracing::field::display(err.id()));
+        }
         errored(err);
-        if let Some(started) = obs.started {
+        if let Some(started) = obs.started() {
             duration(
                 started,
                 err.method(),
@@ -133,11 +153,9 @@ mod imp {
         if err.kind() == Kind::Internal && atscale_core::find::<Panicked>(err.inner()).is_some() {
             metrics::counter!(PANICS, vec![Label::new("service", service)]).increment(1);
         }
-        if err.is_outgoing() {
-            let obs = err.observed();
-            obs.span.record(field::ERROR_KIND, err.kind().as_str());
-            obs.span
-                .record(field::ERROR_ID, tracing::field::display(err.id()));
+        if let (true, Some(span)) = (err.is_outgoing(), err.observed().span()) {
+            span.record(field::ERROR_KIND, err.kind().as_str());
+            span.record(field::ERROR_ID, tracing::field::display(err.id()));
         }
     }
 

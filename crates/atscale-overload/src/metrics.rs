@@ -37,6 +37,8 @@ mod imp {
         OVERLOAD_IN_FLIGHT, OVERLOAD_LIMIT, OVERLOAD_QUEUE_DEPTH, OVERLOAD_SHED,
     };
 
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
     use super::Reason;
     use crate::criticality::Criticality;
 
@@ -82,9 +84,16 @@ mod imp {
         ::metrics::gauge!(OVERLOAD_QUEUE_DEPTH).set(n as f64);
     }
 
+    /// The last limit written: the gauge is set only when it changes (the
+    /// limit is recomputed on every release).
+    static LAST_LIMIT: AtomicUsize = AtomicUsize::new(usize::MAX);
+
     #[inline]
     pub(crate) fn limit(n: usize) {
-        ::metrics::gauge!(OVERLOAD_LIMIT).set(n as f64);
+        if LAST_LIMIT.load(Ordering::Relaxed) != n {
+            LAST_LIMIT.store(n, Ordering::Relaxed);
+            ::metrics::gauge!(OVERLOAD_LIMIT).set(n as f64);
+        }
     }
 }
 
