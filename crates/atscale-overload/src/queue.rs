@@ -392,6 +392,7 @@ impl Shared {
         let mut st = lock(&self.state);
         c.release();
         if let Some((sample, timed)) = sample {
+            let before = st.limit();
             let estimate = st.estimate;
             let next = st.algorithm.update(estimate, &sample);
             st.estimate = if next.is_finite() {
@@ -415,8 +416,12 @@ impl Shared {
                 c.service_high
                     .store(high.min(u64::MAX as f64 - 1.0) as u64, Ordering::Relaxed);
             }
-            c.limit.store(st.limit(), Ordering::Release);
-            metrics::limit(st.limit());
+            let limit = st.limit();
+            if limit != before {
+                c.limit.store(limit, Ordering::Release);
+                // The gauge changes with the limit, not with every request.
+                metrics::limit(limit);
+            }
         }
         if st.queues.len > 0 {
             st.dispatch(now, c, &mut wakers);
