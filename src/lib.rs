@@ -110,7 +110,9 @@ pub use builder::ServiceBuilderExt;
     feature = "error",
     feature = "heartbeat",
     feature = "ratelimit",
-    feature = "hedge"
+    feature = "hedge",
+    feature = "overload",
+    feature = "retry"
 ))]
 #[cfg_attr(
     docsrs,
@@ -119,7 +121,9 @@ pub use builder::ServiceBuilderExt;
         feature = "error",
         feature = "heartbeat",
         feature = "ratelimit",
-        feature = "hedge"
+        feature = "hedge",
+        feature = "overload",
+        feature = "retry"
     )))
 )]
 pub mod stack;

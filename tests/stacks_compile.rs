@@ -41,6 +41,29 @@ fn the_stacks_are_clone_debug_send_sync() {
     assert_layer(&client);
     let hedged = client.with_hedge(HedgeLayer::fixed(Duration::from_millis(5)));
     assert_layer(&hedged);
+    // The overload, retry and throttle slots.
+    assert_layer(&stack::server("svc", Duration::from_secs(1)).without_overload());
+    let policy = RetryPolicy::builder().non_idempotent(true).build().unwrap();
+    let throttle = RetryThrottle::new(10, 0.1).unwrap();
+    let full = hedged
+        .with_retry(RetryLayer::new(policy.clone()))
+        .with_retry_throttle(throttle.clone())
+        .with_throttle(ThrottleLayer::new());
+    assert_layer(&full);
+    let config: ServiceConfig =
+        r#"{"methodConfig": [{"name": [{"service": "grpc.health.v1.Health"}],
+        "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.01s", "maxBackoff": "0.1s",
+        "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}],
+        "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1}}"#
+            .parse()
+            .unwrap();
+    assert_layer(&stack::client("svc", Duration::from_secs(1)).with_service_config(config));
+    let http = stack::http_client("svc", Duration::from_secs(1))
+        .with_hedge(HedgeLayer::fixed(Duration::from_millis(5)))
+        .with_retry(RetryLayer::new(policy))
+        .with_retry_throttle(throttle)
+        .with_throttle(ThrottleLayer::new());
+    assert_layer(&http);
 }
 
 #[tokio::test]
@@ -158,6 +181,52 @@ async fn a_generated_client_takes_the_hedged_stack_alone_and_across_replicas() {
         assert_eq!(check(&mut both).await.unwrap(), Wire::Serving);
     }
     client.monitor().wait_finished(3).await;
+}
+
+#[tokio::test]
+async fn a_generated_client_takes_the_retrying_stacks_alone_and_across_replicas() {
+    let server = stack::server("a", Duration::from_secs(2))
+        .with_overload(OverloadLayer::builder().initial_limit(4).build().unwrap());
+    let a = serve_health(server).await;
+    let b = serve_health(stack::server("b", Duration::from_secs(2)).without_overload()).await;
+    let throttle = RetryThrottle::new(10, 0.1).unwrap();
+    let policy = RetryPolicy::builder().non_idempotent(true).build().unwrap();
+    let client = ClientStack::new("caller", Duration::from_secs(1))
+        .with_rate_limit(RateLimitLayer::new(Limiter::new(
+            Limit::per_second(100).unwrap(),
+        )))
+        .with_retry(RetryLayer::new(policy))
+        .with_hedge(
+            HedgeLayer::builder()
+                .delay(atscale::hedge::Delay::fixed(Duration::from_millis(200)))
+                .non_idempotent(true)
+                .throttle(throttle.clone())
+                .build()
+                .unwrap(),
+        )
+        .with_retry_throttle(throttle)
+        .with_throttle(ThrottleLayer::new());
+    let mut one = HealthClient::new(client.layer(channel(a).await));
+    assert_eq!(check(&mut one).await.unwrap(), Wire::Serving);
+    let mut both = HealthClient::new(
+        client
+            .replicas(vec![channel(a).await, channel(b).await])
+            .unwrap(),
+    );
+    for _ in 0..2 {
+        assert_eq!(check(&mut both).await.unwrap(), Wire::Serving);
+    }
+    client.monitor().wait_finished(3).await;
+    assert_eq!(client.throttle().counts(), (3, 3));
+
+    let config: ServiceConfig =
+        r#"{"methodConfig": [{"name": [{"service": "grpc.health.v1.Health"}],
+        "timeout": "0.5s"}]}"#
+            .parse()
+            .unwrap();
+    let configured = stack::client("caller", Duration::from_secs(1)).with_service_config(config);
+    let mut health = HealthClient::new(configured.layer(channel(b).await));
+    assert_eq!(check(&mut health).await.unwrap(), Wire::Serving);
 }
 
 #[tokio::test]

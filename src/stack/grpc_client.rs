@@ -33,20 +33,59 @@
 //! | Deadline as `DeadlineLayer::new` / `::server` | the deadline is enforced but never written to `grpc-timeout`: the next hop does not inherit it |
 //! | `ErrorEnrichLayer::new` (server mode) | a failed call becomes an `Ok` problem+json or gRPC *response*: the caller's code sees success |
 //! | BufferBody or Hedge without `non_idempotent(true)` | every gRPC call is a POST, so nothing is ever hedged |
+//! | a retry policy without `non_idempotent(true)` | every gRPC call is a POST, so nothing is ever retried |
+//! | Retry outside Deadline | each attempt gets a fresh deadline: the call outlives its budget by every attempt and backoff, and no backoff knows when to give up |
+//! | RateLimit inside Retry | every retry spends a token: a failing backend drains the limit and the retries are refused as rate limited |
+//! | Retry inside [`GrpcErrors`] | the retry judges raw answers by their code alone, not by the vocabulary: the reason a server gave (`OVERLOADED`, `STALLED`) and what the errors layer makes of a transport failure (a refused connection: `Unreachable` naming the dependency) are not what it decides on |
+//! | Retry and Hedge on different [`RetryThrottle`]s | in an outage each spends its own tokens: the load multiplies instead of staying near 1x |
+//! | Throttle outside Retry or Hedge | only calls are counted, not attempts: the backend refuses three attempts and the throttle sees one refusal; and a throttled call is refused before the hedge could try another replica |
+//! | one [`ThrottleLayer`] for several backends | a backend that refuses work stops calls to the healthy ones too |
+//!
+//! # Retries, and the throttles
+//!
+//! ErrorEnrich → Deadline → RateLimit → BufferBody → **Retry** → Hedge →
+//! Heartbeat → **Throttle** → [`GrpcErrors`] → `Channel`:
+//!
+//! - the [`RetryLayer`] ([`with_retry`](ClientStack::with_retry), or one per
+//!   method from a gRPC [`ServiceConfig`],
+//!   [`with_service_config`](ClientStack::with_service_config)) sits inside
+//!   the deadline (one deadline covers every attempt and backoff) and the
+//!   rate limit (a call is charged once), outside the hedge (a retry
+//!   repeats a whole hedged call whose copies all failed) and everything
+//!   per attempt; outside [`GrpcErrors`], so it sees the vocabulary: an
+//!   `UNAVAILABLE` with reason `OVERLOADED` is
+//!   [`Overloaded`](crate::core::Overloaded), a refused connection
+//!   [`Unreachable`](crate::core::Unreachable);
+//! - the A6 [`RetryThrottle`]
+//!   ([`with_retry_throttle`](ClientStack::with_retry_throttle)) is one per
+//!   backend, shared by the retry and the hedge (build the hedge with
+//!   [`HedgeBuilder::throttle`](crate::hedge::HedgeBuilder::throttle) on the
+//!   same throttle): in an outage both stop once it is half drained;
+//! - the SRE adaptive throttle ([`ThrottleLayer`],
+//!   [`with_throttle`](ClientStack::with_throttle)) is closest to the
+//!   transport, so it counts every attempt and a refused attempt never
+//!   reaches the wire. Its local refusal
+//!   ([`Throttled`](crate::overload::error::Throttled)) is never retried:
+//!   it is the backend's own refusals, replayed
+//!   ([`RetryPolicy::is_retryable`](crate::retry::RetryPolicy::is_retryable)).
 
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
+use atscale_core::RetryThrottle;
 use atscale_deadline::{Deadline, DeadlineLayer};
 use atscale_error::mode::Client;
 use atscale_error::{Enriched, ErrorEnrich, ErrorEnrichLayer};
 use atscale_heartbeat::{Heartbeat, Monitor};
 use atscale_hedge::{BufferBody, BufferBodyLayer, Hedge, HedgeLayer, InvalidConfig};
+use atscale_overload::throttle::ThrottleLayer;
 use atscale_ratelimit::{RateLimitLayer, Store};
+use atscale_retry::{MethodConfigLayer, PerMethod, Retry, RetryLayer, ServiceConfig};
 use tower_layer::{Identity, Layer};
 use tower_service::Service;
 
+use super::RetrySlot;
 use crate::remote::{GrpcErrors, GrpcErrorsLayer};
 
 /// The recommended tonic client stack for outgoing calls of the service
@@ -70,13 +109,15 @@ pub fn grpc_client(service: impl Into<Arc<str>>, budget: Duration) -> ClientStac
 }
 
 /// What a [`ClientStack`] puts right over each transport: the heartbeat,
+/// the adaptive throttle (`T`: a [`ThrottleLayer`], when set),
 /// [`GrpcErrors`] and the body conversion to `tonic::body::Body`.
-pub type Transport<S> = Heartbeat<GrpcErrors<TonicBody<S>>>;
+pub type Transport<S, T = Identity> = Heartbeat<<T as Layer<GrpcErrors<TonicBody<S>>>>::Service>;
 
 /// The recommended tonic client stack: ErrorEnrich (client mode) → Deadline
-/// (client) → RateLimit (when set) → BufferBody + Hedge (when set) →
-/// Heartbeat → [`GrpcErrors`] → the `Channel`, failing with
-/// `tonic::Status` ([`StatusErrors`]).
+/// (client) → RateLimit (when set) → BufferBody + Retry (when set) →
+/// BufferBody + Hedge (when set) → Heartbeat → Throttle (when set) →
+/// [`GrpcErrors`] → the `Channel`, failing with `tonic::Status`
+/// ([`StatusErrors`]).
 ///
 /// Use it for every tonic generated client a service holds
 /// (`HealthClient::new(stack.layer(channel))`), and for calls to several
@@ -86,10 +127,16 @@ pub type Transport<S> = Heartbeat<GrpcErrors<TonicBody<S>>>;
 ///   budget, whichever is sooner) in `grpc-timeout`, and fails with
 ///   `DEADLINE_EXCEEDED` when it passes, even if the server never answers;
 /// - is charged to the rate limit, if one is set, once per call (not per
-///   hedge);
+///   hedge or retry);
+/// - is retried, if a retry policy is set (or a [`ServiceConfig`] gives its
+///   method one), on the failures the policy names, with backoff, never
+///   past the deadline, while the [`RetryThrottle`] allows;
 /// - is hedged, if a hedge is set, within the hedge's budget, the losing
 ///   attempts cancelled;
 /// - reports to the stack's [`Monitor`], once per attempt;
+/// - is refused locally (503 / `UNAVAILABLE`, never retried) by the
+///   adaptive throttle, if one is set, with the probability the SRE book
+///   gives when the backend has been refusing work;
 /// - and fails, when the server answers an error status, with a
 ///   [`RemoteFailure`](crate::remote::RemoteFailure) that keeps the
 ///   downstream kind, service and error id; every failure is logged (at
@@ -109,23 +156,34 @@ pub type Transport<S> = Heartbeat<GrpcErrors<TonicBody<S>>>;
 /// use atscale::stack::ClientStack;
 ///
 /// # fn main() -> Result<(), BoxError> {
+/// let throttle = RetryThrottle::new(10, 0.1)?; // one per backend
 /// let stack = ClientStack::new("gateway", Duration::from_secs(1))
 ///     .with_rate_limit(RateLimitLayer::new(Limiter::new(Limit::per_second(50)?)))
+///     .with_retry(RetryLayer::new(RetryPolicy::builder()
+///         .max_attempts(3)
+///         .non_idempotent(true) // the methods called are safe to repeat
+///         .build()?))
 ///     .with_hedge(HedgeLayer::builder()
 ///         .delay(atscale::hedge::Delay::fixed(Duration::from_millis(30)))
-///         .non_idempotent(true) // the methods called are safe to repeat
-///         .build()?);
+///         .non_idempotent(true)
+///         .throttle(throttle.clone()) // the retry's throttle
+///         .build()?)
+///     .with_retry_throttle(throttle)
+///     .with_throttle(ThrottleLayer::new());
 /// # let _ = stack;
 /// # Ok(())
 /// # }
 /// ```
 #[derive(Clone, Debug)]
-pub struct ClientStack<R = Identity, H = Identity> {
+pub struct ClientStack<R = Identity, H = Identity, Y = Identity, T = Identity> {
     enrich: ErrorEnrichLayer<Client>,
     deadline: DeadlineLayer,
     errors: GrpcErrorsLayer,
     rate_limit: R,
     hedge: H,
+    retry: Y,
+    throttle: T,
+    retry_throttle: Option<RetryThrottle>,
     monitor: Monitor,
 }
 
@@ -154,12 +212,15 @@ impl ClientStack {
             errors: GrpcErrorsLayer::new(),
             rate_limit: Identity::new(),
             hedge: Identity::new(),
+            retry: Identity::new(),
+            throttle: Identity::new(),
+            retry_throttle: None,
             monitor: Monitor::new(),
         }
     }
 }
 
-impl<R, H> ClientStack<R, H> {
+impl<R, H, Y, T> ClientStack<R, H, Y, T> {
     /// Reports every attempt to `monitor`.
     #[must_use]
     pub fn with_monitor(mut self, monitor: Monitor) -> Self {
@@ -180,13 +241,16 @@ impl<R, H> ClientStack<R, H> {
     pub fn with_rate_limit<K, W, St: Store>(
         self,
         rate_limit: RateLimitLayer<K, W, St>,
-    ) -> ClientStack<RateLimitLayer<K, W, St>, H> {
+    ) -> ClientStack<RateLimitLayer<K, W, St>, H, Y, T> {
         ClientStack {
             enrich: self.enrich,
             deadline: self.deadline,
             errors: self.errors,
             rate_limit,
             hedge: self.hedge,
+            retry: self.retry,
+            throttle: self.throttle,
+            retry_throttle: self.retry_throttle,
             monitor: self.monitor,
         }
     }
@@ -196,7 +260,12 @@ impl<R, H> ClientStack<R, H> {
     /// POSTs: build `hedge` with
     /// [`non_idempotent(true)`](crate::hedge::HedgeBuilder::non_idempotent)
     /// for methods that are safe to repeat, or nothing is hedged.
-    pub fn with_hedge<C>(self, hedge: HedgeLayer<C>) -> ClientStack<R, GrpcHedgeLayer<C>> {
+    ///
+    /// With a retry too, the hedge sits inside it (a retry repeats a hedged
+    /// call whose copies all failed); build it with
+    /// [`throttle`](crate::hedge::HedgeBuilder::throttle) on the stack's
+    /// [`RetryThrottle`] so that both stop together.
+    pub fn with_hedge<C>(self, hedge: HedgeLayer<C>) -> ClientStack<R, GrpcHedgeLayer<C>, Y, T> {
         ClientStack {
             enrich: self.enrich,
             deadline: self.deadline,
@@ -206,6 +275,93 @@ impl<R, H> ClientStack<R, H> {
                 buffer: BufferBodyLayer::new(64 * 1024).non_idempotent(true),
                 hedge,
             },
+            retry: self.retry,
+            throttle: self.throttle,
+            retry_throttle: self.retry_throttle,
+            monitor: self.monitor,
+        }
+    }
+
+    /// Retries calls with `retry` (gRFC A6: backoff, pushback, never past
+    /// the deadline), buffering request bodies up to 64 KiB so they can be
+    /// replayed (larger ones are sent once). gRPC calls are POSTs: build the
+    /// policy with
+    /// [`non_idempotent(true)`](crate::retry::RetryPolicyBuilder::non_idempotent)
+    /// for methods that are safe to repeat, or nothing is retried. Replaces
+    /// a [service config](Self::with_service_config).
+    pub fn with_retry(self, retry: RetryLayer) -> ClientStack<R, H, GrpcRetryLayer, T> {
+        self.with_retry_slot(retry)
+    }
+
+    /// Gives each call the deadline and the retry or hedging policy of its
+    /// method from a gRPC service config (A6: `methodConfig`, its `timeout`,
+    /// `retryPolicy` or `hedgingPolicy`), every retry and hedge of the
+    /// config on the throttle of its `retryThrottling`, request bodies
+    /// buffered up to 64 KiB. Replaces a [retry](Self::with_retry).
+    ///
+    /// The method's `timeout` is enforced here, below the stack's deadline:
+    /// the `grpc-timeout` sent is the stack's (the budget, or what is left
+    /// of the request being served).
+    pub fn with_service_config(
+        self,
+        config: ServiceConfig,
+    ) -> ClientStack<R, H, GrpcRetryLayer<MethodConfigLayer>, T> {
+        self.with_retry_slot(MethodConfigLayer::new(config))
+    }
+
+    fn with_retry_slot<P>(self, retry: P) -> ClientStack<R, H, GrpcRetryLayer<P>, T> {
+        ClientStack {
+            enrich: self.enrich,
+            deadline: self.deadline,
+            errors: self.errors,
+            rate_limit: self.rate_limit,
+            hedge: self.hedge,
+            retry: GrpcRetryLayer {
+                buffer: BufferBodyLayer::new(64 * 1024).non_idempotent(true),
+                retry,
+            },
+            throttle: self.throttle,
+            retry_throttle: self.retry_throttle,
+            monitor: self.monitor,
+        }
+    }
+
+    /// The A6 retry throttle (`retryThrottling`) of this backend: the
+    /// stack's retry consults it in place of its own; give the hedge the
+    /// same one ([`HedgeBuilder::throttle`](crate::hedge::HedgeBuilder::throttle)),
+    /// so that in an outage retries and hedges stop together once it holds
+    /// half its tokens or fewer. A [service config](Self::with_service_config)
+    /// keeps the throttle of its `retryThrottling`.
+    #[must_use]
+    pub fn with_retry_throttle(mut self, throttle: RetryThrottle) -> Self {
+        self.retry_throttle = Some(throttle);
+        self
+    }
+
+    /// The A6 retry throttle set with
+    /// [`with_retry_throttle`](Self::with_retry_throttle).
+    pub fn retry_throttle(&self) -> Option<&RetryThrottle> {
+        self.retry_throttle.as_ref()
+    }
+
+    /// Throttles attempts to this backend on the client (Google SRE book,
+    /// "Handling Overload"): `throttle` counts every attempt and every one
+    /// the backend accepted over its window, and refuses new ones locally
+    /// ([`Throttled`](crate::overload::error::Throttled): 503 /
+    /// `UNAVAILABLE`, never retried) with probability
+    /// `max(0, (requests − K·accepts) / (requests + 1))`. Closest to the
+    /// transport, so every attempt is counted. One layer per backend: over
+    /// [`replicas`](Self::replicas) they share it, as one backend service.
+    pub fn with_throttle(self, throttle: ThrottleLayer) -> ClientStack<R, H, Y, ThrottleLayer> {
+        ClientStack {
+            enrich: self.enrich,
+            deadline: self.deadline,
+            errors: self.errors,
+            rate_limit: self.rate_limit,
+            hedge: self.hedge,
+            retry: self.retry,
+            throttle,
+            retry_throttle: self.retry_throttle,
             monitor: self.monitor,
         }
     }
@@ -216,7 +372,7 @@ impl<R, H> ClientStack<R, H> {
     }
 }
 
-impl<R, C: Clone> ClientStack<R, GrpcHedgeLayer<C>> {
+impl<R, C: Clone, Y, T> ClientStack<R, GrpcHedgeLayer<C>, Y, T> {
     /// The stack over several replicas of one backend: each call's first
     /// attempt goes to the next replica in turn, and a hedge to another
     /// replica than the first, so a backup never waits on the replica that
@@ -231,14 +387,17 @@ impl<R, C: Clone> ClientStack<R, GrpcHedgeLayer<C>> {
         replicas: Vec<S>,
     ) -> Result<StatusErrors<ErrorEnrich<Deadline<R::Service>, Client>>, InvalidConfig>
     where
-        R: Layer<BufferBody<Hedge<Transport<S>, C>>>,
+        T: Layer<GrpcErrors<TonicBody<S>>>,
+        Y: RetrySlot<BufferBody<Hedge<Transport<S, T>, C>>>,
+        R: Layer<Y::Service>,
     {
         let replicas = replicas
             .into_iter()
-            .map(|s| transport(&self.errors, &self.monitor, s))
+            .map(|s| transport(&self.errors, &self.throttle, &self.monitor, s))
             .collect();
         let hedged = self.hedge.hedge.replicas(replicas)?;
         let inner = self.hedge.buffer.layer(hedged);
+        let inner = self.retry.layer_with(inner, self.retry_throttle.as_ref());
         let inner = self.rate_limit.layer(inner);
         let inner = self.deadline.layer(inner);
         Ok(StatusErrors {
@@ -247,20 +406,32 @@ impl<R, C: Clone> ClientStack<R, GrpcHedgeLayer<C>> {
     }
 }
 
-fn transport<S>(errors: &GrpcErrorsLayer, monitor: &Monitor, channel: S) -> Transport<S> {
-    Heartbeat::new(errors.layer(TonicBody { inner: channel }), monitor.clone())
+fn transport<S, T>(
+    errors: &GrpcErrorsLayer,
+    throttle: &T,
+    monitor: &Monitor,
+    channel: S,
+) -> Transport<S, T>
+where
+    T: Layer<GrpcErrors<TonicBody<S>>>,
+{
+    let inner = throttle.layer(errors.layer(TonicBody { inner: channel }));
+    Heartbeat::new(inner, monitor.clone())
 }
 
-impl<S, R, H> Layer<S> for ClientStack<R, H>
+impl<S, R, H, Y, T> Layer<S> for ClientStack<R, H, Y, T>
 where
-    H: Layer<Transport<S>>,
-    R: Layer<H::Service>,
+    T: Layer<GrpcErrors<TonicBody<S>>>,
+    H: Layer<Transport<S, T>>,
+    Y: RetrySlot<H::Service>,
+    R: Layer<Y::Service>,
 {
     type Service = StatusErrors<ErrorEnrich<Deadline<R::Service>, Client>>;
 
     fn layer(&self, channel: S) -> Self::Service {
-        let inner = transport(&self.errors, &self.monitor, channel);
+        let inner = transport(&self.errors, &self.throttle, &self.monitor, channel);
         let inner = self.hedge.layer(inner);
+        let inner = self.retry.layer_with(inner, self.retry_throttle.as_ref());
         let inner = self.rate_limit.layer(inner);
         let inner = self.deadline.layer(inner);
         StatusErrors {
@@ -292,10 +463,66 @@ impl<S, C: Clone> Layer<S> for GrpcHedgeLayer<C> {
     }
 }
 
-impl<R, C> ClientStack<R, GrpcHedgeLayer<C>> {
+impl<R, C, Y, T> ClientStack<R, GrpcHedgeLayer<C>, Y, T> {
     /// The hedge's counters (hedges sent, won, …).
     pub fn hedge_stats(&self) -> atscale_hedge::HedgeStats {
         self.hedge.stats()
+    }
+}
+
+impl<R, H, Y> ClientStack<R, H, Y, ThrottleLayer> {
+    /// The adaptive throttle: its counts and the probability it refuses
+    /// with now.
+    pub fn throttle(&self) -> &ThrottleLayer {
+        &self.throttle
+    }
+}
+
+impl<R, H, T> ClientStack<R, H, GrpcRetryLayer<MethodConfigLayer>, T> {
+    /// The per-method layer of the service config (its throttle, its
+    /// config).
+    pub fn method_config(&self) -> &MethodConfigLayer {
+        &self.retry.retry
+    }
+}
+
+/// The retry of a [`ClientStack`]: a [`BufferBodyLayer`] (so tonic request
+/// bodies can be replayed) over a [`RetryLayer`], or over the
+/// [`MethodConfigLayer`] of a service config.
+#[derive(Clone, Debug)]
+pub struct GrpcRetryLayer<P = RetryLayer> {
+    buffer: BufferBodyLayer,
+    retry: P,
+}
+
+impl<P> GrpcRetryLayer<P> {
+    /// The retry layer (or the service config's per-method layer).
+    pub fn get_ref(&self) -> &P {
+        &self.retry
+    }
+}
+
+impl<P> super::sealed::Sealed for GrpcRetryLayer<P> {}
+
+impl<S> RetrySlot<S> for GrpcRetryLayer<RetryLayer> {
+    type Service = BufferBody<Retry<S>>;
+
+    fn layer_with(&self, inner: S, throttle: Option<&RetryThrottle>) -> Self::Service {
+        let retry = match throttle {
+            Some(t) => self.retry.clone().throttle(t.clone()).layer(inner),
+            None => self.retry.layer(inner),
+        };
+        self.buffer.layer(retry)
+    }
+}
+
+impl<S> RetrySlot<S> for GrpcRetryLayer<MethodConfigLayer> {
+    type Service = BufferBody<PerMethod<S>>;
+
+    /// The service config's `retryThrottling` is its throttle: `throttle`
+    /// is not used.
+    fn layer_with(&self, inner: S, _throttle: Option<&RetryThrottle>) -> Self::Service {
+        self.buffer.layer(self.retry.layer(inner))
     }
 }
 

@@ -16,19 +16,44 @@
 //! | Deadline as `DeadlineLayer::new` / `::server` | the deadline is enforced but never written to `x-deadline-ms`: the backend does not inherit it |
 //! | Hedge over a body without BufferBody | a body that is not [`ReplayBody`](crate::hedge::ReplayBody) does not compile; one that is (`Full`) is hedged as it is |
 //! | `non_idempotent(true)` on a hedge for methods that are not safe to repeat | a POST that creates something is sent twice, and both may be served |
+//! | Retry inside [`HttpErrors`] | the retry judges raw answers by their status alone: every 503 is "overloaded" to it, so a backend's 503 that names a stall, or a dependency of its own that is down, is retried, and a refused connection is not named as the dependency |
+//! | Retry outside Deadline | each attempt gets a fresh deadline: the call outlives its budget by every attempt and backoff |
+//! | RateLimit inside Retry | every retry spends a token: a failing backend drains the limit |
+//! | Retry and Hedge on different [`RetryThrottle`]s | in an outage each spends its own tokens: the load multiplies instead of staying near 1x |
+//! | Throttle outside Retry or Hedge | only calls are counted, not attempts: the backend refuses three attempts and the throttle sees one refusal |
+//! | one [`ThrottleLayer`] for several backends | a backend that refuses work stops calls to the healthy ones too |
+//!
+//! # Retries, and the throttles
+//!
+//! ErrorEnrich → Deadline → RateLimit → BufferBody → **Retry** → Hedge →
+//! Heartbeat → **Throttle** → [`HttpErrors`] → client. The retry
+//! ([`with_retry`](HttpClientStack::with_retry)) retries idempotent methods
+//! only (GET, PUT, DELETE, …: its body buffer and its policy must both opt
+//! in for a POST, [`with_retry_and_buffer`](HttpClientStack::with_retry_and_buffer)).
+//! It sits outside [`HttpErrors`], so it decides on the vocabulary: a plain
+//! 503 (no problem document) is [`Overloaded`](crate::core::Overloaded),
+//! retried after its `Retry-After`; a 503 whose problem names a stall or an
+//! unreachable dependency of the backend is not retried. The A6
+//! [`RetryThrottle`] ([`with_retry_throttle`](HttpClientStack::with_retry_throttle))
+//! is one per backend, shared with the hedge; the SRE adaptive throttle
+//! ([`with_throttle`](HttpClientStack::with_throttle)) is closest to the
+//! transport, counts every attempt, and its local refusal is never retried.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use atscale_core::RetryThrottle;
 use atscale_deadline::{Deadline, DeadlineLayer};
 use atscale_error::mode::Client;
 use atscale_error::{ErrorEnrich, ErrorEnrichLayer};
 use atscale_heartbeat::{Heartbeat, Monitor};
 use atscale_hedge::{BufferBody, BufferBodyLayer, Hedge, HedgeLayer};
+use atscale_overload::throttle::ThrottleLayer;
 use atscale_ratelimit::{RateLimitLayer, Store};
+use atscale_retry::{Retry, RetryLayer};
 use tower_layer::{Identity, Layer};
 
-use super::DEADLINE_HEADER;
+use super::{DEADLINE_HEADER, RetrySlot};
 use crate::remote::{HttpErrors, HttpErrorsLayer};
 
 /// The recommended HTTP client stack for outgoing calls of the service
@@ -43,12 +68,14 @@ pub fn http_client(service: impl Into<Arc<str>>, budget: Duration) -> HttpClient
 }
 
 /// What an [`HttpClientStack`] puts right over the HTTP client: the
-/// heartbeat and [`HttpErrors`].
-pub type HttpTransport<S> = Heartbeat<HttpErrors<S>>;
+/// heartbeat, the adaptive throttle (`T`: a [`ThrottleLayer`], when set)
+/// and [`HttpErrors`].
+pub type HttpTransport<S, T = Identity> = Heartbeat<<T as Layer<HttpErrors<S>>>::Service>;
 
 /// The recommended HTTP client stack: ErrorEnrich (client mode) → Deadline
 /// (client, writes `x-deadline-ms`) → RateLimit (when set) → BufferBody +
-/// Hedge (when set) → Heartbeat → [`HttpErrors`] → any tower HTTP client
+/// Retry (when set) → BufferBody + Hedge (when set) → Heartbeat → Throttle
+/// (when set) → [`HttpErrors`] → any tower HTTP client
 /// (hyper-util's legacy `Client`, …), failing with
 /// [`Enriched`](crate::error::Enriched).
 ///
@@ -60,11 +87,18 @@ pub type HttpTransport<S> = Heartbeat<HttpErrors<S>>;
 ///   and fails with a deadline exceeded when it passes, even if the backend
 ///   never answers;
 /// - is charged to the rate limit, if one is set, once per call (not per
-///   hedge);
+///   hedge or retry);
+/// - is retried, if a retry is set, on the failures its policy names (by
+///   default a backend that could not be reached, or answered 503
+///   overloaded), after its `Retry-After` or a backoff, never past the
+///   deadline, while the [`RetryThrottle`] allows; only idempotent methods
+///   unless told otherwise;
 /// - is hedged, if a hedge is set, within the hedge's budget, the losing
 ///   attempts cancelled; only idempotent methods (GET, PUT, DELETE, …)
 ///   unless told otherwise;
 /// - reports to the stack's [`Monitor`], once per attempt;
+/// - is refused locally (503, never retried) by the adaptive throttle, if
+///   one is set, when the backend has been refusing work;
 /// - fails, when the backend answers 429 or a 5xx, with a
 ///   [`RemoteFailure`](crate::remote::RemoteFailure) that keeps the
 ///   downstream kind (a 429's `Retry-After`, a 504's deadline, a 503's
@@ -94,18 +128,24 @@ pub type HttpTransport<S> = Heartbeat<HttpErrors<S>>;
 /// let inventory = stack::http_client("gateway", Duration::from_secs(1))
 ///     .with_dependency("inventory")
 ///     .with_rate_limit(RateLimitLayer::new(Limiter::new(Limit::per_second(50)?)))
+///     .with_retry(RetryLayer::new(RetryPolicy::builder().max_attempts(3).build()?))
+///     .with_retry_throttle(RetryThrottle::new(10, 0.1)?)
+///     .with_throttle(ThrottleLayer::new())
 ///     .layer(client);
 /// # let _ = inventory;
 /// # Ok(())
 /// # }
 /// ```
 #[derive(Clone, Debug)]
-pub struct HttpClientStack<R = Identity, H = Identity> {
+pub struct HttpClientStack<R = Identity, H = Identity, Y = Identity, T = Identity> {
     enrich: ErrorEnrichLayer<Client>,
     deadline: DeadlineLayer,
     errors: HttpErrorsLayer,
     rate_limit: R,
     hedge: H,
+    retry: Y,
+    throttle: T,
+    retry_throttle: Option<RetryThrottle>,
     monitor: Monitor,
 }
 
@@ -136,12 +176,15 @@ impl HttpClientStack {
             errors: HttpErrorsLayer::new(),
             rate_limit: Identity::new(),
             hedge: Identity::new(),
+            retry: Identity::new(),
+            throttle: Identity::new(),
+            retry_throttle: None,
             monitor: Monitor::new(),
         }
     }
 }
 
-impl<R, H> HttpClientStack<R, H> {
+impl<R, H, Y, T> HttpClientStack<R, H, Y, T> {
     /// Reports every attempt to `monitor`.
     #[must_use]
     pub fn with_monitor(mut self, monitor: Monitor) -> Self {
@@ -177,13 +220,16 @@ impl<R, H> HttpClientStack<R, H> {
     pub fn with_rate_limit<K, W, St: Store>(
         self,
         rate_limit: RateLimitLayer<K, W, St>,
-    ) -> HttpClientStack<RateLimitLayer<K, W, St>, H> {
+    ) -> HttpClientStack<RateLimitLayer<K, W, St>, H, Y, T> {
         HttpClientStack {
             enrich: self.enrich,
             deadline: self.deadline,
             errors: self.errors,
             rate_limit,
             hedge: self.hedge,
+            retry: self.retry,
+            throttle: self.throttle,
+            retry_throttle: self.retry_throttle,
             monitor: self.monitor,
         }
     }
@@ -192,7 +238,14 @@ impl<R, H> HttpClientStack<R, H> {
     /// methods up to 64 KiB so they can be replayed: a POST is sent once.
     /// For methods that are safe to repeat although not idempotent, see
     /// [`with_hedge_and_buffer`](Self::with_hedge_and_buffer).
-    pub fn with_hedge<C>(self, hedge: HedgeLayer<C>) -> HttpClientStack<R, HttpHedgeLayer<C>> {
+    ///
+    /// With a retry too, the hedge sits inside it; build it with
+    /// [`throttle`](crate::hedge::HedgeBuilder::throttle) on the stack's
+    /// [`RetryThrottle`] so that both stop together.
+    pub fn with_hedge<C>(
+        self,
+        hedge: HedgeLayer<C>,
+    ) -> HttpClientStack<R, HttpHedgeLayer<C>, Y, T> {
         self.with_hedge_and_buffer(hedge, BufferBodyLayer::new(64 * 1024))
     }
 
@@ -203,13 +256,86 @@ impl<R, H> HttpClientStack<R, H> {
         self,
         hedge: HedgeLayer<C>,
         buffer: BufferBodyLayer,
-    ) -> HttpClientStack<R, HttpHedgeLayer<C>> {
+    ) -> HttpClientStack<R, HttpHedgeLayer<C>, Y, T> {
         HttpClientStack {
             enrich: self.enrich,
             deadline: self.deadline,
             errors: self.errors,
             rate_limit: self.rate_limit,
             hedge: HttpHedgeLayer { buffer, hedge },
+            retry: self.retry,
+            throttle: self.throttle,
+            retry_throttle: self.retry_throttle,
+            monitor: self.monitor,
+        }
+    }
+
+    /// Retries calls with `retry` (gRFC A6 backoff, `Retry-After`, never
+    /// past the deadline), buffering request bodies of idempotent methods
+    /// up to 64 KiB so they can be replayed: a POST is sent once. For
+    /// methods that are safe to repeat although not idempotent, see
+    /// [`with_retry_and_buffer`](Self::with_retry_and_buffer).
+    pub fn with_retry(self, retry: RetryLayer) -> HttpClientStack<R, H, HttpRetryLayer, T> {
+        self.with_retry_and_buffer(retry, BufferBodyLayer::new(64 * 1024))
+    }
+
+    /// Retries calls with `retry`, request bodies buffered by `buffer`: to
+    /// retry POSTs that are safe to repeat, build both with
+    /// `non_idempotent(true)` (the policy's
+    /// [`non_idempotent`](crate::retry::RetryPolicyBuilder::non_idempotent),
+    /// the buffer's [`non_idempotent`](BufferBodyLayer::non_idempotent)).
+    pub fn with_retry_and_buffer(
+        self,
+        retry: RetryLayer,
+        buffer: BufferBodyLayer,
+    ) -> HttpClientStack<R, H, HttpRetryLayer, T> {
+        HttpClientStack {
+            enrich: self.enrich,
+            deadline: self.deadline,
+            errors: self.errors,
+            rate_limit: self.rate_limit,
+            hedge: self.hedge,
+            retry: HttpRetryLayer { buffer, retry },
+            throttle: self.throttle,
+            retry_throttle: self.retry_throttle,
+            monitor: self.monitor,
+        }
+    }
+
+    /// The A6 retry throttle (`retryThrottling`) of this backend: the
+    /// stack's retry consults it in place of its own; give the hedge the
+    /// same one ([`HedgeBuilder::throttle`](crate::hedge::HedgeBuilder::throttle)),
+    /// so that in an outage retries and hedges stop together once it holds
+    /// half its tokens or fewer.
+    #[must_use]
+    pub fn with_retry_throttle(mut self, throttle: RetryThrottle) -> Self {
+        self.retry_throttle = Some(throttle);
+        self
+    }
+
+    /// The A6 retry throttle set with
+    /// [`with_retry_throttle`](Self::with_retry_throttle).
+    pub fn retry_throttle(&self) -> Option<&RetryThrottle> {
+        self.retry_throttle.as_ref()
+    }
+
+    /// Throttles attempts to this backend on the client (Google SRE book,
+    /// "Handling Overload"): `throttle` counts every attempt and every one
+    /// the backend accepted (not 429 or 503) over its window, and refuses new
+    /// ones locally ([`Throttled`](crate::overload::error::Throttled): 503,
+    /// never retried) with probability
+    /// `max(0, (requests − K·accepts) / (requests + 1))`. Closest to the
+    /// transport, so every attempt is counted. One layer per backend.
+    pub fn with_throttle(self, throttle: ThrottleLayer) -> HttpClientStack<R, H, Y, ThrottleLayer> {
+        HttpClientStack {
+            enrich: self.enrich,
+            deadline: self.deadline,
+            errors: self.errors,
+            rate_limit: self.rate_limit,
+            hedge: self.hedge,
+            retry: self.retry,
+            throttle,
+            retry_throttle: self.retry_throttle,
             monitor: self.monitor,
         }
     }
@@ -225,26 +351,67 @@ impl<R, H> HttpClientStack<R, H> {
     }
 }
 
-impl<R, C> HttpClientStack<R, HttpHedgeLayer<C>> {
+impl<R, C, Y, T> HttpClientStack<R, HttpHedgeLayer<C>, Y, T> {
     /// The hedge's counters (hedges sent, won, …).
     pub fn hedge_stats(&self) -> atscale_hedge::HedgeStats {
         self.hedge.hedge.stats()
     }
 }
 
-impl<S, R, H> Layer<S> for HttpClientStack<R, H>
+impl<R, H, Y> HttpClientStack<R, H, Y, ThrottleLayer> {
+    /// The adaptive throttle: its counts and the probability it refuses
+    /// with now.
+    pub fn throttle(&self) -> &ThrottleLayer {
+        &self.throttle
+    }
+}
+
+impl<S, R, H, Y, T> Layer<S> for HttpClientStack<R, H, Y, T>
 where
-    H: Layer<HttpTransport<S>>,
-    R: Layer<H::Service>,
+    T: Layer<HttpErrors<S>>,
+    H: Layer<HttpTransport<S, T>>,
+    Y: RetrySlot<H::Service>,
+    R: Layer<Y::Service>,
 {
     type Service = ErrorEnrich<Deadline<R::Service>, Client>;
 
     fn layer(&self, client: S) -> Self::Service {
-        let inner = Heartbeat::new(self.errors.layer(client), self.monitor.clone());
+        let inner = self.throttle.layer(self.errors.layer(client));
+        let inner = Heartbeat::new(inner, self.monitor.clone());
         let inner = self.hedge.layer(inner);
+        let inner = self.retry.layer_with(inner, self.retry_throttle.as_ref());
         let inner = self.rate_limit.layer(inner);
         let inner = self.deadline.layer(inner);
         self.enrich.layer(inner)
+    }
+}
+
+/// The retry of an [`HttpClientStack`]: a [`BufferBodyLayer`] (so request
+/// bodies can be replayed) over a [`RetryLayer`].
+#[derive(Clone, Debug)]
+pub struct HttpRetryLayer {
+    buffer: BufferBodyLayer,
+    retry: RetryLayer,
+}
+
+impl HttpRetryLayer {
+    /// The retry layer.
+    pub fn get_ref(&self) -> &RetryLayer {
+        &self.retry
+    }
+}
+
+impl super::sealed::Sealed for HttpRetryLayer {}
+
+impl<S> RetrySlot<S> for HttpRetryLayer {
+    type Service = BufferBody<Retry<S>>;
+
+    fn layer_with(&self, inner: S, throttle: Option<&RetryThrottle>) -> Self::Service {
+        let retry = match throttle {
+            Some(t) => self.retry.clone().throttle(t.clone()).layer(inner),
+            None => self.retry.layer(inner),
+        };
+        self.buffer.layer(retry)
     }
 }
 

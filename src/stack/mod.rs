@@ -65,7 +65,9 @@
 //! | --- | --- |
 //! | RateLimit outside Deadline | the rate limit does not see this hop's deadline (only a served request's, on a client): a request may wait for a token past its deadline instead of failing at once with 429 and `Retry-After`, and the wait is not charged to it |
 
+use atscale_core::RetryThrottle;
 use http::HeaderName;
+use tower_layer::Identity;
 
 #[cfg(feature = "tonic")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tonic")))]
@@ -75,12 +77,44 @@ pub mod server;
 
 #[cfg(feature = "tonic")]
 pub use grpc_client::{
-    ClientStack, GrpcHedgeLayer, StatusErrors, StatusFuture, TonicBody, Transport, client,
-    grpc_client,
+    ClientStack, GrpcHedgeLayer, GrpcRetryLayer, StatusErrors, StatusFuture, TonicBody, Transport,
+    client, grpc_client,
 };
-pub use http_client::{HttpClientStack, HttpHedgeLayer, HttpTransport, http_client};
+pub use http_client::{
+    HttpClientStack, HttpHedgeLayer, HttpRetryLayer, HttpTransport, http_client,
+};
 pub use server::{ServerStack, server};
 
 /// The header a plain HTTP caller puts its budget in, in whole milliseconds:
 /// `x-deadline-ms`. The stacks read (server) it besides `grpc-timeout`.
 pub const DEADLINE_HEADER: HeaderName = HeaderName::from_static("x-deadline-ms");
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for tower_layer::Identity {}
+}
+
+/// The retry slot of a client stack: [`Identity`] (no retry),
+/// [`GrpcRetryLayer`] or [`HttpRetryLayer`]. The stack wraps its hedge
+/// (or its transport) with it, handing it the stack's
+/// [`RetryThrottle`] when one is set
+/// ([`ClientStack::with_retry_throttle`],
+/// [`HttpClientStack::with_retry_throttle`]).
+///
+/// This trait is sealed: the stacks' own slots implement it.
+pub trait RetrySlot<S>: sealed::Sealed {
+    /// The service the slot wraps `S` in.
+    type Service;
+
+    /// Wraps `inner`, its retries consulting `throttle` when one is given
+    /// (in place of the retry layer's own).
+    fn layer_with(&self, inner: S, throttle: Option<&RetryThrottle>) -> Self::Service;
+}
+
+impl<S> RetrySlot<S> for Identity {
+    type Service = S;
+
+    fn layer_with(&self, inner: S, _throttle: Option<&RetryThrottle>) -> S {
+        inner
+    }
+}

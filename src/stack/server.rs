@@ -34,6 +34,38 @@
 //! | RateLimit outside Heartbeat | requests that wait for a token or are rejected are invisible to the monitor: `in_flight` and health look fine while callers queue |
 //! | Heartbeat's stall limit shorter than the rate limit's `max_wait` | a request waiting for its token shows no progress and is cut as stalled (503) instead of served or answered 429 |
 //! | `ErrorEnrichLayer::client` on a server | an error leaves the stack as an error: axum refuses it (see above), tonic resets the stream |
+//! | Overload outside Deadline | admission cannot read the request's deadline (it refuses nothing for being too late, and serves requests that can no longer make it), and a request cut by its deadline is not dropped inside the limit: its slot stays taken until the handler gives up, and the limit never learns the latency was too long |
+//! | Overload outside ErrorEnrich | a refusal leaves the stack as an error: axum refuses the layer, tonic resets the stream, and the caller gets no 503 / `UNAVAILABLE` and no retry-after to back off by |
+//! | Overload inside Heartbeat | queued requests count as in flight and may be cut as stalled (503) while they wait for a slot; the monitor's health sees the queue, not the work |
+//! | Overload inside RateLimit (a per-client limit) | every request of a flood first costs a rate-limit check (a Redis round trip, with a shared store), and a request that then waits in the admission queue, or is refused there, has already spent its client's token |
+//!
+//! # Where the overload layer sits, and why it is on
+//!
+//! ErrorEnrich → Deadline → (ResponseDeadline) → **Overload** → Heartbeat →
+//! RateLimit → handler:
+//!
+//! - **inside Deadline**, so admission reads the request's deadline (a
+//!   request that cannot be served in time is refused at arrival, before it
+//!   costs anything), and a request the deadline cuts is dropped inside the
+//!   limit: its slot is freed at once, and its latency teaches the limit;
+//! - **inside ErrorEnrich**, so a refusal leaves as 503 + `Retry-After` or
+//!   `UNAVAILABLE` + `RetryInfo` (reason `OVERLOADED`, which a client's
+//!   adaptive throttle and retry read);
+//! - **outside Heartbeat**, so only admitted work is watched: a request
+//!   waiting for a slot is not work in progress and cannot stall;
+//! - **outside the per-client RateLimit**, so the cheap global check runs
+//!   first, and a request queued (or refused) here has not spent a token.
+//!
+//! [`ServerStack::new`] turns it on with [`OverloadLayer::new`]'s defaults
+//! (an adaptive Vegas limit from 20, between 1 and 1000; a CoDel queue of
+//! 1024; deadline-aware admission): the limit is learnt from the service's
+//! own latency, so there is no number to guess, and below capacity nothing
+//! waits or is refused (the limit grows while latency does not). A server
+//! without it has no defence against everyone at once: past capacity every
+//! request slows down together until each misses its deadline. Turn it off
+//! with [`without_overload`](ServerStack::without_overload) (a service that
+//! is protected elsewhere, or that must never answer 503 on its own), or
+//! tune it with [`with_overload`](ServerStack::with_overload).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,6 +76,7 @@ use atscale_error::ErrorEnrich;
 use atscale_error::ErrorEnrichLayer;
 use atscale_error::mode::Server;
 use atscale_heartbeat::{Heartbeat, Monitor};
+use atscale_overload::{Admission, OverloadLayer};
 use atscale_ratelimit::{RateLimitLayer, Store};
 use tower_layer::{Identity, Layer};
 
@@ -62,8 +95,9 @@ pub fn server(service: impl Into<Arc<str>>, budget: Duration) -> ServerStack {
     ServerStack::new(service, budget)
 }
 
-/// The recommended server stack: ErrorEnrich → Deadline → Heartbeat →
-/// RateLimit (when set) → your service.
+/// The recommended server stack: ErrorEnrich → Deadline → Overload (on
+/// unless [turned off](Self::without_overload)) → Heartbeat → RateLimit
+/// (when set) → your service.
 ///
 /// Use it around every axum `Router` (`.layer(stack)`) and tonic server
 /// (`Server::builder().layer(stack)`) you run: each request
@@ -78,7 +112,12 @@ pub fn server(service: impl Into<Arc<str>>, budget: Duration) -> ServerStack {
 ///   trailers and its context is cancelled (HTTP streams too, with
 ///   [`with_body_deadline`](Self::with_body_deadline));
 /// - reports to the stack's [`Monitor`] (started, finished, outcome, in
-///   flight; no stall watchdog unless the monitor has one);
+///   flight; no stall watchdog unless the monitor has one), once admitted;
+/// - is admitted by the [`OverloadLayer`] (an adaptive concurrency limit
+///   and a CoDel admission queue), or refused with 503 + `Retry-After` /
+///   `UNAVAILABLE` when the service is past its capacity or the request
+///   could not be served before its deadline (see the [module
+///   docs](self#where-the-overload-layer-sits-and-why-it-is-on));
 /// - is charged to the rate limit, if one is set, within its deadline;
 /// - and every failure (a deadline, a 429, a downstream failure, a panic)
 ///   is answered as problem+json or a gRPC status with an error id, and
@@ -115,18 +154,20 @@ pub fn server(service: impl Into<Arc<str>>, budget: Duration) -> ServerStack {
 /// # }
 /// ```
 #[derive(Clone, Debug)]
-pub struct ServerStack<R = Identity> {
+pub struct ServerStack<R = Identity, O = OverloadLayer> {
     enrich: ErrorEnrichLayer<Server>,
     deadline: DeadlineLayer,
     bodies: ResponseDeadlineLayer,
     monitor: Monitor,
     rate_limit: R,
+    overload: O,
 }
 
 impl ServerStack {
     /// The stack for the service named `service` with a budget of `budget`
     /// per request, inheriting shorter deadlines from `grpc-timeout` and
-    /// [`x-deadline-ms`](DEADLINE_HEADER); a new [`Monitor`] without a stall
+    /// [`x-deadline-ms`](DEADLINE_HEADER); overload protection with
+    /// [`OverloadLayer::new`]'s defaults; a new [`Monitor`] without a stall
     /// watchdog; no rate limit.
     ///
     /// # Panics
@@ -142,8 +183,9 @@ impl ServerStack {
     }
 
     /// The stack around the given ErrorEnrich and deadline layers (a help
-    /// link, internal details, another deadline header), with a new
-    /// [`Monitor`] and no rate limit.
+    /// link, internal details, another deadline header), with overload
+    /// protection ([`OverloadLayer::new`]), a new [`Monitor`] and no rate
+    /// limit.
     pub fn from_layers(enrich: ErrorEnrichLayer<Server>, deadline: DeadlineLayer) -> Self {
         ServerStack {
             enrich,
@@ -151,11 +193,12 @@ impl ServerStack {
             bodies: BodyDeadlineLayer::grpc().responses_only(),
             monitor: Monitor::new(),
             rate_limit: Identity::new(),
+            overload: OverloadLayer::new(),
         }
     }
 }
 
-impl<R> ServerStack<R> {
+impl<R, O> ServerStack<R, O> {
     /// Reports to `monitor` (one with a stall watchdog, say; keep its stall
     /// limit above the rate limit's longest wait).
     #[must_use]
@@ -186,13 +229,44 @@ impl<R> ServerStack<R> {
     pub fn with_rate_limit<K, W, St: Store>(
         self,
         rate_limit: RateLimitLayer<K, W, St>,
-    ) -> ServerStack<RateLimitLayer<K, W, St>> {
+    ) -> ServerStack<RateLimitLayer<K, W, St>, O> {
         ServerStack {
             enrich: self.enrich,
             deadline: self.deadline,
             bodies: self.bodies,
             monitor: self.monitor,
             rate_limit,
+            overload: self.overload,
+        }
+    }
+
+    /// Admits requests through `overload` (its algorithm, limits, queue,
+    /// criticality header), inside the deadline and outside the heartbeat
+    /// and the rate limit. One layer is one limit: every clone of the
+    /// stack's service shares it.
+    pub fn with_overload(self, overload: OverloadLayer) -> ServerStack<R, OverloadLayer> {
+        ServerStack {
+            enrich: self.enrich,
+            deadline: self.deadline,
+            bodies: self.bodies,
+            monitor: self.monitor,
+            rate_limit: self.rate_limit,
+            overload,
+        }
+    }
+
+    /// Turns overload protection off: every request is served at once,
+    /// however many there are (see the [module
+    /// docs](self#where-the-overload-layer-sits-and-why-it-is-on) for what
+    /// that costs past capacity).
+    pub fn without_overload(self) -> ServerStack<R, Identity> {
+        ServerStack {
+            enrich: self.enrich,
+            deadline: self.deadline,
+            bodies: self.bodies,
+            monitor: self.monitor,
+            rate_limit: self.rate_limit,
+            overload: Identity::new(),
         }
     }
 
@@ -212,12 +286,25 @@ impl<R> ServerStack<R> {
     }
 }
 
-impl<S, R: Layer<S>> Layer<S> for ServerStack<R> {
-    type Service = ErrorEnrich<Deadline<ResponseDeadline<Heartbeat<R::Service>>>, Server>;
+impl<R> ServerStack<R, OverloadLayer> {
+    /// The overload layer's state: its current limit, requests in flight
+    /// and queue depth.
+    pub fn admission(&self) -> Admission {
+        self.overload.admission()
+    }
+}
+
+impl<S, R, O> Layer<S> for ServerStack<R, O>
+where
+    R: Layer<S>,
+    O: Layer<Heartbeat<R::Service>>,
+{
+    type Service = ErrorEnrich<Deadline<ResponseDeadline<O::Service>>, Server>;
 
     fn layer(&self, inner: S) -> Self::Service {
         let inner = self.rate_limit.layer(inner);
         let inner = Heartbeat::new(inner, self.monitor.clone());
+        let inner = self.overload.layer(inner);
         let inner = self.bodies.layer(inner);
         let inner = self.deadline.layer(inner);
         self.enrich.layer(inner)
