@@ -210,12 +210,19 @@ impl RetryPolicy {
     }
 
     /// Whether `failure` is worth another attempt: never for deadline
-    /// exceeded, malformed input or cancelled; otherwise when its kind or
-    /// its code is retryable, or the predicate says so.
+    /// exceeded, malformed input or cancelled, nor for a local refusal of
+    /// the client-side adaptive throttle
+    /// ([`Throttled`](atscale_overload::error::Throttled): the backend's
+    /// own refusals, replayed locally; retrying it would only count more
+    /// requests against the backend); otherwise when its kind or its code
+    /// is retryable, or the predicate says so.
     pub fn is_retryable(&self, failure: &Failure<'_>) -> bool {
         let p = &*self.inner;
         if failure.kind.is_some_and(|k| NEVER_KINDS.contains(&k))
             || failure.code.is_some_and(|c| NEVER_CODES.contains(&c))
+            || failure.error.is_some_and(|e| {
+                atscale_core::find::<atscale_overload::error::Throttled>(e).is_some()
+            })
         {
             return false;
         }
@@ -381,6 +388,37 @@ pub(crate) fn check_codes(codes: &[Code]) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_local_throttle_refusal_is_never_retried() {
+        use atscale_core::{BoxError, Overloaded};
+        use atscale_overload::throttle::ThrottleLayer;
+        use tower::{Layer, ServiceExt, service_fn};
+
+        let default = policy().build().unwrap();
+        // The backend's own refusal is retryable (overloaded, by default)…
+        let refused: BoxError = Overloaded::new().into();
+        assert!(default.is_retryable(&Failure::of_error(&*refused)));
+        // …its local replay by the throttle is not, even when asked for.
+        let throttle = ThrottleLayer::builder().k(1.0).seed(1).build().unwrap();
+        let refusing = service_fn(|_req: ()| async {
+            Err::<http::Response<()>, BoxError>(Overloaded::new().into())
+        });
+        let svc = throttle.layer(refusing);
+        let mut throttled = None;
+        for _ in 0..100 {
+            let err = svc.clone().oneshot(()).await.unwrap_err();
+            if atscale_core::find::<atscale_overload::error::Throttled>(&*err).is_some() {
+                throttled = Some(err);
+                break;
+            }
+        }
+        let throttled = throttled.expect("the throttle refuses a backend that refuses everything");
+        assert_eq!(Kind::find(&*throttled), Some(Kind::Overloaded));
+        assert!(!default.is_retryable(&Failure::of_error(&*throttled)));
+        let eager = policy().retry_if(|_| true).build().unwrap();
+        assert!(!eager.is_retryable(&Failure::of_error(&*throttled)));
+    }
 
     fn policy() -> RetryPolicyBuilder {
         RetryPolicy::builder()
