@@ -103,6 +103,18 @@ impl Context {
         Context::default()
     }
 
+    /// A root context whose deadline is `deadline`: what
+    /// `Context::new().with_deadline(deadline)` gives, without the check
+    /// whether the new handle is shared.
+    pub fn until(deadline: Deadline) -> Self {
+        Context {
+            inner: Arc::new(Inner {
+                deadline: Some(deadline),
+                ..Inner::default()
+            }),
+        }
+    }
+
     fn child_with(&self, deadline: Option<Deadline>) -> Self {
         Context {
             inner: Arc::new(Inner {
@@ -438,6 +450,23 @@ mod tests {
         assert_eq!(child.deadline(), Some(sooner));
         child.cancel();
         assert!(!parent.is_cancelled());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn until_is_a_root_context_with_that_deadline() {
+        let deadline =
+            Deadline::after(Instant::now(), Duration::from_millis(5), Origin::Header).unwrap();
+        let cx = Context::until(deadline);
+        assert_eq!(cx.deadline(), Some(deadline));
+        assert_eq!(
+            cx.deadline(),
+            Context::new().with_deadline(deadline).deadline()
+        );
+        assert!(!cx.is_cancelled());
+        // a root: its child is cancelled with it, and nothing above it is
+        let child = cx.child();
+        cx.cancel();
+        assert!(child.is_cancelled());
     }
 
     #[tokio::test(start_paused = true)]
