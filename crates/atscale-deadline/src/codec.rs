@@ -108,6 +108,57 @@ pub(crate) fn single<'a>(
     }
 }
 
+/// Up to this many header values, [`deadline_headers`] scans the map once
+/// instead of hashing each name for a lookup.
+const SCAN_LIMIT: usize = 16;
+
+/// The single values of `grpc-timeout` (when `grpc`) and of `header` (when
+/// set), each as [`single`] finds it.
+///
+/// A request's map is small: one pass comparing names (a standard header
+/// against a custom name differs at its first word) costs less than hashing
+/// two custom names; a larger map gets the lookups.
+pub(crate) fn deadline_headers<'a>(
+    headers: &'a HeaderMap,
+    grpc: bool,
+    header: Option<&HeaderName>,
+) -> (Found<'a>, Found<'a>) {
+    if headers.len() > SCAN_LIMIT {
+        let grpc = if grpc {
+            single(headers, &GRPC_TIMEOUT)
+        } else {
+            Ok(None)
+        };
+        let own = header.map_or(Ok(None), |name| single(headers, name));
+        return (grpc, own);
+    }
+    let (mut found_grpc, mut found_own) = ((None, 0u8), (None, 0u8));
+    for (name, value) in headers {
+        if grpc && *name == GRPC_TIMEOUT {
+            found_grpc = (Some(value), found_grpc.1.saturating_add(1));
+        }
+        if header == Some(name) {
+            found_own = (Some(value), found_own.1.saturating_add(1));
+        }
+    }
+    let own = match header {
+        Some(name) => only(found_own, name),
+        None => Ok(None),
+    };
+    (only(found_grpc, &GRPC_TIMEOUT), own)
+}
+
+/// A value seen `n` times while scanning: repeated is an error, as in [`single`].
+fn only<'a>((value, n): (Option<&'a HeaderValue>, u8), name: &HeaderName) -> Found<'a> {
+    if n > 1 {
+        return Err(MalformedDeadline::new(name.as_str(), "header repeated"));
+    }
+    Ok(value)
+}
+
+/// What [`deadline_headers`] found of one header.
+pub(crate) type Found<'a> = Result<Option<&'a HeaderValue>, MalformedDeadline>;
+
 fn parse_digits(digits: &[u8], max_len: usize) -> Result<u64, &'static str> {
     if digits.is_empty() {
         return Err("missing digits");
@@ -208,6 +259,49 @@ mod tests {
             single(&headers, &GRPC_TIMEOUT).unwrap_err().reason(),
             "header repeated"
         );
+    }
+
+    #[test]
+    fn both_deadline_headers_are_found_alike_in_small_and_large_maps() {
+        let own = HeaderName::from_static("x-deadline-ms");
+        // Padding past the scan limit switches to hashed lookups: both ways
+        // must find the same values and reject the same repeats.
+        for padding in [0, SCAN_LIMIT] {
+            let mut headers = HeaderMap::new();
+            for i in 0..padding {
+                let name = HeaderName::try_from(format!("x-pad-{i}")).unwrap();
+                headers.insert(name, HeaderValue::from_static("1"));
+            }
+            headers.insert(http::header::HOST, HeaderValue::from_static("example.com"));
+            let (grpc, mine) = deadline_headers(&headers, true, Some(&own));
+            assert_eq!((grpc, mine), (Ok(None), Ok(None)), "padding {padding}");
+
+            headers.insert(GRPC_TIMEOUT, HeaderValue::from_static("1S"));
+            headers.insert(own.clone(), HeaderValue::from_static("250"));
+            let (grpc, mine) = deadline_headers(&headers, true, Some(&own));
+            assert_eq!(grpc.unwrap().unwrap(), "1S", "padding {padding}");
+            assert_eq!(mine.unwrap().unwrap(), "250", "padding {padding}");
+            // a header not asked for is not looked at
+            let (grpc, mine) = deadline_headers(&headers, false, None);
+            assert_eq!((grpc, mine), (Ok(None), Ok(None)), "padding {padding}");
+
+            headers.append(own.clone(), HeaderValue::from_static("300"));
+            let (grpc, mine) = deadline_headers(&headers, true, Some(&own));
+            assert_eq!(grpc.unwrap().unwrap(), "1S", "padding {padding}");
+            let err = mine.unwrap_err();
+            assert_eq!(
+                (err.header(), err.reason()),
+                ("x-deadline-ms", "header repeated")
+            );
+
+            headers.append(GRPC_TIMEOUT, HeaderValue::from_static("2S"));
+            let (grpc, _) = deadline_headers(&headers, true, Some(&own));
+            let err = grpc.unwrap_err();
+            assert_eq!(
+                (err.header(), err.reason()),
+                ("grpc-timeout", "header repeated")
+            );
+        }
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context as TaskContext, Poll};
 
-use atscale_core::{BoxError, Deadline, DeadlineExceeded, Scoped};
+use atscale_core::{BoxError, DeadlineExceeded, Scoped};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
@@ -38,14 +38,14 @@ pin_project! {
     enum State<F> {
         Running {
             // The inner future, polled inside the request's context (which
-            // it holds, so cancelling needs no second handle).
+            // it holds, so cancelling needs no second handle, and whose
+            // deadline is the request's).
             #[pin]
             inner: Scoped<F>,
-            // Armed only once the inner future is pending: a request that
-            // answers at once never touches the timer wheel.
-            #[pin]
-            timer: Option<Sleep>,
-            deadline: Option<Deadline>,
+            // Armed (and boxed) only once the inner future is pending: a
+            // request that answers at once never touches the timer wheel,
+            // and every request moves a small future through the stack.
+            timer: Option<Pin<Box<Sleep>>>,
         },
         Failed {
             error: Option<BoxError>,
@@ -55,13 +55,9 @@ pin_project! {
 }
 
 impl<F> ResponseFuture<F> {
-    pub(crate) fn running(inner: Scoped<F>, deadline: Option<Deadline>) -> Self {
+    pub(crate) fn running(inner: Scoped<F>) -> Self {
         ResponseFuture {
-            state: State::Running {
-                inner,
-                timer: None,
-                deadline,
-            },
+            state: State::Running { inner, timer: None },
         }
     }
 
@@ -86,11 +82,7 @@ where
                 return Poll::Ready(Err(error.take().expect("polled after completion")));
             }
             StateProj::Done => panic!("polled after completion"),
-            StateProj::Running {
-                mut inner,
-                mut timer,
-                deadline,
-            } => match inner.as_mut().poll(cx) {
+            StateProj::Running { mut inner, timer } => match inner.as_mut().poll(cx) {
                 // Success leaves the context alone: a streaming body may
                 // still be produced under it.
                 Poll::Ready(Ok(response)) => Ok(response),
@@ -102,7 +94,7 @@ where
                     // first when both timers fire together: its error is the
                     // deadline passing, and is reported as that.
                     let now = Instant::now();
-                    match *deadline {
+                    match inner.context().deadline() {
                         Some(deadline) if deadline.is_expired_at(now) => {
                             metrics::exceeded(deadline.origin(), Stage::Running);
                             Err(DeadlineExceeded::at(deadline, now).into())
@@ -111,20 +103,20 @@ where
                     }
                 }
                 Poll::Pending => {
-                    let Some(deadline) = *deadline else {
+                    let Some(deadline) = inner.context().deadline() else {
                         return Poll::Pending;
                     };
-                    if timer.is_none() {
-                        timer.set(Some(tokio::time::sleep_until(deadline.instant())));
-                    }
-                    match timer.as_pin_mut().map(|sleep| sleep.poll(cx)) {
-                        Some(Poll::Ready(())) => {
+                    let timer = timer.get_or_insert_with(|| {
+                        Box::pin(tokio::time::sleep_until(deadline.instant()))
+                    });
+                    match timer.as_mut().poll(cx) {
+                        Poll::Ready(()) => {
                             // Expired: cancel the context; the inner future is dropped below.
                             inner.context().cancel();
                             metrics::exceeded(deadline.origin(), Stage::Running);
                             Err(DeadlineExceeded::at(deadline, Instant::now()).into())
                         }
-                        _ => return Poll::Pending,
+                        Poll::Pending => return Poll::Pending,
                     }
                 }
             },

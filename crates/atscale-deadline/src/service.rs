@@ -52,11 +52,15 @@ where
 
     fn call(&mut self, mut req: Req) -> Self::Future {
         let now = Instant::now();
+        let current;
         let parent = match req.context() {
-            Some(cx) => Some(cx.clone()),
-            None => Context::current(),
+            Some(cx) => Some(cx),
+            None => {
+                current = Context::current();
+                current.as_ref()
+            }
         };
-        let deadline = match effective_deadline(&self.config, &req, parent.as_ref(), now) {
+        let deadline = match effective_deadline(&self.config, &req, parent, now) {
             Ok(deadline) => deadline,
             Err(malformed) => {
                 metrics::malformed();
@@ -69,19 +73,23 @@ where
                 return ResponseFuture::failed(DeadlineExceeded::at(deadline, now).into());
             }
             metrics::arrived(deadline.origin(), deadline.remaining_at(now));
-            if self.config.role == Role::Client {
-                write_budget(&self.config, &mut req, deadline.remaining_at(now));
-            }
         }
-        let cx = match (deadline, &parent) {
+        let cx = match (deadline, parent) {
             (Some(deadline), Some(parent)) => parent.child_until(deadline),
-            (Some(deadline), None) => Context::new().with_deadline(deadline),
+            (Some(deadline), None) => Context::until(deadline),
             (None, Some(parent)) => parent.child(),
             (None, None) => Context::new(),
         };
+        if let Some(deadline) = deadline
+            && self.config.role == Role::Client
+        {
+            write_budget(&self.config, &mut req, deadline.remaining_at(now));
+        }
         req.set_context(cx.clone());
+        // The context's deadline is `deadline` (a child never outlives its
+        // parent, and the parent's is part of `deadline` already).
         let inner = cx.scope_with(|| self.inner.call(req));
-        ResponseFuture::running(inner, deadline)
+        ResponseFuture::running(inner)
     }
 }
 
@@ -116,16 +124,14 @@ fn effective_deadline<Req: Carrier>(
         Role::Client => (Origin::Local, Origin::Local),
         _ => (Origin::GrpcTimeout, Origin::Header),
     };
-    if config.grpc_timeout
-        && let Some(value) = codec::single(headers, &GRPC_TIMEOUT)?
-    {
+    let (grpc_timeout, own_header) =
+        codec::deadline_headers(headers, config.grpc_timeout, config.header.as_ref());
+    if let Some(value) = grpc_timeout? {
         let budget = codec::parse_grpc_timeout(value.as_bytes())?;
         deadline =
             RequestDeadline::earliest(deadline, RequestDeadline::after(now, budget, grpc_origin));
     }
-    if let Some(name) = &config.header
-        && let Some(value) = codec::single(headers, name)?
-    {
+    if let (Some(name), Some(value)) = (&config.header, own_header?) {
         let budget = codec::parse_millis(name, value.as_bytes())?;
         deadline =
             RequestDeadline::earliest(deadline, RequestDeadline::after(now, budget, header_origin));
