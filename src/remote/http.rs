@@ -53,6 +53,12 @@ impl RemoteFailure {
             implied: match status {
                 StatusCode::GATEWAY_TIMEOUT => Implied::Kind(Kind::DeadlineExceeded),
                 StatusCode::TOO_MANY_REQUESTS => Implied::Kind(Kind::RateLimited),
+                // RFC 9110: a 503 is a temporary overload (or maintenance);
+                // one that names nothing is read as that, so that it keeps
+                // its `Retry-After` and a retry policy sees a refusal.
+                StatusCode::SERVICE_UNAVAILABLE if named.is_none() => {
+                    Implied::Kind(Kind::Overloaded)
+                }
                 StatusCode::SERVICE_UNAVAILABLE => Implied::Unavailable,
                 _ => Implied::Nothing,
             },
@@ -280,7 +286,7 @@ fn is_problem(headers: &HeaderMap) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use atscale_core::{DeadlineExceeded, Origin, RateLimited, Unreachable};
+    use atscale_core::{DeadlineExceeded, Origin, Overloaded, RateLimited, Unreachable};
     use bytes::Bytes;
     use http_body_util::Full;
     use tower::{ServiceExt, service_fn};
@@ -383,7 +389,14 @@ mod tests {
                 Some(Kind::Stalled),
             ),
             (503, Some(r#"{"code":"unreachable"}"#), None),
-            (503, None, None),
+            (503, Some(r#"{"code":"maintenance"}"#), None),
+            // A 503 naming nothing: RFC 9110's temporary overload.
+            (503, None, Some(Kind::Overloaded)),
+            (
+                503,
+                Some(r#"{"type":"about:blank","status":503}"#),
+                Some(Kind::Overloaded),
+            ),
             (502, Some(r#"{"code":"upstream"}"#), None),
             (500, Some("not json"), None),
             (504, None, Some(Kind::DeadlineExceeded)),
@@ -398,6 +411,19 @@ mod tests {
             let res = call(answer(status, None, Some("{}"))).await.unwrap();
             assert_eq!(res.status(), status);
         }
+    }
+
+    #[tokio::test]
+    async fn a_plain_503_is_overloaded_with_its_retry_after() {
+        let err = call(answer(503, Some("2"), None)).await.unwrap_err();
+        let overloaded = atscale_core::find::<Overloaded>(&*err).expect("overloaded");
+        assert_eq!(overloaded.retry_after(), Some(Duration::from_secs(2)));
+        assert_eq!(Kind::of(&*err), Kind::Overloaded);
+        assert_eq!(failure(&err).http_status(), StatusCode::SERVICE_UNAVAILABLE);
+        // Without a Retry-After, none is made up.
+        let err = call(answer(503, None, None)).await.unwrap_err();
+        assert_eq!(atscale_core::retry_after(&*err), None);
+        assert_eq!(Kind::of(&*err), Kind::Overloaded);
     }
 
     #[tokio::test]

@@ -30,7 +30,7 @@
 //! | a deadline passed | `DEADLINE_EXCEEDED` | 504 | [`DeadlineExceeded`]: a downstream's own budget (`deadline_origin` `local`) is `local` here, an inherited one `parent` |
 //! | rate limited | `RESOURCE_EXHAUSTED` | 429 | [`RateLimited`], after the `RetryInfo` delay / `Retry-After` (1 s when absent) |
 //! | unavailable, naming `stalled` | `UNAVAILABLE`, reason `STALLED` | 503, problem `code` `stalled` | [`Stalled`] |
-//! | unavailable, naming `overloaded` | `UNAVAILABLE`, reason `OVERLOADED` | 503, problem `code` `overloaded` | [`Overloaded`] |
+//! | unavailable, naming `overloaded` | `UNAVAILABLE`, reason `OVERLOADED` | 503, problem `code` `overloaded`; or a plain 503 that names nothing (RFC 9110: temporary overload), with its `Retry-After` | [`Overloaded`] |
 //! | cancelled | `CANCELLED` (tonic's own "Timeout expired": [`DeadlineExceeded`], `parent`) | — | [`Cancelled`] |
 //! | anything else | any other code | any other 5xx | none: the client stack makes it `Kind::Upstream` (502), and keeps that kind up through a server-mode ErrorEnrich |
 //!
