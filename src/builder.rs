@@ -23,6 +23,8 @@ use atscale_heartbeat::{HeartbeatLayer, Monitor};
 use atscale_hedge::{BufferBodyLayer, HedgeLayer};
 #[cfg(feature = "overload")]
 use atscale_overload::OverloadLayer;
+#[cfg(feature = "overload")]
+use atscale_overload::throttle::ThrottleLayer;
 #[cfg(feature = "ratelimit")]
 use atscale_ratelimit::{RateLimitLayer, Store};
 #[cfg(feature = "retry")]
@@ -73,9 +75,12 @@ mod sealed {
 /// module, whose [`ServerStack`](crate::stack::ServerStack) and
 /// [`ClientStack`](crate::stack::ClientStack) fix them for you. In short:
 ///
-/// - server: `enrich_errors` → `deadline` → `heartbeat` → `multi_rate_limit` → handler;
+/// - server: `enrich_errors` → `deadline` → `overload` → `heartbeat` →
+///   `multi_rate_limit` → handler;
 /// - client: `enrich_errors` → `deadline` → `multi_rate_limit` → `buffer_body` →
-///   `hedge` → `heartbeat` → transport.
+///   `retries` → `hedge` → `heartbeat` → `adaptive_throttle` → the errors
+///   mapping ([`GrpcErrorsLayer`](crate::remote::GrpcErrorsLayer),
+///   [`HttpErrorsLayer`](crate::remote::HttpErrorsLayer)) → transport.
 ///
 /// This trait is sealed: it is implemented for `ServiceBuilder` only.
 pub trait ServiceBuilderExt<L>: sealed::Sealed<L> + Sized {
@@ -174,6 +179,35 @@ pub trait ServiceBuilderExt<L>: sealed::Sealed<L> + Sized {
     #[cfg(feature = "retry")]
     #[cfg_attr(docsrs, doc(cfg(feature = "retry")))]
     fn retries(self, layer: RetryLayer) -> ServiceBuilder<Stack<RetryLayer, L>>;
+
+    /// Adds the client-side adaptive throttle ([`ThrottleLayer`], Google SRE
+    /// book): on a client closest to one backend's transport (inside
+    /// `retries`, `hedge` and `heartbeat`, so every attempt is counted and a
+    /// throttled one never reaches the wire), one layer per backend. Its
+    /// local refusals are never retried.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use atscale::prelude::*;
+    /// use tower::{ServiceBuilder, ServiceExt, service_fn};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), BoxError> {
+    /// let throttle = ThrottleLayer::new(); // K = 2 over 2 minutes
+    /// let client = ServiceBuilder::new()
+    ///     .deadline(DeadlineLayer::client(Duration::from_secs(1)))
+    ///     .adaptive_throttle(throttle.clone())
+    ///     .service(service_fn(|_req: http::Request<String>| async {
+    ///         Ok::<_, BoxError>(http::Response::new(String::from("ok")))
+    ///     }));
+    /// client.oneshot(http::Request::new(String::new())).await?;
+    /// assert_eq!(throttle.counts(), (1, 1)); // one request, accepted
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[cfg(feature = "overload")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "overload")))]
+    fn adaptive_throttle(self, layer: ThrottleLayer) -> ServiceBuilder<Stack<ThrottleLayer, L>>;
 }
 
 impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
@@ -220,6 +254,11 @@ impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
 
     #[cfg(feature = "retry")]
     fn retries(self, layer: RetryLayer) -> ServiceBuilder<Stack<RetryLayer, L>> {
+        self.layer(layer)
+    }
+
+    #[cfg(feature = "overload")]
+    fn adaptive_throttle(self, layer: ThrottleLayer) -> ServiceBuilder<Stack<ThrottleLayer, L>> {
         self.layer(layer)
     }
 }
