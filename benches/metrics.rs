@@ -9,7 +9,8 @@
 //! - on, no recorder installed: `cargo bench --bench metrics`
 //! - on, with a Prometheus recorder: `ATSCALE_BENCH_RECORDER=prometheus cargo bench --bench metrics`
 //!
-//! Every request is the happy path (nothing refused, nothing late), which
+//! On a loaded machine, run the builds alternately many times and pair
+//! adjacent runs (benches/README.md). Every request is the happy path (nothing refused, nothing late), which
 //! is where the per-request cost is paid.
 
 mod support;
@@ -90,11 +91,86 @@ fn main() {
         ),
         case("Overload", || OverloadLayer::new().layer(inner()), request),
     ];
+    // `ATSCALE_BENCH_RUNTIME=current_thread` (or `multi_thread`) measures one runtime only.
+    let only = std::env::var("ATSCALE_BENCH_RUNTIME").ok();
     for (rt_name, rt) in support::runtimes() {
+        if only.as_deref().is_some_and(|o| !rt_name.starts_with(o)) {
+            continue;
+        }
         let rows = support::compare(&rt, &cases);
         support::print(&format!("{rt_name}, metrics {metrics}"), &rows);
     }
+    #[cfg(feature = "metrics")]
+    emissions(metrics);
     println!("\nload average at the end: {}", support::load());
+}
+
+/// One emission of each kind the layers make per request, on this thread,
+/// against an empty loop, interleaved: what an emission costs with the
+/// recorder of this run (none, or Prometheus), independent of the layers.
+#[cfg(feature = "metrics")]
+fn emissions(metrics: &str) {
+    use std::hint::black_box;
+    use std::time::Instant;
+
+    use atscale::metrics::{DEADLINE_REMAINING, RATELIMIT_ADMITTED, field};
+
+    fn timed(mut f: impl FnMut(u64) + 'static) -> support::Run<'static> {
+        Box::new(move |iters| {
+            let start = Instant::now();
+            for i in 0..iters {
+                f(black_box(i));
+            }
+            start.elapsed()
+        })
+    }
+    let mut cases: Vec<(&str, support::Run<'_>)> = vec![
+        (
+            "empty loop",
+            timed(|i| {
+                black_box(i);
+            }),
+        ),
+        (
+            "counter, no labels (rate limit: admitted), straight to the facade",
+            timed(|i| ::metrics::counter!(RATELIMIT_ADMITTED).increment(black_box(i) & 1)),
+        ),
+        (
+            "the same counter as the layers emit it (behind `enabled()`)",
+            timed(|i| {
+                if atscale::metrics::enabled() {
+                    ::metrics::counter!(RATELIMIT_ADMITTED).increment(black_box(i) & 1);
+                }
+            }),
+        ),
+        (
+            "histogram, static label (deadline: remaining)",
+            timed(|i| {
+                ::metrics::histogram!(DEADLINE_REMAINING, "origin" => "header")
+                    .record(black_box(i) as f64)
+            }),
+        ),
+        (
+            "span field on the current span (no request span open)",
+            timed(|i| {
+                tracing::Span::current().record(field::RATELIMIT_OUTCOME, black_box(i));
+            }),
+        ),
+    ];
+    let samples = support::interleave(&mut cases);
+    println!("\n### Cost of one emission, metrics {metrics} (current thread)\n");
+    println!("| emission | ns (median, min..max), minus the empty loop |");
+    println!("| --- | --- |");
+    for (i, (name, _)) in cases.iter().enumerate().skip(1) {
+        let d: Vec<f64> = (0..samples[0].len())
+            .map(|r| samples[i][r] - samples[0][r])
+            .collect();
+        let (lo, hi) = support::range(&d);
+        println!(
+            "| {name} | {:+.1} ({lo:+.1}..{hi:+.1}) |",
+            support::median(d.clone())
+        );
+    }
 }
 
 #[cfg(feature = "metrics")]
@@ -103,7 +179,7 @@ fn install_prometheus() {
         .with_recommended_naming(true)
         .install_recorder()
         .expect("the only recorder");
-    atscale::metrics::describe();
+    atscale::metrics::enable();
 }
 
 #[cfg(not(feature = "metrics"))]

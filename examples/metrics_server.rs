@@ -41,7 +41,7 @@ async fn main() -> Result<(), BoxError> {
             ],
         )?
         .install_recorder()?;
-    atscale::metrics::describe();
+    atscale::metrics::enable();
 
     // 2. The service: the recommended server stack, with a small rate limit
     //    so that some of our own traffic is refused.

@@ -6,14 +6,18 @@
 //! histograms with the stable names and bounded labels listed below (and in
 //! [`ALL`]). Install any recorder: `metrics-exporter-prometheus` for a
 //! `/metrics` endpoint, or OpenTelemetry through a `metrics` → OpenTelemetry
-//! bridge. Then call [`describe`] once: it gives the recorder each metric's
-//! unit and help text, and turns on the per-request duration histograms.
+//! bridge. Then call [`enable`] once: it gives the recorder each metric's
+//! unit and help text, and turns the layers' emissions on. Until then
+//! nothing is emitted, and each emission site costs one relaxed atomic load
+//! (the facade cannot tell whether a recorder is installed, and asking it
+//! costs 10–20 ns per emission: benches/README.md, "Metrics").
 //!
-//! Why the `metrics` facade rather than the OpenTelemetry API: with no
-//! recorder installed an emission costs one atomic load, so the feature can
-//! sit in `full`; the hot path stays free of generics and of a meter handed
-//! to every layer; and every exporter, OpenTelemetry's included, plugs in
-//! behind it.
+//! Why the `metrics` facade rather than the OpenTelemetry API: names are
+//! plain strings and handles are looked up by the installed recorder, so
+//! the hot path stays free of generics and of a meter handed to every
+//! layer; every exporter, OpenTelemetry's included (through a `metrics` →
+//! OpenTelemetry bridge), plugs in behind it; and until [`enable`] an
+//! emission costs one atomic load, so the feature sits in `full`.
 //!
 //! Each request also gets one `tracing` span per stack (`request`, target
 //! `atscale`, opened by ErrorEnrich), on which every layer records its
@@ -37,11 +41,11 @@
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), BoxError> {
-//! // Once, at start-up: Prometheus names (`_total`, unit suffixes), then describe.
+//! // Once, at start-up: Prometheus names (`_total`, unit suffixes), then enable.
 //! let prometheus = PrometheusBuilder::new()
 //!     .with_recommended_naming(true)
 //!     .install_recorder()?;
-//! atscale::metrics::describe();
+//! atscale::metrics::enable();
 //!
 //! let stack = atscale::stack::server("checkout", Duration::from_secs(2));
 //! let svc = stack.layer(service_fn(|_req: http::Request<()>| async {

@@ -217,7 +217,7 @@ async fn every_name_the_dashboard_reads_is_emitted_by_the_code() {
         .unwrap()
         .install_recorder()
         .expect("the only recorder of this binary");
-    atscale::metrics::describe();
+    atscale::metrics::enable();
 
     // 1. Real traffic through the server stack: these names come from the
     //    layers' own code, as a scrape over HTTP shows them.

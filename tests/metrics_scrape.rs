@@ -31,7 +31,7 @@ async fn server(monitor: Monitor) -> SocketAddr {
         .with_recommended_naming(true)
         .install_recorder()
         .expect("the only recorder of this binary");
-    atscale::metrics::describe();
+    atscale::metrics::enable();
 
     let limiter = Limiter::new(Limit::per_hour(1).unwrap().burst(BURST).unwrap());
     let stack = atscale::stack::server("scrape", Duration::from_secs(10))

@@ -11,7 +11,7 @@ pub(crate) fn install() -> Result<PrometheusHandle, BoxError> {
     let handle = PrometheusBuilder::new()
         .with_recommended_naming(true)
         .install_recorder()?;
-    atscale::metrics::describe();
+    atscale::metrics::enable();
     Ok(handle)
 }
 

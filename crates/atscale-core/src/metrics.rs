@@ -3,7 +3,9 @@
 //! Each layer crate emits through the [`metrics`](https://docs.rs/metrics)
 //! facade behind its own `metrics` feature (the facade crate's `metrics`
 //! feature turns them all on). With the feature off nothing is compiled in;
-//! with it on and no recorder installed, each emission costs one atomic load.
+//! with it on, nothing is emitted until [`enable`] is called (after
+//! installing a recorder), and until then each emission costs one relaxed
+//! atomic load.
 //! Any exporter plugs in: `metrics-exporter-prometheus` for a `/metrics`
 //! endpoint, or OpenTelemetry through a `metrics` → OpenTelemetry bridge.
 //!
@@ -51,7 +53,7 @@
 //! raw path), and `error.type` (the [`Kind`](crate::Kind)) on errors.
 //!
 //! In Prometheus (`metrics-exporter-prometheus` with
-//! `with_recommended_naming(true)`, after [`describe`]): dots become
+//! `with_recommended_naming(true)`, after [`enable`]): dots become
 //! underscores, counters end in `_total`, and the unit is appended
 //! (`atscale_deadline_exceeded_total`,
 //! `http_server_request_duration_seconds`, `rpc_server_duration_milliseconds`).
@@ -62,7 +64,8 @@
 //! use atscale_core::metrics;
 //!
 //! // After installing a recorder (the exporter's), once:
-//! metrics::describe();
+//! metrics::enable();
+//! assert!(metrics::enabled());
 //! assert!(metrics::ALL.iter().any(|m| m.name == metrics::DEADLINE_EXCEEDED));
 //! ```
 
@@ -383,17 +386,18 @@ pub mod field {
     pub const TRACE_ID: &str = "trace_id";
 }
 
-static DURATIONS: AtomicBool = AtomicBool::new(false);
+static ENABLED: AtomicBool = AtomicBool::new(false);
 
-/// Describes every metric in [`ALL`] (unit and help text) to the installed
-/// recorder, and turns on the per-request duration histograms
-/// ([`HTTP_SERVER_REQUEST_DURATION`], [`RPC_SERVER_DURATION`]).
+/// Turns atscale's metrics on: describes every metric in [`ALL`] (unit and
+/// help text) to the installed recorder, then every layer starts emitting.
 ///
-/// Call it once, after installing the recorder. The duration histograms wait
-/// for it because they read the clock and build labels on every request:
-/// that cost is paid only when a recorder will receive them. Every other
-/// metric is emitted whether or not this was called.
-pub fn describe() {
+/// Call it once, at start-up, after installing the recorder (and before
+/// traffic: the in-flight gauges count from then on). Until it is called
+/// nothing is emitted and each emission site costs one relaxed atomic load:
+/// the `metrics` facade itself cannot say whether a recorder is installed,
+/// and asking it (the key, the thread-local and global recorder lookups, the
+/// no-op handle) costs 10–20 ns per emission (benches/README.md, "Metrics").
+pub fn enable() {
     for m in ALL {
         ::metrics::with_recorder(|r| {
             let key = ::metrics::KeyName::from_const_str(m.name);
@@ -406,13 +410,13 @@ pub fn describe() {
             }
         });
     }
-    DURATIONS.store(true, Ordering::Relaxed);
+    ENABLED.store(true, Ordering::Relaxed);
 }
 
-/// Whether [`describe`] has turned on the per-request duration histograms.
-#[inline]
-pub fn durations_enabled() -> bool {
-    DURATIONS.load(Ordering::Relaxed)
+/// Whether [`enable`] was called: every layer checks this before emitting.
+#[inline(always)]
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
 }
 
 #[cfg(test)]

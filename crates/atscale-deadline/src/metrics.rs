@@ -38,13 +38,28 @@ mod imp {
         };
     }
 
+    use atscale_core::metrics::enabled;
+
+    /// Whether a subscriber may record the request span (it is at `INFO`).
+    #[inline(always)]
+    fn span_wanted() -> bool {
+        use tracing::level_filters::{LevelFilter, STATIC_MAX_LEVEL};
+        tracing::Level::INFO <= STATIC_MAX_LEVEL && tracing::Level::INFO <= LevelFilter::current()
+    }
+
     #[inline]
     pub(crate) fn malformed() {
+        if !enabled() {
+            return;
+        }
         ::metrics::counter!(DEADLINE_MALFORMED).increment(1);
     }
 
     #[inline]
     pub(crate) fn exceeded(origin: Origin, stage: Stage) {
+        if !enabled() {
+            return;
+        }
         match stage {
             Stage::Arrival => {
                 by_origin!(origin, counter, DEADLINE_EXCEEDED, "stage" => "arrival").increment(1)
@@ -57,7 +72,12 @@ mod imp {
 
     #[inline]
     pub(crate) fn arrived(origin: Origin, remaining: Duration) {
-        by_origin!(origin, histogram, DEADLINE_REMAINING).record(remaining.as_secs_f64());
+        if enabled() {
+            by_origin!(origin, histogram, DEADLINE_REMAINING).record(remaining.as_secs_f64());
+        }
+        if !span_wanted() {
+            return;
+        }
         let span = tracing::Span::current();
         span.record(field::DEADLINE_ORIGIN, origin.as_str());
         span.record(

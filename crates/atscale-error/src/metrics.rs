@@ -19,7 +19,7 @@ mod imp {
 
     use atscale_core::Kind;
     use atscale_core::metrics::{
-        ERRORS, HTTP_SERVER_REQUEST_DURATION, PANICS, RPC_SERVER_DURATION, durations_enabled, field,
+        ERRORS, HTTP_SERVER_REQUEST_DURATION, PANICS, RPC_SERVER_DURATION, enabled, field,
     };
     use http::{HeaderValue, Method, Request, Response, StatusCode};
     use metrics::{Label, SharedString};
@@ -62,7 +62,7 @@ mod imp {
                 error.id = Empty,
                 http.response.status_code = Empty,
             );
-            let started = durations_enabled().then(Instant::now);
+            let started = enabled().then(Instant::now);
             if span.is_disabled() {
                 if started.is_none() {
                     return Observed(None);
@@ -137,6 +137,13 @@ mod imp {
     }
 
     pub(crate) fn errored(err: &Enriched) {
+        if let (true, Some(span)) = (err.is_outgoing(), err.observed().span()) {
+            span.record(field::ERROR_KIND, err.kind().as_str());
+            span.record(field::ERROR_ID, tracing::field::display(err.id()));
+        }
+        if !enabled() {
+            return;
+        }
         let service = SharedString::from(err.service_arc());
         let side = if err.is_outgoing() {
             "client"
@@ -152,10 +159,6 @@ mod imp {
         metrics::counter!(ERRORS, labels).increment(1);
         if err.kind() == Kind::Internal && atscale_core::find::<Panicked>(err.inner()).is_some() {
             metrics::counter!(PANICS, vec![Label::new("service", service)]).increment(1);
-        }
-        if let (true, Some(span)) = (err.is_outgoing(), err.observed().span()) {
-            span.record(field::ERROR_KIND, err.kind().as_str());
-            span.record(field::ERROR_ID, tracing::field::display(err.id()));
         }
     }
 

@@ -11,13 +11,21 @@ mod imp {
 
     use crate::pulse::Outcome;
 
+    use atscale_core::metrics::enabled;
+
     #[inline]
     pub(crate) fn started() {
+        if !enabled() {
+            return;
+        }
         ::metrics::gauge!(HEARTBEAT_IN_FLIGHT).increment(1.0);
     }
 
     #[inline]
     pub(crate) fn finished(outcome: Outcome) {
+        if !enabled() {
+            return;
+        }
         ::metrics::gauge!(HEARTBEAT_IN_FLIGHT).decrement(1.0);
         if outcome == Outcome::Stalled {
             ::metrics::counter!(HEARTBEAT_STALLS).increment(1);
@@ -26,6 +34,9 @@ mod imp {
 
     #[inline]
     pub(crate) fn pulses_dropped(n: u64) {
+        if !enabled() {
+            return;
+        }
         ::metrics::counter!(HEARTBEAT_PULSES_DROPPED).increment(n);
     }
 }

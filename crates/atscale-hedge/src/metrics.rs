@@ -13,8 +13,20 @@ mod imp {
         HEDGE_DELAY, HEDGE_DENIED, HEDGE_REQUESTS, HEDGE_SENT, HEDGE_WON, field,
     };
 
+    use atscale_core::metrics::enabled;
+
+    /// Whether a subscriber may record the request span (it is at `INFO`).
+    #[inline(always)]
+    fn span_wanted() -> bool {
+        use tracing::level_filters::{LevelFilter, STATIC_MAX_LEVEL};
+        tracing::Level::INFO <= STATIC_MAX_LEVEL && tracing::Level::INFO <= LevelFilter::current()
+    }
+
     #[inline]
     pub(crate) fn arrived(delay: Option<Duration>) {
+        if !enabled() {
+            return;
+        }
         ::metrics::counter!(HEDGE_REQUESTS).increment(1);
         if let Some(delay) = delay {
             ::metrics::gauge!(HEDGE_DELAY).set(delay.as_secs_f64());
@@ -23,17 +35,27 @@ mod imp {
 
     #[inline]
     pub(crate) fn sent() {
-        ::metrics::counter!(HEDGE_SENT).increment(1);
-        tracing::Span::current().record(field::HEDGE_SENT, true);
+        if enabled() {
+            ::metrics::counter!(HEDGE_SENT).increment(1);
+        }
+        if span_wanted() {
+            tracing::Span::current().record(field::HEDGE_SENT, true);
+        }
     }
 
     #[inline]
     pub(crate) fn won() {
+        if !enabled() {
+            return;
+        }
         ::metrics::counter!(HEDGE_WON).increment(1);
     }
 
     #[inline]
     pub(crate) fn denied(throttled: bool) {
+        if !enabled() {
+            return;
+        }
         if throttled {
             ::metrics::counter!(HEDGE_DENIED, "reason" => "throttle").increment(1);
         } else {

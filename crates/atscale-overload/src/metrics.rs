@@ -39,6 +39,8 @@ mod imp {
 
     use std::sync::atomic::{AtomicUsize, Ordering};
 
+    use atscale_core::metrics::enabled;
+
     use super::Reason;
     use crate::criticality::Criticality;
 
@@ -60,6 +62,9 @@ mod imp {
 
     #[inline]
     pub(crate) fn shed(reason: Reason, criticality: Criticality) {
+        if !enabled() {
+            return;
+        }
         let counter = match reason {
             Reason::Deadline => by_criticality!(criticality, "deadline"),
             Reason::StandingQueue => by_criticality!(criticality, "standing_queue"),
@@ -71,16 +76,25 @@ mod imp {
 
     #[inline]
     pub(crate) fn acquired() {
+        if !enabled() {
+            return;
+        }
         ::metrics::gauge!(OVERLOAD_IN_FLIGHT).increment(1.0);
     }
 
     #[inline]
     pub(crate) fn released() {
+        if !enabled() {
+            return;
+        }
         ::metrics::gauge!(OVERLOAD_IN_FLIGHT).decrement(1.0);
     }
 
     #[inline]
     pub(crate) fn queued(n: usize) {
+        if !enabled() {
+            return;
+        }
         ::metrics::gauge!(OVERLOAD_QUEUE_DEPTH).set(n as f64);
     }
 
@@ -90,7 +104,7 @@ mod imp {
 
     #[inline]
     pub(crate) fn limit(n: usize) {
-        if LAST_LIMIT.load(Ordering::Relaxed) != n {
+        if enabled() && LAST_LIMIT.load(Ordering::Relaxed) != n {
             LAST_LIMIT.store(n, Ordering::Relaxed);
             ::metrics::gauge!(OVERLOAD_LIMIT).set(n as f64);
         }

@@ -9,24 +9,31 @@ mod imp {
 
     use atscale_core::metrics::{REDIS_DURATION, REDIS_FAILURES, REDIS_FALLBACK};
 
+    use atscale_core::metrics::enabled;
+
     /// One call to Redis: its duration is recorded when it drops (answered,
     /// failed, or abandoned).
     #[derive(Debug)]
-    pub(crate) struct RoundTrip(Instant);
+    pub(crate) struct RoundTrip(Option<Instant>);
 
     impl RoundTrip {
         pub(crate) fn start() -> Self {
-            RoundTrip(Instant::now())
+            RoundTrip(enabled().then(Instant::now))
         }
     }
 
     impl Drop for RoundTrip {
         fn drop(&mut self) {
-            ::metrics::histogram!(REDIS_DURATION).record(self.0.elapsed().as_secs_f64());
+            if let Some(start) = self.0 {
+                ::metrics::histogram!(REDIS_DURATION).record(start.elapsed().as_secs_f64());
+            }
         }
     }
 
     pub(crate) fn failed(open: bool) {
+        if !enabled() {
+            return;
+        }
         ::metrics::counter!(REDIS_FAILURES).increment(1);
         if open {
             ::metrics::counter!(REDIS_FALLBACK, "decision" => "open").increment(1);

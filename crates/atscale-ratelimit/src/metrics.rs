@@ -32,30 +32,51 @@ mod imp {
         RATELIMIT_WAIT_DURATION, RATELIMIT_WAITED, field,
     };
 
+    use atscale_core::metrics::enabled;
+
     use super::Refused;
+
+    /// Whether a subscriber may record the request span (it is at `INFO`).
+    #[inline(always)]
+    fn span_wanted() -> bool {
+        use tracing::level_filters::{LevelFilter, STATIC_MAX_LEVEL};
+        tracing::Level::INFO <= STATIC_MAX_LEVEL && tracing::Level::INFO <= LevelFilter::current()
+    }
 
     #[inline]
     pub(crate) fn admitted() {
-        ::metrics::counter!(RATELIMIT_ADMITTED).increment(1);
-        tracing::Span::current().record(field::RATELIMIT_OUTCOME, "admitted");
+        if enabled() {
+            ::metrics::counter!(RATELIMIT_ADMITTED).increment(1);
+        }
+        if span_wanted() {
+            tracing::Span::current().record(field::RATELIMIT_OUTCOME, "admitted");
+        }
     }
 
     #[inline]
     pub(crate) fn waited(wait: Duration) -> QueueSlot {
+        if span_wanted() {
+            let span = tracing::Span::current();
+            span.record(field::RATELIMIT_OUTCOME, "waited");
+            span.record(
+                field::RATELIMIT_WAIT_MS,
+                wait.as_millis().min(u64::MAX as u128) as u64,
+            );
+        }
+        if !enabled() {
+            return QueueSlot(false);
+        }
         ::metrics::counter!(RATELIMIT_WAITED).increment(1);
         ::metrics::histogram!(RATELIMIT_WAIT_DURATION).record(wait.as_secs_f64());
         ::metrics::gauge!(RATELIMIT_QUEUE_DEPTH).increment(1.0);
-        let span = tracing::Span::current();
-        span.record(field::RATELIMIT_OUTCOME, "waited");
-        span.record(
-            field::RATELIMIT_WAIT_MS,
-            wait.as_millis().min(u64::MAX as u128) as u64,
-        );
-        QueueSlot(())
+        QueueSlot(true)
     }
 
     #[inline]
     pub(crate) fn refused(reason: Refused) {
+        if !enabled() && !span_wanted() {
+            return;
+        }
         let (counter, reason) = match reason {
             Refused::RateLimited => (
                 ::metrics::counter!(RATELIMIT_REFUSED, "reason" => "rate_limited"),
@@ -82,29 +103,39 @@ mod imp {
                 "cancelled",
             ),
         };
-        counter.increment(1);
-        tracing::Span::current().record(field::RATELIMIT_OUTCOME, reason);
+        if enabled() {
+            counter.increment(1);
+        }
+        if span_wanted() {
+            tracing::Span::current().record(field::RATELIMIT_OUTCOME, reason);
+        }
     }
 
     #[inline]
     pub(crate) fn keys_added(n: usize) {
+        if !enabled() {
+            return;
+        }
         ::metrics::gauge!(RATELIMIT_KEYS).increment(n as f64);
     }
 
     #[inline]
     pub(crate) fn keys_removed(n: usize) {
-        if n > 0 {
+        if n > 0 && enabled() {
             ::metrics::gauge!(RATELIMIT_KEYS).decrement(n as f64);
         }
     }
 
-    /// One request in the wait queue: leaves the queue depth when dropped.
+    /// One request in the wait queue: leaves the queue depth when dropped
+    /// (if it was counted in).
     #[derive(Debug)]
-    pub(crate) struct QueueSlot(());
+    pub(crate) struct QueueSlot(bool);
 
     impl Drop for QueueSlot {
         fn drop(&mut self) {
-            ::metrics::gauge!(RATELIMIT_QUEUE_DEPTH).decrement(1.0);
+            if self.0 {
+                ::metrics::gauge!(RATELIMIT_QUEUE_DEPTH).decrement(1.0);
+            }
         }
     }
 }

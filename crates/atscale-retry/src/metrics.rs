@@ -10,19 +10,27 @@ mod imp {
     use atscale_core::RetryThrottle;
     use atscale_core::metrics::{RETRY_ATTEMPTS, RETRY_THROTTLE_TOKENS};
 
+    use atscale_core::metrics::enabled;
+
     #[inline]
     pub(crate) fn first() {
+        if !enabled() {
+            return;
+        }
         ::metrics::counter!(RETRY_ATTEMPTS, "attempt" => "first").increment(1);
     }
 
     #[inline]
     pub(crate) fn retried() {
+        if !enabled() {
+            return;
+        }
         ::metrics::counter!(RETRY_ATTEMPTS, "attempt" => "retry").increment(1);
     }
 
     #[inline]
     pub(crate) fn throttle(throttle: Option<&RetryThrottle>) {
-        if let Some(t) = throttle {
+        if let (true, Some(t)) = (enabled(), throttle) {
             ::metrics::gauge!(RETRY_THROTTLE_TOKENS).set(t.tokens());
         }
     }
