@@ -4,9 +4,9 @@
 //!
 //! | stack | layers, outermost first | use it for |
 //! | --- | --- | --- |
-//! | [`ServerStack`] | ErrorEnrich → Deadline (reads `grpc-timeout` and `x-deadline-ms`; over gRPC response bodies too) → Heartbeat → RateLimit (optional) → your service | every axum `Router` (`Router::layer`) and tonic server (`Server::builder().layer`) |
-//! | [`ClientStack`] | ErrorEnrich (client) → Deadline (writes `grpc-timeout`) → RateLimit (optional) → BufferBody + Hedge (optional) → Heartbeat → [`GrpcErrors`](crate::remote::GrpcErrors) → tonic `Channel` | every tonic generated client (`FooClient::new(stack.layer(channel))`) |
-//! | [`HttpClientStack`] | ErrorEnrich (client) → Deadline (writes `x-deadline-ms`) → RateLimit (optional) → BufferBody + Hedge (optional, idempotent methods) → Heartbeat → [`HttpErrors`](crate::remote::HttpErrors) → any tower HTTP client | every HTTP dependency (hyper-util's `Client`, …) |
+//! | [`ServerStack`] | ErrorEnrich → Deadline (reads `grpc-timeout` and `x-deadline-ms`; over gRPC response bodies too) → Overload (on by default; [why there, and why on](mod@server#where-the-overload-layer-sits-and-why-it-is-on)) → Heartbeat → RateLimit (optional) → your service | every axum `Router` (`Router::layer`) and tonic server (`Server::builder().layer`) |
+//! | [`ClientStack`] | ErrorEnrich (client) → Deadline (writes `grpc-timeout`) → RateLimit (optional) → BufferBody + Retry (optional: a policy, or a gRPC service config per method) → BufferBody + Hedge (optional) → Heartbeat → Throttle (optional, adaptive) → [`GrpcErrors`](crate::remote::GrpcErrors) → tonic `Channel` | every tonic generated client (`FooClient::new(stack.layer(channel))`) |
+//! | [`HttpClientStack`] | ErrorEnrich (client) → Deadline (writes `x-deadline-ms`) → RateLimit (optional) → BufferBody + Retry (optional, idempotent methods) → BufferBody + Hedge (optional, idempotent methods) → Heartbeat → Throttle (optional, adaptive) → [`HttpErrors`](crate::remote::HttpErrors) → any tower HTTP client | every HTTP dependency (hyper-util's `Client`, …) |
 //!
 //! Each stack lives in a module of its own, with the table of the orders
 //! that go wrong beside it: [`mod@server`], [`mod@grpc_client`],
@@ -14,8 +14,18 @@
 //!
 //! Every stack is a `Clone + Debug` builder that implements `tower::Layer`;
 //! each layer's settings can be replaced (`with_*`), optional layers slot in
-//! the same way (`with_rate_limit`, `with_hedge`), and the order cannot be
-//! changed. Their docs say when to use each and what they answer.
+//! the same way (`with_rate_limit`, `with_overload` / `without_overload`,
+//! `with_retry`, `with_service_config`, `with_retry_throttle`, `with_hedge`,
+//! `with_throttle`), and the order cannot be changed. Their docs say when to
+//! use each and what they answer.
+//!
+//! On a client the retry and the hedge consult one A6 [`RetryThrottle`]
+//! per backend (give the hedge the one you give
+//! `with_retry_throttle`), so in an outage both stop together; the SRE
+//! adaptive throttle sits closest to the transport, counts every attempt,
+//! and its local refusals are never retried. With both a retry and a hedge
+//! on an [`HttpClientStack`], request bodies are buffered twice (the
+//! client's body type is `BufferedBody<BufferedBody<B>>`).
 //!
 //! # Example
 //!
@@ -64,6 +74,8 @@
 //! | mistake | what happens |
 //! | --- | --- |
 //! | RateLimit outside Deadline | the rate limit does not see this hop's deadline (only a served request's, on a client): a request may wait for a token past its deadline instead of failing at once with 429 and `Retry-After`, and the wait is not charged to it |
+//! | Retry, Hedge or Overload outside Deadline | the deadline does not cover their waits: a backoff, a hedge delay or a place in the admission queue outlives the request's budget |
+//! | Retry inside the errors mapping ([`GrpcErrors`](crate::remote::GrpcErrors), [`HttpErrors`](crate::remote::HttpErrors)) | it judges raw answers, not the vocabulary: a 503 naming a stall or an unreachable dependency of the backend looks like an overload and is retried |
 
 use atscale_core::RetryThrottle;
 use http::HeaderName;
