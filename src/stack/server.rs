@@ -66,6 +66,12 @@
 //! with [`without_overload`](ServerStack::without_overload) (a service that
 //! is protected elsewhere, or that must never answer 503 on its own), or
 //! tune it with [`with_overload`](ServerStack::with_overload).
+//!
+//! A request holds its slot until its response head is ready: the body of
+//! a stream (SSE, a server-streaming gRPC call) is not counted against the
+//! limit, nor does its length teach it. The layer needs the service below
+//! it to be `Clone` (a queued request holds a clone): axum's `Router` and
+//! tonic's `Routes` are.
 
 use std::sync::Arc;
 use std::time::Duration;
