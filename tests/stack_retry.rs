@@ -313,8 +313,8 @@ async fn the_http_stacks_retries_and_hedges_stop_when_the_a6_throttle_is_drained
         .with_retry(RetryLayer::new(policy))
         .with_hedge(hedge(&throttle))
         .with_retry_throttle(throttle.clone());
-    // The retry's buffer, then the hedge's.
-    let client = stack.layer(http_client::<BufferedBody<BufferedBody<Empty<Bytes>>>>());
+    // One buffer, the retry's, serves the hedge too.
+    let client = stack.layer(http_client::<BufferedBody<Empty<Bytes>>>());
     let get = || {
         let req = http::Request::get(format!("http://{addr}/"))
             .body(Empty::new())

@@ -85,7 +85,7 @@ use atscale_retry::{MethodConfigLayer, PerMethod, Retry, RetryLayer, ServiceConf
 use tower_layer::{Identity, Layer};
 use tower_service::Service;
 
-use super::RetrySlot;
+use super::{HedgedRetrySlot, RetrySlot};
 use crate::remote::{GrpcErrors, GrpcErrorsLayer};
 
 /// The recommended tonic client stack for outgoing calls of the service
@@ -262,7 +262,8 @@ impl<R, H, Y, T> ClientStack<R, H, Y, T> {
     /// for methods that are safe to repeat, or nothing is hedged.
     ///
     /// With a retry too, the hedge sits inside it (a retry repeats a hedged
-    /// call whose copies all failed); build it with
+    /// call whose copies all failed) and one body buffer serves both; build
+    /// it with
     /// [`throttle`](crate::hedge::HedgeBuilder::throttle) on the stack's
     /// [`RetryThrottle`] so that both stop together.
     pub fn with_hedge<C>(self, hedge: HedgeLayer<C>) -> ClientStack<R, GrpcHedgeLayer<C>, Y, T> {
@@ -388,7 +389,7 @@ impl<R, C: Clone, Y, T> ClientStack<R, GrpcHedgeLayer<C>, Y, T> {
     ) -> Result<StatusErrors<ErrorEnrich<Deadline<R::Service>, Client>>, InvalidConfig>
     where
         T: Layer<GrpcErrors<TonicBody<S>>>,
-        Y: RetrySlot<BufferBody<Hedge<Transport<S, T>, C>>>,
+        Y: HedgedRetrySlot<Hedge<Transport<S, T>, C>>,
         R: Layer<Y::Service>,
     {
         let replicas = replicas
@@ -396,8 +397,9 @@ impl<R, C: Clone, Y, T> ClientStack<R, GrpcHedgeLayer<C>, Y, T> {
             .map(|s| transport(&self.errors, &self.throttle, &self.monitor, s))
             .collect();
         let hedged = self.hedge.hedge.replicas(replicas)?;
-        let inner = self.hedge.buffer.layer(hedged);
-        let inner = self.retry.layer_with(inner, self.retry_throttle.as_ref());
+        let inner =
+            self.retry
+                .around_hedged(&self.hedge.buffer, hedged, self.retry_throttle.as_ref());
         let inner = self.rate_limit.layer(inner);
         let inner = self.deadline.layer(inner);
         Ok(StatusErrors {
@@ -422,16 +424,16 @@ where
 impl<S, R, H, Y, T> Layer<S> for ClientStack<R, H, Y, T>
 where
     T: Layer<GrpcErrors<TonicBody<S>>>,
-    H: Layer<Transport<S, T>>,
-    Y: RetrySlot<H::Service>,
+    Y: RetrySlot<H, Transport<S, T>>,
     R: Layer<Y::Service>,
 {
     type Service = StatusErrors<ErrorEnrich<Deadline<R::Service>, Client>>;
 
     fn layer(&self, channel: S) -> Self::Service {
         let inner = transport(&self.errors, &self.throttle, &self.monitor, channel);
-        let inner = self.hedge.layer(inner);
-        let inner = self.retry.layer_with(inner, self.retry_throttle.as_ref());
+        let inner = self
+            .retry
+            .layer_with(&self.hedge, inner, self.retry_throttle.as_ref());
         let inner = self.rate_limit.layer(inner);
         let inner = self.deadline.layer(inner);
         StatusErrors {
@@ -504,25 +506,89 @@ impl<P> GrpcRetryLayer<P> {
 
 impl<P> super::sealed::Sealed for GrpcRetryLayer<P> {}
 
-impl<S> RetrySlot<S> for GrpcRetryLayer<RetryLayer> {
+impl<S> RetrySlot<Identity, S> for GrpcRetryLayer<RetryLayer> {
     type Service = BufferBody<Retry<S>>;
 
-    fn layer_with(&self, inner: S, throttle: Option<&RetryThrottle>) -> Self::Service {
-        let retry = match throttle {
-            Some(t) => self.retry.clone().throttle(t.clone()).layer(inner),
-            None => self.retry.layer(inner),
-        };
-        self.buffer.layer(retry)
+    fn layer_with(
+        &self,
+        _hedge: &Identity,
+        inner: S,
+        throttle: Option<&RetryThrottle>,
+    ) -> Self::Service {
+        self.buffer
+            .layer(super::retry(&self.retry, inner, throttle))
     }
 }
 
-impl<S> RetrySlot<S> for GrpcRetryLayer<MethodConfigLayer> {
+impl<S, C: Clone> RetrySlot<GrpcHedgeLayer<C>, S> for GrpcRetryLayer<RetryLayer> {
+    type Service = BufferBody<Retry<Hedge<S, C>>>;
+
+    /// The retry's buffer serves the hedge too.
+    fn layer_with(
+        &self,
+        hedge: &GrpcHedgeLayer<C>,
+        inner: S,
+        throttle: Option<&RetryThrottle>,
+    ) -> Self::Service {
+        let hedged = hedge.hedge.layer(inner);
+        self.buffer
+            .layer(super::retry(&self.retry, hedged, throttle))
+    }
+}
+
+impl<X> HedgedRetrySlot<X> for GrpcRetryLayer<RetryLayer> {
+    type Service = BufferBody<Retry<X>>;
+
+    fn around_hedged(
+        &self,
+        _hedge_buffer: &BufferBodyLayer,
+        hedged: X,
+        throttle: Option<&RetryThrottle>,
+    ) -> Self::Service {
+        self.buffer
+            .layer(super::retry(&self.retry, hedged, throttle))
+    }
+}
+
+// A service config's `retryThrottling` is its throttle: the stack's is not
+// used.
+impl<S> RetrySlot<Identity, S> for GrpcRetryLayer<MethodConfigLayer> {
     type Service = BufferBody<PerMethod<S>>;
 
-    /// The service config's `retryThrottling` is its throttle: `throttle`
-    /// is not used.
-    fn layer_with(&self, inner: S, _throttle: Option<&RetryThrottle>) -> Self::Service {
+    fn layer_with(
+        &self,
+        _hedge: &Identity,
+        inner: S,
+        _throttle: Option<&RetryThrottle>,
+    ) -> Self::Service {
         self.buffer.layer(self.retry.layer(inner))
+    }
+}
+
+impl<S, C: Clone> RetrySlot<GrpcHedgeLayer<C>, S> for GrpcRetryLayer<MethodConfigLayer> {
+    type Service = BufferBody<PerMethod<Hedge<S, C>>>;
+
+    fn layer_with(
+        &self,
+        hedge: &GrpcHedgeLayer<C>,
+        inner: S,
+        _throttle: Option<&RetryThrottle>,
+    ) -> Self::Service {
+        self.buffer
+            .layer(self.retry.layer(hedge.hedge.layer(inner)))
+    }
+}
+
+impl<X> HedgedRetrySlot<X> for GrpcRetryLayer<MethodConfigLayer> {
+    type Service = BufferBody<PerMethod<X>>;
+
+    fn around_hedged(
+        &self,
+        _hedge_buffer: &BufferBodyLayer,
+        hedged: X,
+        _throttle: Option<&RetryThrottle>,
+    ) -> Self::Service {
+        self.buffer.layer(self.retry.layer(hedged))
     }
 }
 

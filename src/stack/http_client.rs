@@ -239,7 +239,8 @@ impl<R, H, Y, T> HttpClientStack<R, H, Y, T> {
     /// For methods that are safe to repeat although not idempotent, see
     /// [`with_hedge_and_buffer`](Self::with_hedge_and_buffer).
     ///
-    /// With a retry too, the hedge sits inside it; build it with
+    /// With a retry too, the hedge sits inside it, and the retry's body
+    /// buffer serves both (this one is not used); build the hedge with
     /// [`throttle`](crate::hedge::HedgeBuilder::throttle) on the stack's
     /// [`RetryThrottle`] so that both stop together.
     pub fn with_hedge<C>(
@@ -369,8 +370,7 @@ impl<R, H, Y> HttpClientStack<R, H, Y, ThrottleLayer> {
 impl<S, R, H, Y, T> Layer<S> for HttpClientStack<R, H, Y, T>
 where
     T: Layer<HttpErrors<S>>,
-    H: Layer<HttpTransport<S, T>>,
-    Y: RetrySlot<H::Service>,
+    Y: RetrySlot<H, HttpTransport<S, T>>,
     R: Layer<Y::Service>,
 {
     type Service = ErrorEnrich<Deadline<R::Service>, Client>;
@@ -378,8 +378,9 @@ where
     fn layer(&self, client: S) -> Self::Service {
         let inner = self.throttle.layer(self.errors.layer(client));
         let inner = Heartbeat::new(inner, self.monitor.clone());
-        let inner = self.hedge.layer(inner);
-        let inner = self.retry.layer_with(inner, self.retry_throttle.as_ref());
+        let inner = self
+            .retry
+            .layer_with(&self.hedge, inner, self.retry_throttle.as_ref());
         let inner = self.rate_limit.layer(inner);
         let inner = self.deadline.layer(inner);
         self.enrich.layer(inner)
@@ -403,15 +404,33 @@ impl HttpRetryLayer {
 
 impl super::sealed::Sealed for HttpRetryLayer {}
 
-impl<S> RetrySlot<S> for HttpRetryLayer {
+impl<S> RetrySlot<Identity, S> for HttpRetryLayer {
     type Service = BufferBody<Retry<S>>;
 
-    fn layer_with(&self, inner: S, throttle: Option<&RetryThrottle>) -> Self::Service {
-        let retry = match throttle {
-            Some(t) => self.retry.clone().throttle(t.clone()).layer(inner),
-            None => self.retry.layer(inner),
-        };
-        self.buffer.layer(retry)
+    fn layer_with(
+        &self,
+        _hedge: &Identity,
+        inner: S,
+        throttle: Option<&RetryThrottle>,
+    ) -> Self::Service {
+        self.buffer
+            .layer(super::retry(&self.retry, inner, throttle))
+    }
+}
+
+impl<S, C: Clone> RetrySlot<HttpHedgeLayer<C>, S> for HttpRetryLayer {
+    type Service = BufferBody<Retry<Hedge<S, C>>>;
+
+    /// The retry's buffer serves the hedge too.
+    fn layer_with(
+        &self,
+        hedge: &HttpHedgeLayer<C>,
+        inner: S,
+        throttle: Option<&RetryThrottle>,
+    ) -> Self::Service {
+        let hedged = hedge.hedge.layer(inner);
+        self.buffer
+            .layer(super::retry(&self.retry, hedged, throttle))
     }
 }
 

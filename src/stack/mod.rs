@@ -23,9 +23,8 @@
 //! per backend (give the hedge the one you give
 //! `with_retry_throttle`), so in an outage both stop together; the SRE
 //! adaptive throttle sits closest to the transport, counts every attempt,
-//! and its local refusals are never retried. With both a retry and a hedge
-//! on an [`HttpClientStack`], request bodies are buffered twice (the
-//! client's body type is `BufferedBody<BufferedBody<B>>`).
+//! and its local refusals are never retried. With both a retry and a hedge,
+//! one body buffer, the retry's, serves both (the hedge's is not used).
 //!
 //! # Example
 //!
@@ -78,8 +77,10 @@
 //! | Retry inside the errors mapping ([`GrpcErrors`](crate::remote::GrpcErrors), [`HttpErrors`](crate::remote::HttpErrors)) | it judges raw answers, not the vocabulary: a 503 naming a stall or an unreachable dependency of the backend looks like an overload and is retried |
 
 use atscale_core::RetryThrottle;
+use atscale_hedge::{BufferBody, BufferBodyLayer};
+use atscale_retry::{Retry, RetryLayer};
 use http::HeaderName;
-use tower_layer::Identity;
+use tower_layer::{Identity, Layer};
 
 #[cfg(feature = "tonic")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tonic")))]
@@ -107,26 +108,67 @@ mod sealed {
 }
 
 /// The retry slot of a client stack: [`Identity`] (no retry),
-/// [`GrpcRetryLayer`] or [`HttpRetryLayer`]. The stack wraps its hedge
-/// (or its transport) with it, handing it the stack's
+/// [`GrpcRetryLayer`] or [`HttpRetryLayer`]. It wraps the stack's hedge
+/// slot `H` over `S`: with a retry and a hedge, one body buffer (the
+/// retry's) serves both, and the retry consults the stack's
 /// [`RetryThrottle`] when one is set
 /// ([`ClientStack::with_retry_throttle`],
 /// [`HttpClientStack::with_retry_throttle`]).
 ///
 /// This trait is sealed: the stacks' own slots implement it.
-pub trait RetrySlot<S>: sealed::Sealed {
-    /// The service the slot wraps `S` in.
+pub trait RetrySlot<H, S>: sealed::Sealed {
+    /// The service the slot and the hedge make of `S`.
     type Service;
 
-    /// Wraps `inner`, its retries consulting `throttle` when one is given
-    /// (in place of the retry layer's own).
-    fn layer_with(&self, inner: S, throttle: Option<&RetryThrottle>) -> Self::Service;
+    /// Wraps `inner` in `hedge` and the retry, its retries consulting
+    /// `throttle` when one is given (in place of the retry layer's own).
+    fn layer_with(&self, hedge: &H, inner: S, throttle: Option<&RetryThrottle>) -> Self::Service;
 }
 
-impl<S> RetrySlot<S> for Identity {
-    type Service = S;
+impl<H: Layer<S>, S> RetrySlot<H, S> for Identity {
+    type Service = H::Service;
 
-    fn layer_with(&self, inner: S, _throttle: Option<&RetryThrottle>) -> S {
-        inner
+    fn layer_with(&self, hedge: &H, inner: S, _throttle: Option<&RetryThrottle>) -> H::Service {
+        hedge.layer(inner)
+    }
+}
+
+/// The retry slot of a [`ClientStack`] over a service already hedged
+/// across replicas ([`ClientStack::replicas`]): the slot's body buffer, or
+/// the hedge's when there is no retry, goes outermost.
+///
+/// This trait is sealed: the stacks' own slots implement it.
+pub trait HedgedRetrySlot<X>: sealed::Sealed {
+    /// The service the slot makes of the hedged `X`.
+    type Service;
+
+    /// Wraps `hedged` in the retry (consulting `throttle` when one is
+    /// given) and a body buffer (`hedge_buffer` when there is no retry).
+    fn around_hedged(
+        &self,
+        hedge_buffer: &BufferBodyLayer,
+        hedged: X,
+        throttle: Option<&RetryThrottle>,
+    ) -> Self::Service;
+}
+
+impl<X> HedgedRetrySlot<X> for Identity {
+    type Service = BufferBody<X>;
+
+    fn around_hedged(
+        &self,
+        hedge_buffer: &BufferBodyLayer,
+        hedged: X,
+        _throttle: Option<&RetryThrottle>,
+    ) -> BufferBody<X> {
+        hedge_buffer.layer(hedged)
+    }
+}
+
+/// `retry` around `inner`, on `throttle` when one is given.
+fn retry<S>(retry: &RetryLayer, inner: S, throttle: Option<&RetryThrottle>) -> Retry<S> {
+    match throttle {
+        Some(t) => retry.clone().throttle(t.clone()).layer(inner),
+        None => retry.layer(inner),
     }
 }
