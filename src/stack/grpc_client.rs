@@ -114,8 +114,9 @@ pub fn grpc_client(service: impl Into<Arc<str>>, budget: Duration) -> ClientStac
 pub type Transport<S, T = Identity> = Heartbeat<<T as Layer<GrpcErrors<TonicBody<S>>>>::Service>;
 
 /// The recommended tonic client stack: ErrorEnrich (client mode) → Deadline
-/// (client) → RateLimit (when set) → BufferBody + Retry (when set) →
-/// BufferBody + Hedge (when set) → Heartbeat → Throttle (when set) →
+/// (client) → RateLimit (when set) → BufferBody (when a retry or a hedge
+/// is set) → Retry (when set) → Hedge (when set) → Heartbeat → Throttle
+/// (when set) →
 /// [`GrpcErrors`] → the `Channel`, failing with `tonic::Status`
 /// ([`StatusErrors`]).
 ///

@@ -73,8 +73,9 @@ pub fn http_client(service: impl Into<Arc<str>>, budget: Duration) -> HttpClient
 pub type HttpTransport<S, T = Identity> = Heartbeat<<T as Layer<HttpErrors<S>>>::Service>;
 
 /// The recommended HTTP client stack: ErrorEnrich (client mode) → Deadline
-/// (client, writes `x-deadline-ms`) → RateLimit (when set) → BufferBody +
-/// Retry (when set) → BufferBody + Hedge (when set) → Heartbeat → Throttle
+/// (client, writes `x-deadline-ms`) → RateLimit (when set) → BufferBody
+/// (with a retry or a hedge) → Retry (when set) → Hedge (when set) →
+/// Heartbeat → Throttle
 /// (when set) → [`HttpErrors`] → any tower HTTP client
 /// (hyper-util's legacy `Client`, …), failing with
 /// [`Enriched`](crate::error::Enriched).

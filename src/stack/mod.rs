@@ -5,8 +5,8 @@
 //! | stack | layers, outermost first | use it for |
 //! | --- | --- | --- |
 //! | [`ServerStack`] | ErrorEnrich → Deadline (reads `grpc-timeout` and `x-deadline-ms`; over gRPC response bodies too) → Overload (on by default; [why there, and why on](mod@server#where-the-overload-layer-sits-and-why-it-is-on)) → Heartbeat → RateLimit (optional) → your service | every axum `Router` (`Router::layer`) and tonic server (`Server::builder().layer`) |
-//! | [`ClientStack`] | ErrorEnrich (client) → Deadline (writes `grpc-timeout`) → RateLimit (optional) → BufferBody + Retry (optional: a policy, or a gRPC service config per method) → BufferBody + Hedge (optional) → Heartbeat → Throttle (optional, adaptive) → [`GrpcErrors`](crate::remote::GrpcErrors) → tonic `Channel` | every tonic generated client (`FooClient::new(stack.layer(channel))`) |
-//! | [`HttpClientStack`] | ErrorEnrich (client) → Deadline (writes `x-deadline-ms`) → RateLimit (optional) → BufferBody + Retry (optional, idempotent methods) → BufferBody + Hedge (optional, idempotent methods) → Heartbeat → Throttle (optional, adaptive) → [`HttpErrors`](crate::remote::HttpErrors) → any tower HTTP client | every HTTP dependency (hyper-util's `Client`, …) |
+//! | [`ClientStack`] | ErrorEnrich (client) → Deadline (writes `grpc-timeout`) → RateLimit (optional) → BufferBody (with a retry or a hedge) → Retry (optional: a policy, or a gRPC service config per method) → Hedge (optional) → Heartbeat → Throttle (optional, adaptive) → [`GrpcErrors`](crate::remote::GrpcErrors) → tonic `Channel` | every tonic generated client (`FooClient::new(stack.layer(channel))`) |
+//! | [`HttpClientStack`] | ErrorEnrich (client) → Deadline (writes `x-deadline-ms`) → RateLimit (optional) → BufferBody (with a retry or a hedge) → Retry (optional, idempotent methods) → Hedge (optional, idempotent methods) → Heartbeat → Throttle (optional, adaptive) → [`HttpErrors`](crate::remote::HttpErrors) → any tower HTTP client | every HTTP dependency (hyper-util's `Client`, …) |
 //!
 //! Each stack lives in a module of its own, with the table of the orders
 //! that go wrong beside it: [`mod@server`], [`mod@grpc_client`],
