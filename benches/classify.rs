@@ -162,6 +162,9 @@ fn run_child(mode: &str) -> (f64, f64) {
 
 const MODES: [&str; 3] = ["plain", "control", "mapped"];
 
+/// Picks one figure of a child's (stack overhead, classification) pair.
+type Pick = fn(&(f64, f64)) -> f64;
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.iter().any(|a| a == "--list") {
@@ -200,7 +203,7 @@ fn main() {
             results[m].push(r);
         }
     }
-    let pickers: [(&str, fn(&(f64, f64)) -> f64); 2] = [
+    let pickers: [(&str, Pick); 2] = [
         ("server stack success-path overhead", |r| r.0),
         ("classifying an unknown error", |r| r.1),
     ];
