@@ -1,9 +1,11 @@
 //! End to end: what a server pays for a middleware stack, per request, over
 //! real connections on loopback.
 //!
-//! Three server configurations: **bare**; **atscale**, the recommended server
-//! stack (`atscale::stack::server`: ErrorEnrich → Deadline → Heartbeat →
-//! RateLimit at a rate never reached); and **peer**, the stack a user would
+//! Four server configurations: **bare**; **atscale**, the recommended server
+//! stack (`atscale::stack::server`: ErrorEnrich → Deadline → Overload →
+//! Heartbeat → RateLimit at a rate never reached; the overload layer on with
+//! its defaults); the same **without overload** (`.without_overload()`);
+//! and **peer**, the stack a user would
 //! assemble from tower-http and tower_governor (SetRequestId → Timeout →
 //! CatchPanic → Governor, global key, a rate never reached). Each serves an
 //! axum "hello" route over HTTP/1.1 keep-alive (32 connections) and over
@@ -35,8 +37,9 @@
 //! E2E_PERF_OUT=/tmp/atscale.data cargo bench --bench stack -- profile atscale http1 10
 //! ```
 //!
-//! The overload layer (another engineer's) has a marked slot in
-//! `atscale_stack!`: it is not in the measured stack yet.
+//! Answers that are not a success (the overload layer's refusals) are
+//! counted per configuration and reported; CPU per request is over every
+//! request sent.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
@@ -78,29 +81,38 @@ const BUDGET: Duration = Duration::from_secs(30);
 enum Config {
     Bare,
     Atscale,
+    AtscaleNoOverload,
     Peer,
 }
 
-const CONFIGS: [Config; 3] = [Config::Bare, Config::Atscale, Config::Peer];
+const CONFIGS: [Config; 4] = [
+    Config::Bare,
+    Config::Atscale,
+    Config::AtscaleNoOverload,
+    Config::Peer,
+];
 
 impl Config {
     fn name(self) -> &'static str {
         match self {
             Config::Bare => "bare",
             Config::Atscale => "atscale",
+            Config::AtscaleNoOverload => "atscale-no-overload",
             Config::Peer => "peer",
         }
     }
     fn parse(s: &str) -> Config {
-        *CONFIGS
-            .iter()
-            .find(|c| c.name() == s)
-            .unwrap_or_else(|| panic!("unknown configuration {s} (bare, atscale, peer)"))
+        *CONFIGS.iter().find(|c| c.name() == s).unwrap_or_else(|| {
+            panic!("unknown configuration {s} (bare, atscale, atscale-no-overload, peer)")
+        })
     }
     fn label(self) -> &'static str {
         match self {
             Config::Bare => "bare",
-            Config::Atscale => "atscale `stack::server` (+ RateLimit)",
+            Config::Atscale => "atscale `stack::server` (+ RateLimit; Overload on, its default)",
+            Config::AtscaleNoOverload => {
+                "atscale `stack::server` (+ RateLimit) `.without_overload()`"
+            }
             Config::Peer => "peer: SetRequestId + Timeout + CatchPanic + Governor",
         }
     }
@@ -137,15 +149,15 @@ impl Proto {
 
 // ---------------------------------------------------------------- server side
 
-/// atscale's recommended server stack with a rate limit never reached.
+/// atscale's recommended server stack with a rate limit never reached. The
+/// overload layer is on by default (`OverloadLayer::new()`'s adaptive
+/// limit); `atscale_stack!(without_overload)` measures the stack without it.
 macro_rules! atscale_stack {
     () => {{
         let limiter = Limiter::new(Limit::per_second(1_000_000_000).expect("limit"));
         atscale::stack::server("e2e", BUDGET).with_rate_limit(RateLimitLayer::reject(limiter))
-        // OVERLOAD SLOT: the overload layer (being written by another
-        // engineer) goes here once it exists, e.g. `.with_overload(..)`;
-        // until then the measured stack has none.
     }};
+    (without_overload) => {{ atscale_stack!().without_overload() }};
 }
 
 /// Request ids from a counter, as in tower-http's own `MakeRequestId`
@@ -239,6 +251,7 @@ async fn serve_axum(listener: TcpListener, config: Config, h2: bool) {
     let router = match config {
         Config::Bare => hello,
         Config::Atscale => hello.layer(atscale_stack!()),
+        Config::AtscaleNoOverload => hello.layer(atscale_stack!(without_overload)),
         Config::Peer => hello.layer(peer_stack!()),
     };
     // What `axum::serve` does: the routes (and the layers around them) are
@@ -281,6 +294,13 @@ async fn serve_grpc(listener: TcpListener, config: Config) {
         Config::Atscale => {
             Server::builder()
                 .layer(atscale_stack!())
+                .add_service(health)
+                .serve_with_incoming(incoming)
+                .await
+        }
+        Config::AtscaleNoOverload => {
+            Server::builder()
+                .layer(atscale_stack!(without_overload))
                 .add_service(health)
                 .serve_with_incoming(incoming)
                 .await
@@ -429,15 +449,25 @@ async fn check(
     Ok(())
 }
 
-async fn one_h1(conn: &mut H1Sender, proto: Proto, addr: SocketAddr) {
+/// One request on an HTTP/1.1 connection: `false` when the answer was not
+/// a success (an overload refusal, say); a broken connection panics.
+async fn one_h1(conn: &mut H1Sender, proto: Proto, addr: SocketAddr) -> bool {
     conn.ready().await.expect("connection");
     let res = conn.send_request(request(proto, addr)).await;
-    check(proto, res).await.expect("request");
+    answered(check(proto, res).await)
 }
 
-async fn one_h2(mut send: H2Sender, proto: Proto, addr: SocketAddr) {
+async fn one_h2(mut send: H2Sender, proto: Proto, addr: SocketAddr) -> bool {
     let res = send.send_request(request(proto, addr)).await;
-    check(proto, res).await.expect("request");
+    answered(check(proto, res).await)
+}
+
+fn answered(result: Result<(), String>) -> bool {
+    match result {
+        Ok(()) => true,
+        Err(e) if e.starts_with("status") || e.starts_with("grpc-status") => false,
+        Err(e) => panic!("request: {e}"),
+    }
 }
 
 /// Closed loop for `secs` (HTTP/1.1: one request in flight per connection;
@@ -490,6 +520,8 @@ struct Sample {
     cpu_per_request_ns: f64,
     latencies_us: Vec<u32>,
     achieved_rate: f64,
+    /// Answers that were not a success (overload refusals).
+    refused: u64,
 }
 
 /// Sends `rate` requests per second for `secs` on schedule, whatever the
@@ -502,6 +534,7 @@ async fn open_loop(target: &mut Target, rate: f64, secs: f64) -> Sample {
     let start = Instant::now();
     let schedule = move |i: u64| start + Duration::from_secs_f64(i as f64 / rate);
     let mut latencies_us = Vec::with_capacity(total as usize);
+    let mut refused = 0u64;
     let drained = match &mut target.client {
         Client::H1(conns) => {
             let mut queues = Vec::new();
@@ -510,12 +543,12 @@ async fn open_loop(target: &mut Target, rate: f64, secs: f64) -> Sample {
                 let (tx, mut rx) = mpsc::unbounded_channel::<Instant>();
                 queues.push(tx);
                 workers.push(tokio::spawn(async move {
-                    let mut lat = Vec::new();
+                    let (mut lat, mut refused) = (Vec::new(), 0u64);
                     while let Some(at) = rx.recv().await {
-                        one_h1(&mut conn, proto, addr).await;
+                        refused += u64::from(!one_h1(&mut conn, proto, addr).await);
                         lat.push(at.elapsed().as_micros() as u32);
                     }
-                    (conn, lat)
+                    (conn, lat, refused)
                 }));
             }
             for i in 0..total {
@@ -528,9 +561,10 @@ async fn open_loop(target: &mut Target, rate: f64, secs: f64) -> Sample {
             drop(queues);
             tokio::time::timeout(Duration::from_secs(60), async {
                 for worker in workers {
-                    let (conn, lat) = worker.await.expect("worker");
+                    let (conn, lat, no) = worker.await.expect("worker");
                     conns.push(conn);
                     latencies_us.extend(lat);
+                    refused += no;
                 }
             })
             .await
@@ -544,13 +578,15 @@ async fn open_loop(target: &mut Target, rate: f64, secs: f64) -> Sample {
                 }
                 let send = send.clone();
                 tasks.spawn(async move {
-                    one_h2(send, proto, addr).await;
-                    at.elapsed().as_micros() as u32
+                    let ok = one_h2(send, proto, addr).await;
+                    (at.elapsed().as_micros() as u32, ok)
                 });
             }
             tokio::time::timeout(Duration::from_secs(60), async {
-                while let Some(lat) = tasks.join_next().await {
-                    latencies_us.push(lat.expect("request task"));
+                while let Some(done) = tasks.join_next().await {
+                    let (lat, ok) = done.expect("request task");
+                    latencies_us.push(lat);
+                    refused += u64::from(!ok);
                 }
             })
             .await
@@ -563,6 +599,7 @@ async fn open_loop(target: &mut Target, rate: f64, secs: f64) -> Sample {
         cpu_per_request_ns: cpu as f64 / total as f64,
         latencies_us,
         achieved_rate: total as f64 / elapsed,
+        refused,
     }
 }
 
@@ -618,6 +655,7 @@ struct Series {
     cpu: Vec<f64>,
     latencies: Vec<u32>,
     rates: Vec<f64>,
+    refused: u64,
 }
 
 fn run(protos: Vec<Proto>) {
@@ -662,6 +700,7 @@ fn run(protos: Vec<Proto>) {
                         cpu: Vec::new(),
                         latencies: Vec::new(),
                         rates: Vec::new(),
+                        refused: 0,
                     })
                     .collect()
             })
@@ -680,6 +719,7 @@ fn run(protos: Vec<Proto>) {
                         s.cpu.push(sample.cpu_per_request_ns);
                         s.latencies.extend(sample.latencies_us);
                         s.rates.push(sample.achieved_rate);
+                        s.refused += sample.refused;
                     }
                 }
             }
@@ -733,16 +773,16 @@ fn report(
             proto.label()
         );
         println!(
-            "| configuration | server CPU / request (median) | ratio to bare, mean ± 95% CI | p50 | p99 | achieved req/s |"
+            "| configuration | server CPU / request (median) | ratio to bare, mean ± 95% CI | p50 | p99 | achieved req/s | refused |"
         );
-        println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+        println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
         let bare = series[p][0].cpu.clone();
         for (c, s) in series[p].iter_mut().enumerate() {
             let ratios: Vec<f64> = s.cpu.iter().zip(&bare).map(|(x, b)| x / b).collect();
             let (mean, half) = mean_ci(&ratios);
             s.latencies.sort_unstable();
             println!(
-                "| {} | {:.2} µs | {} | {:.0} µs | {:.0} µs | {:.0} |",
+                "| {} | {:.2} µs | {} | {:.0} µs | {:.0} µs | {:.0} | {} |",
                 targets[p][c].config.label(),
                 median(s.cpu.clone()) / 1000.0,
                 if c == 0 {
@@ -753,16 +793,20 @@ fn report(
                 percentile(&s.latencies, 0.5),
                 percentile(&s.latencies, 0.99),
                 median(s.rates.clone()),
+                s.refused,
             );
         }
-        let ratios: Vec<f64> = series[p][1]
-            .cpu
-            .iter()
-            .zip(&series[p][2].cpu)
-            .map(|(a, b)| a / b)
-            .collect();
-        let (mean, half) = mean_ci(&ratios);
-        println!("\natscale / peer: **{mean:.4}** ± {half:.4}\n");
+        for (c, name) in [(1, "atscale"), (2, "atscale without overload")] {
+            let ratios: Vec<f64> = series[p][c]
+                .cpu
+                .iter()
+                .zip(&series[p][3].cpu)
+                .map(|(a, b)| a / b)
+                .collect();
+            let (mean, half) = mean_ci(&ratios);
+            println!("\n{name} / peer: **{mean:.4}** ± {half:.4}");
+        }
+        println!();
     }
 }
 
@@ -796,10 +840,11 @@ fn profile(config: Config, proto: Proto, secs: f64) {
             perf.wait().expect("perf");
         }
         eprintln!(
-            "{} {}: {rate:.0} req/s offered, {:.2} µs CPU per request",
+            "{} {}: {rate:.0} req/s offered, {:.2} µs CPU per request, {} refused",
             config.name(),
             proto.name(),
-            sample.cpu_per_request_ns / 1000.0
+            sample.cpu_per_request_ns / 1000.0,
+            sample.refused
         );
     });
 }
