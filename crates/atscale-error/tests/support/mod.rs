@@ -190,7 +190,13 @@ impl Logs {
     }
 }
 
-struct Capture(Logs);
+/// The one subscriber of the test binary: it hands each event to the
+/// capture of the thread that emits it, if any.
+struct Routed;
+
+thread_local! {
+    static CAPTURE: std::cell::RefCell<Option<Logs>> = const { std::cell::RefCell::new(None) };
+}
 
 struct Fields<'a>(&'a mut BTreeMap<String, String>);
 
@@ -204,11 +210,14 @@ impl Visit for Fields<'_> {
     }
 }
 
-impl<S: Subscriber> Layer<S> for Capture {
+impl<S: Subscriber> Layer<S> for Routed {
     fn on_event(&self, event: &Event<'_>, _cx: Context<'_, S>) {
+        let Some(logs) = CAPTURE.with(|c| c.borrow().clone()) else {
+            return;
+        };
         let mut fields = BTreeMap::new();
         event.record(&mut Fields(&mut fields));
-        self.0.0.lock().unwrap().push(Line {
+        logs.0.lock().unwrap().push(Line {
             level: *event.metadata().level(),
             target: event.metadata().target().to_owned(),
             fields,
@@ -216,13 +225,36 @@ impl<S: Subscriber> Layer<S> for Capture {
     }
 }
 
+/// Stops this thread's capture when dropped (restoring an outer one).
+#[must_use]
+pub struct CaptureGuard {
+    outer: Option<Logs>,
+}
+
+impl Drop for CaptureGuard {
+    fn drop(&mut self) {
+        let outer = self.outer.take();
+        CAPTURE.with(|c| *c.borrow_mut() = outer);
+    }
+}
+
 /// Captures every event on this thread while the guard lives (the tests run
 /// servers and clients on a current-thread runtime, so that is all of them).
-pub fn capture_logs() -> (Logs, tracing::subscriber::DefaultGuard) {
+///
+/// One global subscriber routes events by thread. (A scoped subscriber per
+/// test, `set_default`, lost events when tests ran in parallel: tracing
+/// recomputes callsite interest and the global max level as scoped
+/// dispatchers come and go on other threads, and an event emitted during a
+/// recomputation could be filtered out.)
+pub fn capture_logs() -> (Logs, CaptureGuard) {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        tracing::subscriber::set_global_default(Registry::default().with(Routed))
+            .expect("the test binary installs no other global subscriber");
+    });
     let logs = Logs::default();
-    let subscriber = Registry::default().with(Capture(logs.clone()));
-    let guard = tracing::subscriber::set_default(subscriber);
-    (logs, guard)
+    let outer = CAPTURE.with(|c| c.borrow_mut().replace(logs.clone()));
+    (logs, CaptureGuard { outer })
 }
 
 /// Whether `s` is an RFC 3339 UTC timestamp with milliseconds, as the layer writes them.
