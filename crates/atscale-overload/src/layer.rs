@@ -124,6 +124,7 @@ pub struct Builder {
     capacity: usize,
     codel: CoDel,
     deadline_aware: bool,
+    sampling: u32,
     header: HeaderName,
     clock: Clock,
 }
@@ -138,6 +139,7 @@ impl Default for Builder {
             capacity: 1024,
             codel: CoDel::default(),
             deadline_aware: true,
+            sampling: 16,
             header: CRITICALITY_HEADER,
             clock: Clock::default(),
         }
@@ -154,6 +156,7 @@ impl fmt::Debug for Builder {
             .field("queue_capacity", &self.capacity)
             .field("codel", &self.codel)
             .field("deadline_aware", &self.deadline_aware)
+            .field("sampling", &self.sampling)
             .field("criticality_header", &self.header)
             .finish()
     }
@@ -204,6 +207,24 @@ impl Builder {
         self
     }
 
+    /// At low load, time one request in `every` (default 16; 1 times every
+    /// request).
+    ///
+    /// A timed request reads the clock at admission and at its end and
+    /// teaches the algorithm and the service-time estimate under the
+    /// layer's lock; the others only take and give back their slot (the
+    /// lock is taken only if someone waits for it), which is most of the
+    /// layer's cost at low load. Every request is timed while at least an
+    /// eighth of the limit is in flight (where the limit moves and requests
+    /// may wait), during the layer's first 1,000 requests (which set the
+    /// algorithm's minimum latency and the service-time estimate), and for
+    /// the next `every` requests after an untimed one was dropped
+    /// (overloaded, deadline).
+    pub fn sampling(mut self, every: u32) -> Self {
+        self.sampling = every;
+        self
+    }
+
     /// The header (or gRPC metadata key) holding a request's
     /// [`Criticality`](crate::Criticality) (default `x-criticality`).
     pub fn criticality_header(mut self, name: HeaderName) -> Self {
@@ -226,12 +247,16 @@ impl Builder {
         if self.max < self.min {
             return Err(ConfigError::new("max_limit", "must be at least min_limit"));
         }
+        if self.sampling == 0 {
+            return Err(ConfigError::new("sampling", "must be at least 1"));
+        }
         let settings = Settings {
             min: self.min,
             max: self.max,
             initial: self.initial.clamp(self.min, self.max),
             capacity: self.capacity,
             deadline_aware: self.deadline_aware,
+            sampling: self.sampling,
         };
         Ok(OverloadLayer {
             shared: Arc::new(Shared::new(

@@ -75,19 +75,11 @@ mod imp {
     }
 
     #[inline]
-    pub(crate) fn acquired() {
+    pub(crate) fn in_flight(n: usize) {
         if !enabled() {
             return;
         }
-        ::metrics::gauge!(OVERLOAD_IN_FLIGHT).increment(1.0);
-    }
-
-    #[inline]
-    pub(crate) fn released() {
-        if !enabled() {
-            return;
-        }
-        ::metrics::gauge!(OVERLOAD_IN_FLIGHT).decrement(1.0);
+        ::metrics::gauge!(OVERLOAD_IN_FLIGHT).set(n as f64);
     }
 
     #[inline]
@@ -120,10 +112,7 @@ mod imp {
     pub(crate) fn shed(_: Reason, _: Criticality) {}
 
     #[inline(always)]
-    pub(crate) fn acquired() {}
-
-    #[inline(always)]
-    pub(crate) fn released() {}
+    pub(crate) fn in_flight(_: usize) {}
 
     #[inline(always)]
     pub(crate) fn queued(_: usize) {}
@@ -138,17 +127,13 @@ pub(crate) fn shed(reason: Reason, criticality: Criticality) {
     imp::shed(reason, criticality);
 }
 
-/// A slot was taken; returns `in_flight` (the new count) unchanged.
+/// `n` requests are in flight. Set, not counted per request: at every
+/// timed release, every change of the queue, and when the layer goes idle
+/// (see `Shared::release_untimed`), so between those it may lag by the
+/// untimed requests admitted or finished since.
 #[inline(always)]
-pub(crate) fn acquired(in_flight: usize) -> usize {
-    imp::acquired();
-    in_flight
-}
-
-/// A slot was given back.
-#[inline(always)]
-pub(crate) fn released() {
-    imp::released();
+pub(crate) fn in_flight(n: usize) {
+    imp::in_flight(n);
 }
 
 /// `n` requests wait for a slot.

@@ -2,7 +2,7 @@
 //! bounded admission queue (CoDel, adaptive LIFO, criticality, deadlines).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context as TaskContext, Poll, Waker};
 use std::time::Duration;
@@ -23,7 +23,20 @@ pub(crate) struct Settings {
     pub(crate) initial: usize,
     pub(crate) capacity: usize,
     pub(crate) deadline_aware: bool,
+    /// Below half the limit, one request in `sampling` is timed.
+    pub(crate) sampling: u32,
 }
+
+/// A permit's start when the request is not timed.
+const UNTIMED: u64 = u64::MAX;
+
+/// Requests are sampled only while fewer than `limit / SAMPLE_UNDER` are in
+/// flight: from there up every request is timed.
+const SAMPLE_UNDER: usize = 8;
+
+/// The first requests, all timed: they set the algorithm's minimum latency
+/// and the service-time estimate.
+const WARM_UP: u32 = 1000;
 
 /// Shared by every clone of the layer and its services.
 #[derive(Debug)]
@@ -43,13 +56,27 @@ struct Counters {
     queued: AtomicUsize,
     /// SRTT + 2 RTTVAR in nanoseconds; `u64::MAX` until the first sample.
     service_high: AtomicU64,
+    /// Admissions since the last timed one below half the limit. Read and
+    /// written without a read-modify-write: a lost increment only moves the
+    /// next sample by one.
+    tick: AtomicU32,
+    /// Admissions under `limit / SAMPLE_UNDER` still to time: the warm-up,
+    /// or after a drop was missed.
+    force: AtomicU32,
+    /// The in-flight count the gauge last showed (the `metrics` feature).
+    shown: AtomicUsize,
 }
 
 impl Counters {
-    /// Takes a slot if one is free under the limit; the new in-flight count.
-    fn try_acquire(&self) -> Option<usize> {
+    /// Takes a slot if one is free under the limit; the new in-flight count
+    /// and the limit it was taken under.
+    ///
+    /// `SeqCst`: a waiter publishes `queued` then tries here, a request
+    /// released without the lock gives its slot back then reads `queued`
+    /// ([`Shared::release_untimed`]): one of them sees the other.
+    fn try_acquire(&self) -> Option<(usize, usize)> {
         let limit = self.limit.load(Ordering::Acquire);
-        let mut cur = self.in_flight.load(Ordering::Acquire);
+        let mut cur = self.in_flight.load(Ordering::SeqCst);
         loop {
             if cur >= limit {
                 return None;
@@ -57,18 +84,51 @@ impl Counters {
             match self.in_flight.compare_exchange_weak(
                 cur,
                 cur + 1,
-                Ordering::AcqRel,
-                Ordering::Acquire,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
             ) {
-                Ok(_) => return Some(metrics::acquired(cur + 1)),
+                Ok(_) => return Some((cur + 1, limit)),
                 Err(now) => cur = now,
             }
         }
     }
 
-    fn release(&self) {
-        self.in_flight.fetch_sub(1, Ordering::AcqRel);
-        metrics::released();
+    /// Gives a slot back; the in-flight count left.
+    fn release(&self) -> usize {
+        self.in_flight.fetch_sub(1, Ordering::SeqCst) - 1
+    }
+
+    /// Whether to time a request admitted as the `in_flight`-th under
+    /// `limit`: every one from an eighth of the limit up (where the limit
+    /// moves and requests may wait), during the warm-up, and for the next
+    /// `sampling` after a drop that was not timed; else one in `sampling`.
+    #[inline]
+    fn timed(&self, in_flight: usize, limit: usize, sampling: u32) -> bool {
+        if in_flight * SAMPLE_UNDER >= limit {
+            return true;
+        }
+        let force = self.force.load(Ordering::Relaxed);
+        if force > 0 {
+            self.force.store(force - 1, Ordering::Relaxed);
+            return true;
+        }
+        let tick = self.tick.load(Ordering::Relaxed) + 1;
+        if tick >= sampling {
+            self.tick.store(0, Ordering::Relaxed);
+            true
+        } else {
+            self.tick.store(tick, Ordering::Relaxed);
+            false
+        }
+    }
+
+    /// Sets the in-flight gauge (the `metrics` feature): at every timed
+    /// release, at every change of the queue, and when the layer goes idle.
+    fn show_in_flight(&self, in_flight: usize) {
+        if cfg!(feature = "metrics") {
+            self.shown.store(in_flight, Ordering::Relaxed);
+            metrics::in_flight(in_flight);
+        }
     }
 
     fn in_flight(&self) -> usize {
@@ -219,6 +279,9 @@ impl Shared {
                 in_flight: AtomicUsize::new(0),
                 queued: AtomicUsize::new(0),
                 service_high: AtomicU64::new(u64::MAX),
+                tick: AtomicU32::new(0),
+                force: AtomicU32::new(WARM_UP),
+                shown: AtomicUsize::new(0),
             },
         }
     }
@@ -246,14 +309,16 @@ impl Shared {
     }
 
     fn publish(&self, st: &State) {
-        self.counters.queued.store(st.queues.len, Ordering::Release);
+        self.counters.queued.store(st.queues.len, Ordering::SeqCst);
         metrics::queued(st.queues.len);
+        self.counters.show_in_flight(self.counters.in_flight());
     }
 
     /// The fast path, without the lock: `Some` when the request is admitted
     /// (nobody waits and a slot is free) or refused at once (its deadline
     /// cannot cover a service time); `None` when it must take the slow path
     /// ([`arrive`](Self::arrive)).
+    #[inline]
     pub(crate) fn try_admit(
         self: &Arc<Self>,
         deadline: Option<Deadline>,
@@ -269,9 +334,13 @@ impl Shared {
                 return Some(Err(overloaded(Duration::from_nanos(high))));
             }
         }
-        let in_flight = c.try_acquire()?;
-        let now = self.clock.now_nanos();
-        Some(Ok(Permit::new(self.clone(), now, in_flight, deadline)))
+        let (in_flight, limit) = c.try_acquire()?;
+        let start = if c.timed(in_flight, limit, self.settings.sampling) {
+            self.clock.now_nanos()
+        } else {
+            UNTIMED
+        };
+        Some(Ok(Permit::new(self.clone(), start, in_flight, deadline)))
     }
 
     /// A request arrives: admitted now, queued, or refused.
@@ -298,7 +367,7 @@ impl Shared {
                     return Arrival::Refused(overloaded(Duration::from_nanos(service as u64)));
                 }
             }
-            if let Some(in_flight) = c.try_acquire() {
+            if let Some((in_flight, _)) = c.try_acquire() {
                 drop(st);
                 return Arrival::Admitted(Permit::new(self.clone(), now, in_flight, deadline));
             }
@@ -366,6 +435,9 @@ impl Shared {
                 waker: None,
             },
         );
+        // Before trying for a slot: a request released without the lock
+        // then sees someone waits.
+        c.queued.store(st.queues.len, Ordering::SeqCst);
         st.dispatch(now, c, wakers);
         match st.decided.remove(&id) {
             Some(Decision::Granted { in_flight, at }) => {
@@ -390,7 +462,7 @@ impl Shared {
         let mut wakers = Vec::new();
         let c = &self.counters;
         let mut st = lock(&self.state);
-        c.release();
+        c.show_in_flight(c.release());
         if let Some((sample, timed)) = sample {
             let before = st.limit();
             let estimate = st.estimate;
@@ -423,6 +495,41 @@ impl Shared {
                 metrics::limit(limit);
             }
         }
+        if st.queues.len > 0 {
+            st.dispatch(now, c, &mut wakers);
+            self.publish(&st);
+        }
+        drop(st);
+        wakers.into_iter().for_each(Waker::wake);
+    }
+
+    /// A request that was not timed finished: its slot goes back without
+    /// the lock, which is taken only if someone waits for the slot. A drop
+    /// (overloaded, deadline) makes the next requests timed, so the
+    /// algorithm learns of the next one.
+    #[inline]
+    fn release_untimed(&self, dropped: bool) {
+        let c = &self.counters;
+        if dropped {
+            c.force.store(self.settings.sampling, Ordering::Relaxed);
+        }
+        let left = c.release();
+        if left == 0 && c.shown.load(Ordering::Relaxed) != 0 {
+            c.show_in_flight(0);
+        }
+        if c.queued.load(Ordering::SeqCst) != 0 {
+            self.dispatch_freed();
+        }
+    }
+
+    /// A slot was given back without the lock while someone waits.
+    #[cold]
+    #[inline(never)]
+    fn dispatch_freed(&self) {
+        let c = &self.counters;
+        let now = self.clock.now_nanos();
+        let mut wakers = Vec::new();
+        let mut st = lock(&self.state);
         if st.queues.len > 0 {
             st.dispatch(now, c, &mut wakers);
             self.publish(&st);
@@ -502,7 +609,7 @@ impl State {
         }
         let mut tokio_now = None;
         while self.queues.len > 0 {
-            let Some(in_flight) = c.try_acquire() else {
+            let Some((in_flight, _)) = c.try_acquire() else {
                 break;
             };
             let service = self.service;
@@ -671,9 +778,12 @@ impl Drop for Ticket {
 #[derive(Debug)]
 pub(crate) struct Permit {
     shared: Option<Arc<Shared>>,
+    /// `UNTIMED` if the request is not timed.
     start: u64,
-    in_flight: usize,
-    deadline: Option<Deadline>,
+    /// The deadline's instant only (a whole `Deadline` would make every
+    /// response future 24 bytes larger).
+    deadline: Option<Instant>,
+    in_flight: u32,
 }
 
 /// How a request in service ended.
@@ -688,17 +798,23 @@ pub(crate) enum Outcome {
 }
 
 impl Permit {
+    #[inline]
     fn new(shared: Arc<Shared>, start: u64, in_flight: usize, deadline: Option<Deadline>) -> Self {
         Permit {
             shared: Some(shared),
             start,
-            in_flight,
-            deadline,
+            deadline: deadline.map(|d| d.instant()),
+            in_flight: u32::try_from(in_flight).unwrap_or(u32::MAX),
         }
     }
 
+    #[inline]
     pub(crate) fn finish(mut self, outcome: Outcome) {
         if let Some(shared) = self.shared.take() {
+            if self.start == UNTIMED {
+                shared.release_untimed(outcome == Outcome::Dropped);
+                return;
+            }
             let now = shared.clock.now_nanos();
             let sample = match outcome {
                 Outcome::Ignored => None,
@@ -706,7 +822,11 @@ impl Permit {
                     let latency = now.saturating_sub(self.start);
                     let dropped = outcome == Outcome::Dropped;
                     Some((
-                        Sample::new(Duration::from_nanos(latency), self.in_flight, dropped),
+                        Sample::new(
+                            Duration::from_nanos(latency),
+                            self.in_flight as usize,
+                            dropped,
+                        ),
                         !dropped,
                     ))
                 }
@@ -721,14 +841,16 @@ impl Drop for Permit {
         if let Some(shared) = self.shared.take() {
             // Dropped in service: by its deadline (a drop to learn from), or
             // by a caller that went away (nothing to learn).
-            let expired = self
-                .deadline
-                .is_some_and(|d| d.is_expired_at(Instant::now()));
+            let expired = self.deadline.is_some_and(|d| d <= Instant::now());
+            if self.start == UNTIMED {
+                shared.release_untimed(expired);
+                return;
+            }
             let now = shared.clock.now_nanos();
             let sample = expired.then(|| {
                 let latency = now.saturating_sub(self.start);
                 (
-                    Sample::new(Duration::from_nanos(latency), self.in_flight, true),
+                    Sample::new(Duration::from_nanos(latency), self.in_flight as usize, true),
                     false,
                 )
             });

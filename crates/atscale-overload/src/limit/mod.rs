@@ -1,10 +1,12 @@
 //! Adaptive concurrency limit algorithms: [`Gradient2`], [`Vegas`], [`Aimd`],
 //! behind the [`Algorithm`] trait.
 //!
-//! Each finished request is one [`Sample`] (its latency, how many requests
-//! were in flight when it started, whether it was dropped); the algorithm
-//! folds it into its estimate and returns the new limit. The layer clamps
-//! the result to its minimum and maximum and exposes it as a whole number.
+//! Each finished request the layer times is one [`Sample`] (its latency,
+//! how many requests were in flight when it started, whether it was
+//! dropped); the algorithm folds it into its estimate and returns the new
+//! limit. The layer clamps the result to its minimum and maximum and
+//! exposes it as a whole number. The layer times every request except at
+//! low load, where it samples them ([`Builder::sampling`](crate::Builder::sampling)).
 
 use std::fmt;
 use std::time::Duration;
@@ -57,9 +59,11 @@ impl Sample {
 /// [`OverloadLayer`](crate::OverloadLayer) through
 /// [`Builder::algorithm`](crate::Builder::algorithm).
 ///
-/// The layer calls [`update`](Algorithm::update) once per finished request,
-/// under its lock (keep it short), with the current limit; the result is
-/// clamped to the layer's minimum and maximum.
+/// The layer calls [`update`](Algorithm::update) once per finished timed
+/// request (every request, except one in
+/// [`sampling`](crate::Builder::sampling) while fewer than an eighth of the
+/// limit are in flight), under its lock (keep it short), with the current
+/// limit; the result is clamped to the layer's minimum and maximum.
 ///
 /// ```
 /// use std::time::Duration;
