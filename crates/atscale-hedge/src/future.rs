@@ -411,7 +411,10 @@ where
     // Losers are dropped now; their guards cancel their contexts.
     this.primary.set(Attempt::Done);
     this.primary_guard.take();
-    if let (Some(shared), Some(armed)) = (this.shared.as_deref(), this.armed.as_ref()) {
+    // For the budget's stragglers (adaptive delays only: `started` is set).
+    if let (Some(shared), Some(armed), Some(_)) =
+        (this.shared.as_deref(), this.armed.as_ref(), *this.started)
+    {
         shared.finish(armed.position);
     }
     if let Some(armed) = this.armed.as_mut() {
