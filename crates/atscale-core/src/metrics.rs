@@ -392,7 +392,12 @@ static ENABLED: AtomicBool = AtomicBool::new(false);
 /// help text) to the installed recorder, then every layer starts emitting.
 ///
 /// Call it once, at start-up, after installing the recorder (and before
-/// traffic: the in-flight gauges count from then on). Until it is called
+/// traffic: the in-flight gauges count from then on). The handles of the
+/// metrics emitted on every request are registered with the recorder at
+/// their first use after this call and kept (a lookup costs ~100 ns, an
+/// emission through a kept handle one atomic add): install the global
+/// recorder first and keep it; a thread-local recorder set later is not
+/// seen by them. Until it is called
 /// nothing is emitted and each emission site costs one relaxed atomic load:
 /// the `metrics` facade itself cannot say whether a recorder is installed,
 /// and asking it (the key, the thread-local and global recorder lookups, the

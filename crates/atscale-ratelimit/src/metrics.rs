@@ -32,6 +32,9 @@ mod imp {
         RATELIMIT_WAIT_DURATION, RATELIMIT_WAITED, field,
     };
 
+    use std::sync::OnceLock;
+
+    use ::metrics::Counter;
     use atscale_core::metrics::enabled;
 
     use super::Refused;
@@ -46,7 +49,11 @@ mod imp {
     #[inline]
     pub(crate) fn admitted() {
         if enabled() {
-            ::metrics::counter!(RATELIMIT_ADMITTED).increment(1);
+            // Registered once: a recorder's lookup is ~100 ns, an emission one add.
+            static ADMITTED: OnceLock<Counter> = OnceLock::new();
+            ADMITTED
+                .get_or_init(|| ::metrics::counter!(RATELIMIT_ADMITTED))
+                .increment(1);
         }
         if span_wanted() {
             tracing::Span::current().record(field::RATELIMIT_OUTCOME, "admitted");
