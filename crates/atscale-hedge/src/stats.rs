@@ -34,8 +34,8 @@ impl HedgeStats {
     }
 
     /// Times the budget refused a hedge the delay asked for (a request still
-    /// waiting asks again one delay later, so one request may count several
-    /// times).
+    /// waiting asks again one delay later — a quarter of one when the delay
+    /// follows the budget — so one request may count several times).
     pub fn budget_denials(&self) -> u64 {
         self.shared.counters.denied.load(Ordering::Relaxed)
     }
