@@ -3,6 +3,7 @@ use std::time::Duration;
 use http::HeaderName;
 use tower_layer::{Identity, Layer};
 
+use crate::attempt;
 use crate::body::BodyDeadlineLayer;
 use crate::service::Deadline;
 
@@ -110,8 +111,13 @@ impl DeadlineLayer {
 impl<L> DeadlineLayer<L> {
     /// Also reads (server) or writes (client) `name`, holding a budget in
     /// whole milliseconds, for plain HTTP hops.
+    ///
+    /// The name is also remembered for [`attempt::refresh`]: a retry or a
+    /// hedge below a client layer rewrites this header, when a request
+    /// carries it, on every copy it sends.
     #[must_use]
     pub fn with_header(mut self, name: HeaderName) -> Self {
+        attempt::register(&name);
         self.config.header = Some(name);
         self
     }

@@ -145,7 +145,9 @@
 //!
 //! Outermost after ErrorEnrich, so every inner layer (rate limit, hedge,
 //! heartbeat) and the handler see the context. On a client, put it outside
-//! the hedge, so one deadline covers all attempts.
+//! the retry and the hedge, so one deadline covers all attempts; they
+//! rewrite the `grpc-timeout` (and header) this layer wrote on each copy
+//! they send later, to what is left by then ([`attempt::refresh`]).
 //!
 //! # Differences from `tower::timeout::Timeout`
 //!
@@ -157,6 +159,7 @@
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod attempt;
 pub mod body;
 pub mod codec;
 pub mod error;

@@ -322,6 +322,8 @@ where
         req.set_context(child);
         guard
     });
+    // The copy's deadline headers say what is left now, not at the first send.
+    atscale_deadline::attempt::refresh(&mut req);
     let (svc, replica) = armed.backends.for_attempt(armed.first, usize::from(index));
     event!(
         attempt = index,

@@ -142,7 +142,12 @@
 //!
 //! The layer adds no deadline of its own: put a deadline layer above it, and
 //! its [`DeadlineExceeded`](atscale_core::DeadlineExceeded) covers every
-//! attempt. Building a layer with settings out of range gives
+//! attempt. A hedge carries what is left of that deadline when it is sent,
+//! not when the call started: the `grpc-timeout` (and `x-deadline-ms`, or
+//! the deadline layer's own header) that a client deadline layer wrote is
+//! rewritten on each copy ([`atscale_deadline::attempt::refresh`]), so the
+//! backend stops when the caller does; a header the request does not carry
+//! is never added. Building a layer with settings out of range gives
 //! [`InvalidConfig`].
 //!
 //! # Ordering
@@ -150,7 +155,10 @@
 //! In a client stack, below the deadline and the rate limit (a hedge must
 //! spend neither a second deadline nor a second token) and above anything
 //! per-attempt (heartbeat, the transport): ErrorEnrich → Deadline →
-//! MultiRateLimit → BufferBody → **Hedge** → Heartbeat → transport.
+//! MultiRateLimit → BufferBody → **Hedge** → Heartbeat → transport. Below
+//! the deadline, a hedge sent after its delay carries in its headers the
+//! deadline left when it is sent, not the one written when the call started
+//! (see [Errors](#errors)).
 //!
 //! # Testing
 //!

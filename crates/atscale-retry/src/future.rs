@@ -316,6 +316,8 @@ where
         *this.guard = Some(child.cancel_on_drop());
         req.set_context(child);
     }
+    // The copy's deadline headers say what is left now, not at the first send.
+    atscale_deadline::attempt::refresh(&mut req);
     let (svc, replica) = plan.backends.for_attempt(plan.first, usize::from(previous));
     event!(attempt = previous + 1, replica, "retry sent");
     #[cfg(not(feature = "tracing"))]

@@ -17,7 +17,11 @@
 //!   [minimal attempt](RetryPolicyBuilder::min_attempt) does not fit in what
 //!   is left, the last error comes back at once, in a [`RetryFailed`] that
 //!   says how many attempts were made. A backoff ends early when the request
-//!   is cancelled; none outlives the call;
+//!   is cancelled; none outlives the call. Each attempt after the first
+//!   tells the backend the time left when it is sent: the `grpc-timeout`
+//!   (and `x-deadline-ms`, or the deadline layer's own header) that a
+//!   client deadline layer wrote at the start is rewritten on the copy
+//!   ([`atscale_deadline::attempt::refresh`]), never added;
 //! - **the server's wishes**: `grpc-retry-pushback-ms` (a non-negative value:
 //!   wait exactly that, then the backoff starts over; negative or malformed:
 //!   no retry), HTTP `Retry-After` (delta-seconds and HTTP-date), the
@@ -131,7 +135,9 @@
 //! and its backoff) and the rate limit (a retry must not spend a second
 //! token), above anything per attempt (heartbeat, the transport); in place
 //! of a hedge, or beside it on the same throttle: ErrorEnrich → Deadline →
-//! MultiRateLimit → BufferBody → **Retry** → Heartbeat → transport.
+//! MultiRateLimit → BufferBody → **Retry** → Heartbeat → transport. Below
+//! the deadline, a retry sent after its backoff carries in its headers the
+//! deadline left when it is sent, not the one written when the call started.
 //!
 //! # Differences from `tower::retry`
 //!
