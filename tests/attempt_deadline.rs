@@ -2,7 +2,8 @@
 //! a retry after its backoff and a hedge after its delay rewrite the
 //! `grpc-timeout` and `x-deadline-ms` the client deadline layer wrote at the
 //! start of the call (never adding one it did not write). On a paused clock
-//! with exact values, then over loopback through the HTTP client stack.
+//! with exact values, then over loopback through the HTTP and tonic client
+//! stacks.
 
 mod loopback;
 
@@ -17,9 +18,11 @@ use axum::routing::any;
 use bytes::Bytes;
 use http::HeaderName;
 use http_body_util::Empty;
-use loopback::{bounded, http_client, serve_router};
+use loopback::{bounded, channel, http_client, serve_health, serve_router};
 use tokio::time::Instant;
-use tower::{Layer, ServiceBuilder, ServiceExt, service_fn};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+use tower::{Layer, Service, ServiceBuilder, ServiceExt, service_fn};
 
 const X_DEADLINE_MS: HeaderName = HeaderName::from_static("x-deadline-ms");
 
@@ -306,4 +309,54 @@ async fn over_loopback_the_http_stacks_retry_and_hedge_send_the_deadline_left() 
         "{sent:?}"
     );
     assert!(sent.iter().all(|s| s.grpc_timeout.is_none()), "{sent:?}");
+}
+
+#[tokio::test]
+async fn over_loopback_the_tonic_stacks_retry_sends_the_grpc_timeout_left() {
+    // tonic-health whose first call is refused (trailers-only UNAVAILABLE),
+    // recording every call's grpc-timeout as it reaches the server.
+    let log = Log::default();
+    let recording = {
+        let log = log.clone();
+        tower::layer::layer_fn(move |routes: tonic::service::Routes| {
+            let log = log.clone();
+            service_fn(move |req: http::Request<tonic::body::Body>| {
+                let n = record(&log, req.headers());
+                let mut routes = routes.clone();
+                async move {
+                    if n == 1 {
+                        let status = tonic::Status::unavailable("restarting");
+                        return Ok(status.into_http::<tonic::body::Body>());
+                    }
+                    let res = ServiceExt::<http::Request<tonic::body::Body>>::ready(&mut routes)
+                        .await?
+                        .call(req)
+                        .await?;
+                    Ok::<_, BoxError>(res)
+                }
+            })
+        })
+    };
+    let addr = serve_health(recording).await;
+    let policy = RetryPolicy::builder()
+        .max_attempts(2)
+        .initial_backoff(Duration::from_millis(100))
+        .non_idempotent(true) // every gRPC call is a POST; a health check is safe to repeat
+        .build()
+        .unwrap();
+    let client =
+        stack::client("caller", Duration::from_secs(5)).with_retry(RetryLayer::new(policy));
+    let mut health = HealthClient::new(client.layer(channel(addr).await));
+    let req = HealthCheckRequest {
+        service: String::new(),
+    };
+    bounded("a retried call", health.check(req)).await.unwrap();
+    let sent = attempts(&log);
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    // Sent after a backoff of at least 80 ms (100 ms jittered by 0.8..1.2).
+    assert!(
+        grpc(&sent[1].grpc_timeout) + Duration::from_millis(79) <= grpc(&sent[0].grpc_timeout),
+        "{sent:?}"
+    );
+    assert!(sent.iter().all(|s| s.millis.is_none()), "{sent:?}");
 }
