@@ -63,6 +63,7 @@ pin_project! {
 }
 
 impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
+    #[inline]
     pub(crate) fn running(fut: S::Future, permit: Permit) -> Self {
         ResponseFuture {
             state: State::Running {

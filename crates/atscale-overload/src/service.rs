@@ -1,7 +1,7 @@
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 
-use atscale_core::{BoxError, Carrier, Context};
+use atscale_core::{BoxError, Carrier, Context, Deadline, Overloaded};
 use http::HeaderName;
 use tower_service::Service;
 
@@ -9,7 +9,7 @@ use crate::criticality::Prioritized;
 use crate::future::ResponseFuture;
 use crate::layer::Admission;
 use crate::metrics::{self, Reason};
-use crate::queue::{Arrival, Shared};
+use crate::queue::{Arrival, Permit, Shared};
 
 /// Admits each request under an adaptive concurrency limit, through a CoDel /
 /// adaptive-LIFO admission queue: see the [crate documentation](crate).
@@ -64,30 +64,53 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
+    #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
         let deadline = match req.context() {
             Some(cx) => cx.deadline(),
             None => Context::current().and_then(|cx| cx.deadline()),
         };
+        // One straight path for a request admitted at once (the inner
+        // future is built in place); the others leave through `slow`.
         match self.shared.try_admit(deadline) {
-            Some(Ok(permit)) => return ResponseFuture::running(self.inner.call(req), permit),
-            Some(Err(overloaded)) => {
-                metrics::shed(Reason::Deadline, req.criticality(&self.header));
-                return ResponseFuture::refused(overloaded.into());
-            }
-            None => {}
+            Some(Ok(permit)) => ResponseFuture::running(self.inner.call(req), permit),
+            other => self.slow(other, req, deadline),
         }
-        // Someone waits, or no slot is free: criticality matters now.
+    }
+}
+
+impl<S> Overload<S> {
+    /// Refused at once by the fast path, or: someone waits, or no slot is
+    /// free, and criticality matters now.
+    #[cold]
+    #[inline(never)]
+    fn slow<Req>(
+        &mut self,
+        fast: Option<Result<Permit, Overloaded>>,
+        req: Req,
+        deadline: Option<Deadline>,
+    ) -> ResponseFuture<S, Req>
+    where
+        S: Service<Req> + Clone,
+        Req: Prioritized,
+    {
         let criticality = req.criticality(&self.header);
-        match self.shared.arrive(criticality, deadline) {
-            Arrival::Admitted(permit) => ResponseFuture::running(self.inner.call(req), permit),
-            Arrival::Queued(ticket) => {
-                // The ready service waits with the request; this one gets a clone.
-                let clone = self.inner.clone();
-                let ready = std::mem::replace(&mut self.inner, clone);
-                ResponseFuture::queued(ready, req, ticket)
+        match fast {
+            Some(Ok(permit)) => ResponseFuture::running(self.inner.call(req), permit),
+            Some(Err(overloaded)) => {
+                metrics::shed(Reason::Deadline, criticality);
+                ResponseFuture::refused(overloaded.into())
             }
-            Arrival::Refused(overloaded) => ResponseFuture::refused(overloaded.into()),
+            None => match self.shared.arrive(criticality, deadline) {
+                Arrival::Admitted(permit) => ResponseFuture::running(self.inner.call(req), permit),
+                Arrival::Queued(ticket) => {
+                    // The ready service waits with the request; this one gets a clone.
+                    let clone = self.inner.clone();
+                    let ready = std::mem::replace(&mut self.inner, clone);
+                    ResponseFuture::queued(ready, req, ticket)
+                }
+                Arrival::Refused(overloaded) => ResponseFuture::refused(overloaded.into()),
+            },
         }
     }
 }
