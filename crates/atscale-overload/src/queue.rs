@@ -31,7 +31,9 @@ pub(crate) struct Settings {
 const UNTIMED: u64 = u64::MAX;
 
 /// Requests are sampled only while fewer than `limit / SAMPLE_UNDER` are in
-/// flight: from there up every request is timed.
+/// flight, or one alone: from there up every request is timed. (A fast
+/// service's latency jitters by more than its minimum, which brings Vegas'
+/// limit down to a few: a request alone in flight is then still sampled.)
 const SAMPLE_UNDER: usize = 8;
 
 /// The first requests, all timed: they set the algorithm's minimum latency
@@ -99,12 +101,13 @@ impl Counters {
     }
 
     /// Whether to time a request admitted as the `in_flight`-th under
-    /// `limit`: every one from an eighth of the limit up (where the limit
-    /// moves and requests may wait), during the warm-up, and for the next
-    /// `sampling` after a drop that was not timed; else one in `sampling`.
+    /// `limit`: every one from an eighth of the limit up unless alone in
+    /// flight (where the limit moves and requests may wait), during the
+    /// warm-up, and for the next `sampling` after a drop that was not
+    /// timed; else one in `sampling`.
     #[inline]
     fn timed(&self, in_flight: usize, limit: usize, sampling: u32) -> bool {
-        if in_flight * SAMPLE_UNDER >= limit {
+        if in_flight > 1 && in_flight * SAMPLE_UNDER >= limit {
             return true;
         }
         let force = self.force.load(Ordering::Relaxed);

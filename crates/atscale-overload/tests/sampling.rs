@@ -93,6 +93,14 @@ async fn at_low_load_one_request_in_n_teaches_the_algorithm_after_the_warm_up() 
     one_by_one(&mut svc, 400).await;
     assert_eq!(algo.updates.load(Ordering::SeqCst), WARM_UP + 100);
 
+    // A request alone in flight is sampled even when that is an eighth of
+    // the limit or more (a fast service's jitter brings Vegas' limit down to
+    // a few).
+    let algo = Counting::default();
+    let mut svc = layer(algo.clone(), 4, 4).layer(instant());
+    one_by_one(&mut svc, WARM_UP + 400).await;
+    assert_eq!(algo.updates.load(Ordering::SeqCst), WARM_UP + 100);
+
     // Sampling 1: every request.
     let algo = Counting::default();
     let mut svc = layer(algo.clone(), 100, 1).layer(instant());

@@ -61,8 +61,8 @@ impl Sample {
 ///
 /// The layer calls [`update`](Algorithm::update) once per finished timed
 /// request (every request, except one in
-/// [`sampling`](crate::Builder::sampling) while fewer than an eighth of the
-/// limit are in flight), under its lock (keep it short), with the current
+/// [`sampling`](crate::Builder::sampling) while a request is alone in flight
+/// or fewer than an eighth of the limit are), under its lock (keep it short), with the current
 /// limit; the result is clamped to the layer's minimum and maximum.
 ///
 /// ```
