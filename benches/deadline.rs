@@ -19,6 +19,18 @@ fn http_request(id: u64) -> http::Request<u64> {
     http::Request::new(id)
 }
 
+/// A request whose extensions already hold something, as every request
+/// does by the time a router's layers see it (axum's `MatchedPath`): the
+/// context goes into an existing map instead of creating one.
+fn http_request_with_extensions(id: u64) -> http::Request<u64> {
+    let mut req = http::Request::new(id);
+    req.extensions_mut().insert(MatchedRoute("/orders/{id}"));
+    req
+}
+
+#[derive(Clone)]
+struct MatchedRoute(#[expect(dead_code, reason = "only carried")] &'static str);
+
 fn job_ready() -> impl Service<Job, Response = u64, Error = Infallible, Future: Send> + Send {
     service_fn(|j: Job| std::future::ready(Ok::<_, Infallible>(j.id)))
 }
@@ -78,6 +90,10 @@ fn main() {
             (
                 "http::Request (context in extensions), inner pending once",
                 cases!(http_pending(), http_request),
+            ),
+            (
+                "http::Request with an extension already (as after a router), inner ready",
+                cases!(http_ready(), http_request_with_extensions),
             ),
         ];
         for (what, cases) in comparisons {
