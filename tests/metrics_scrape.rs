@@ -15,6 +15,7 @@ use std::time::Duration;
 use atscale::heartbeat::Monitor;
 use atscale::ratelimit::{Limit, Limiter, RateLimitLayer};
 use axum::Router;
+use axum::extract::Path;
 use axum::routing::get;
 use bytes::Bytes;
 use http_body_util::Empty;
@@ -22,9 +23,10 @@ use loopback::{bounded, http_client, serve_router};
 use metrics_exporter_prometheus::PrometheusBuilder;
 use prom::{Scrape, scrape};
 
-/// 5 OK, 2 past their deadline, 1 stalled, then 3 rate limited (burst 8,
+/// 5 OK, 200 and 201 from one route, 2 past their deadline, 1 stalled, then
+/// 3 rate limited (burst 10,
 /// then nothing for an hour).
-const BURST: u32 = 8;
+const BURST: u32 = 10;
 
 async fn server(monitor: Monitor) -> SocketAddr {
     let prometheus = PrometheusBuilder::new()
@@ -39,6 +41,11 @@ async fn server(monitor: Monitor) -> SocketAddr {
         .with_monitor(monitor);
     let app = Router::new()
         .route("/work", get(|| async { "done" }))
+        // one route template, two statuses
+        .route(
+            "/echo/{code}",
+            get(|Path(code): Path<u16>| async move { http::StatusCode::from_u16(code).unwrap() }),
+        )
         .route(
             "/slow",
             get(|| async {
@@ -79,6 +86,8 @@ async fn known_traffic_moves_each_metric_by_its_exact_amount() {
     for _ in 0..5 {
         statuses.push(get_status(addr, "/work", "5000").await);
     }
+    statuses.push(get_status(addr, "/echo/200", "5000").await);
+    statuses.push(get_status(addr, "/echo/201", "5000").await);
     for _ in 0..2 {
         statuses.push(get_status(addr, "/slow", "50").await);
     }
@@ -94,21 +103,23 @@ async fn known_traffic_moves_each_metric_by_its_exact_amount() {
     statuses.push(get_status(addr, "/work", "soon").await);
     assert_eq!(
         statuses,
-        [200, 200, 200, 200, 200, 504, 504, 503, 429, 429, 429, 400],
+        [
+            200, 200, 200, 200, 200, 200, 201, 504, 504, 503, 429, 429, 429, 400
+        ],
         "the traffic itself"
     );
 
     let after = scrape(addr).await;
     let m = |name: &str, labels: &[(&str, &str)]| moved(&before, &after, name, labels);
 
-    // deadline: 11 requests arrived with a header deadline, 2 passed while
+    // deadline: 13 requests arrived with a header deadline, 2 passed while
     // running, 1 was malformed
     assert_eq!(
         m(
             "atscale_deadline_remaining_seconds_count",
             &[("origin", "header")]
         ),
-        11.0
+        13.0
     );
     assert_eq!(
         m(
@@ -121,7 +132,7 @@ async fn known_traffic_moves_each_metric_by_its_exact_amount() {
     assert_eq!(m("atscale_deadline_malformed_total", &[]), 1.0);
 
     // rate limit: the malformed request never reached it
-    assert_eq!(m("atscale_ratelimit_admitted_total", &[]), 8.0);
+    assert_eq!(m("atscale_ratelimit_admitted_total", &[]), 10.0);
     assert_eq!(
         m(
             "atscale_ratelimit_refused_total",
@@ -164,11 +175,13 @@ async fn known_traffic_moves_each_metric_by_its_exact_amount() {
         )
     };
     assert_eq!(answer("/work", "200"), 5.0);
+    assert_eq!(answer("/echo/{code}", "200"), 1.0);
+    assert_eq!(answer("/echo/{code}", "201"), 1.0);
     assert_eq!(answer("/slow", "504"), 2.0);
     assert_eq!(answer("/work", "429"), 3.0);
     assert_eq!(answer("/work", "400"), 1.0);
     assert_eq!(answer("/hang", "503"), 1.0);
-    assert_eq!(m(duration, &[]), 12.0);
+    assert_eq!(m(duration, &[]), 14.0);
     assert_eq!(m(duration, &[("error_type", "rate_limited")]), 3.0);
     assert!(
         after.sum(

@@ -15,6 +15,8 @@ use crate::error::{Enriched, RequestMeta};
 
 #[cfg(feature = "metrics")]
 mod imp {
+    use std::cell::RefCell;
+    use std::collections::HashMap;
     use std::time::Instant;
 
     use atscale_core::Kind;
@@ -22,7 +24,7 @@ mod imp {
         ERRORS, HTTP_SERVER_REQUEST_DURATION, PANICS, RPC_SERVER_DURATION, enabled, field,
     };
     use http::{HeaderValue, Method, Request, Response, StatusCode};
-    use metrics::{Label, SharedString};
+    use metrics::{Histogram, Label, SharedString};
     use tracing::field::Empty;
 
     use crate::error::{Enriched, Panicked, RequestMeta};
@@ -183,30 +185,80 @@ mod imp {
         kind: Option<Kind>,
     ) {
         let elapsed = started.elapsed();
-        let error = kind.map(|k| Label::from_static_parts("error.type", k.as_str()));
         if grpc {
             let code = res
                 .headers()
                 .get("grpc-status")
                 .and_then(|v| grpc_code_label(v.as_bytes()))
                 .unwrap_or("0");
-            let mut labels = vec![
-                Label::from_static_parts("rpc.system", "grpc"),
-                Label::from_static_parts("rpc.grpc.status_code", code),
-            ];
-            labels.extend(error);
-            metrics::histogram!(RPC_SERVER_DURATION, labels).record(elapsed.as_secs_f64() * 1000.0);
+            let key = (true, "POST", Some(code), kind.map(Kind::as_str));
+            let ms = elapsed.as_secs_f64() * 1000.0;
+            kept(key, "", ms, || {
+                let mut labels = vec![
+                    Label::from_static_parts("rpc.system", "grpc"),
+                    Label::from_static_parts("rpc.grpc.status_code", code),
+                ];
+                labels.extend(kind.map(|k| Label::from_static_parts("error.type", k.as_str())));
+                metrics::histogram!(RPC_SERVER_DURATION, labels)
+            });
         } else {
-            let mut labels = vec![
-                Label::from_static_parts("http.request.method", method_label(method)),
-                Label::new("http.response.status_code", status_label(res.status())),
-            ];
-            if let Some(route) = route {
-                labels.push(Label::new("http.route", route.to_owned()));
-            }
-            labels.extend(error);
-            metrics::histogram!(HTTP_SERVER_REQUEST_DURATION, labels).record(elapsed.as_secs_f64());
+            let method = method_label(method);
+            let status = res.status();
+            let key = (
+                false,
+                method,
+                static_status(status.as_u16()),
+                kind.map(Kind::as_str),
+            );
+            kept(key, route.unwrap_or(""), elapsed.as_secs_f64(), || {
+                let mut labels = vec![
+                    Label::from_static_parts("http.request.method", method),
+                    Label::new("http.response.status_code", status_label(status)),
+                ];
+                if let Some(route) = route {
+                    labels.push(Label::new("http.route", route.to_owned()));
+                }
+                labels.extend(kind.map(|k| Label::from_static_parts("error.type", k.as_str())));
+                metrics::histogram!(HTTP_SERVER_REQUEST_DURATION, labels)
+            });
         }
+    }
+
+    /// A duration histogram's labels but the route: (gRPC, method, status
+    /// when a common one, error type).
+    type Labels = (
+        bool,
+        &'static str,
+        Option<&'static str>,
+        Option<&'static str>,
+    );
+
+    /// Records `value` in the histogram for `labels` and `route`, kept per
+    /// thread from its first use: a recorder's lookup (labels, a key, a
+    /// registry) costs a few hundred ns, a kept handle one map lookup. The
+    /// set is bounded by construction (methods, statuses, kinds, route
+    /// templates).
+    fn kept(labels: Labels, route: &str, value: f64, register: impl FnOnce() -> Histogram) {
+        thread_local! {
+            static KEPT: RefCell<HashMap<Labels, HashMap<Box<str>, Histogram>>> =
+                RefCell::new(HashMap::new());
+        }
+        if labels.2.is_none() {
+            // A rare status: looked up by the recorder every time.
+            return register().record(value);
+        }
+        KEPT.with(|kept| {
+            let mut kept = kept.borrow_mut();
+            let by_route = kept.entry(labels).or_default();
+            match by_route.get(route) {
+                Some(h) => h.record(value),
+                None => {
+                    let h = register();
+                    h.record(value);
+                    by_route.insert(route.into(), h);
+                }
+            }
+        });
     }
 
     /// OpenTelemetry's known methods, `_OTHER` for the rest (a bounded set).
@@ -227,7 +279,15 @@ mod imp {
 
     /// The common statuses without allocating; others as their digits.
     fn status_label(status: StatusCode) -> SharedString {
-        let s: &'static str = match status.as_u16() {
+        match static_status(status.as_u16()) {
+            Some(s) => SharedString::const_str(s),
+            None => SharedString::from(status.as_u16().to_string()),
+        }
+    }
+
+    /// The statuses answers commonly have, as static strings.
+    fn static_status(code: u16) -> Option<&'static str> {
+        Some(match code {
             200 => "200",
             201 => "201",
             202 => "202",
@@ -257,9 +317,8 @@ mod imp {
             502 => "502",
             503 => "503",
             504 => "504",
-            other => return SharedString::from(other.to_string()),
-        };
-        SharedString::const_str(s)
+            _ => return None,
+        })
     }
 
     /// A gRPC status code (0..=16) as a label; anything else is not one.
