@@ -39,7 +39,16 @@ fn gated(
 }
 
 async fn next(pulses: &mut Pulses) -> Pulse {
-    pulses.next().await.expect("the monitor is alive")
+    bounded(pulses.next()).await.expect("the monitor is alive")
+}
+
+/// Every wait on a signal is bounded: a regression fails the test instead
+/// of hanging CI (on the paused clock the bound is reached at once when
+/// nothing else is pending).
+async fn bounded<F: std::future::Future>(signal: F) -> F::Output {
+    tokio::time::timeout(std::time::Duration::from_secs(60), signal)
+        .await
+        .expect("a signal the test waits for never came within 60 s")
 }
 
 #[test]
@@ -74,7 +83,7 @@ async fn a_unary_request_starts_and_finishes() {
     let Pulse::Started { id } = next(&mut pulses).await else {
         panic!("a request starts first")
     };
-    monitor.wait_in_flight(1).await;
+    bounded(monitor.wait_in_flight(1)).await;
     advance(Duration::from_millis(300)).await;
     let inflight = monitor.requests();
     assert_eq!(inflight.len(), 1);
@@ -83,7 +92,7 @@ async fn a_unary_request_starts_and_finishes() {
     assert_eq!(inflight[0].elapsed(), Duration::from_millis(300));
 
     gate.notify_one();
-    assert_eq!(call.await.unwrap().unwrap(), "done");
+    assert_eq!(bounded(call).await.unwrap().unwrap(), "done");
     assert_eq!(
         next(&mut pulses).await,
         Pulse::Finished {
@@ -111,22 +120,22 @@ async fn waiting_for_work_needs_no_timeout() {
     let calls: Vec<_> = (0..3)
         .map(|_| tokio::spawn(svc.clone().oneshot(req())))
         .collect();
-    monitor.wait_started(3).await;
+    bounded(monitor.wait_started(3)).await;
     assert_eq!(monitor.in_flight(), 3);
     for _ in 0..3 {
         gate.notify_one();
     }
-    monitor.wait_finished(3).await;
-    monitor.wait_in_flight(0).await;
+    bounded(monitor.wait_finished(3)).await;
+    bounded(monitor.wait_in_flight(0)).await;
     for call in calls {
-        assert_eq!(call.await.unwrap().unwrap(), "done");
+        assert_eq!(bounded(call).await.unwrap().unwrap(), "done");
     }
     // clones share one monitor: a second service from the same layer counts too
     let other = monitor.layer().layer(gated(gate.clone()));
     let call = tokio::spawn(other.oneshot(req()));
-    monitor.wait_started(4).await;
+    bounded(monitor.wait_started(4)).await;
     gate.notify_one();
-    call.await.unwrap().unwrap();
+    bounded(call).await.unwrap().unwrap();
     assert_eq!(monitor.counts().ok(), 4);
 }
 
@@ -199,14 +208,6 @@ async fn an_empty_or_sized_body_finishes_without_being_polled_to_the_end() {
     assert_eq!(monitor.counts().cancelled(), 0);
 }
 
-/// The next pulse, failing the test instead of hanging if none comes.
-async fn bounded(pulses: &mut Pulses) -> Pulse {
-    tokio::time::timeout(Duration::from_secs(1), pulses.next())
-        .await
-        .expect("a pulse within 1 s")
-        .expect("the monitor is alive")
-}
-
 #[tokio::test(start_paused = true)]
 async fn the_last_frame_of_a_watched_body_is_a_unit_of_progress() {
     let monitor = Monitor::new();
@@ -218,13 +219,13 @@ async fn the_last_frame_of_a_watched_body_is_a_unit_of_progress() {
         }));
     let mut body = Box::pin(svc.oneshot(req()).await.unwrap().into_body());
     body.frame().await.unwrap().unwrap();
-    let Pulse::Started { id } = bounded(&mut pulses).await else {
+    let Pulse::Started { id } = next(&mut pulses).await else {
         panic!("first pulse: started")
     };
     // the only frame counts, and the request ends with it
-    assert_eq!(bounded(&mut pulses).await, Pulse::Progress { id, units: 1 });
+    assert_eq!(next(&mut pulses).await, Pulse::Progress { id, units: 1 });
     assert!(matches!(
-        bounded(&mut pulses).await,
+        next(&mut pulses).await,
         Pulse::Finished {
             outcome: Outcome::Ok,
             ..
@@ -273,8 +274,11 @@ async fn a_stalled_request_is_cut_its_future_dropped_and_its_context_cancelled()
         Duration::from_secs(2)
     );
     assert_eq!(err.to_string(), "stalled: no progress for 2s");
-    assert!(alive_rx.await.is_err(), "the inner future was dropped");
-    let (carried, current) = cx_rx.await.unwrap();
+    assert!(
+        bounded(alive_rx).await.is_err(),
+        "the inner future was dropped"
+    );
+    let (carried, current) = bounded(cx_rx).await.unwrap();
     assert!(carried.is_cancelled(), "the request's context is cancelled");
     assert!(
         current.unwrap().is_cancelled(),
@@ -347,7 +351,7 @@ async fn a_stream_that_goes_quiet_is_cut_but_a_slow_steady_one_is_not() {
     // the last frame came at 3.0 s
     assert_eq!(at - started, Duration::from_secs(5));
     assert!(tx.is_closed(), "the inner body was dropped");
-    assert!(cx_rx.await.unwrap().is_cancelled());
+    assert!(bounded(cx_rx).await.unwrap().is_cancelled());
     assert_eq!(monitor.counts().stalled(), 1);
 }
 
@@ -363,7 +367,7 @@ async fn a_caller_giving_up_is_cancelled_not_a_failure() {
             std::future::pending::<Result<String, Infallible>>()
         }));
     let future = svc.ready().await.unwrap().call(req());
-    let cx = cx_rx.recv().await.unwrap();
+    let cx = bounded(cx_rx.recv()).await.unwrap();
     drop(future);
     assert!(cx.is_cancelled());
     next(&mut pulses).await;
@@ -453,14 +457,14 @@ async fn interval_beats_while_busy_and_not_while_idle() {
         );
     }
     gate.notify_one();
-    call.await.unwrap().unwrap();
+    bounded(call).await.unwrap().unwrap();
     assert!(matches!(next(&mut pulses).await, Pulse::Finished { .. }));
     // idle now: ticks pass without beats, so the next pulse is the next request
     advance(Duration::from_secs(5)).await;
     let call = tokio::spawn(svc.oneshot(req()));
     assert!(matches!(next(&mut pulses).await, Pulse::Started { .. }));
     gate.notify_one();
-    call.await.unwrap().unwrap();
+    bounded(call).await.unwrap().unwrap();
 }
 
 #[tokio::test(start_paused = true)]
@@ -511,7 +515,7 @@ async fn the_interval_task_stops_with_its_last_subscriber_and_its_last_handle() 
     drop(monitor);
     tokio::task::yield_now().await;
     assert_eq!(metrics.num_alive_tasks(), 0, "stopped with the last handle");
-    assert_eq!(pulses.next().await, None, "and the stream ends");
+    assert_eq!(bounded(pulses.next()).await, None, "and the stream ends");
 }
 
 #[tokio::test(start_paused = true)]
@@ -609,7 +613,7 @@ async fn progress_is_only_in_scope_under_the_watchdog_and_late_reports_change_no
         async { Ok::<_, Infallible>(String::new()) }
     }));
     svc.oneshot(req()).await.unwrap();
-    let late = rx.await.unwrap();
+    let late = bounded(rx).await.unwrap();
     assert!(!late.report(), "the request has ended");
     assert_eq!(watched.counts().ok(), 1);
 }

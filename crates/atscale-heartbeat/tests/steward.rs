@@ -70,6 +70,15 @@ async fn call<S: Service<Req, Error = BoxError>>(svc: &mut S) -> Result<S::Respo
     svc.ready().await?.call(http::Request::new(())).await
 }
 
+/// Every wait on a signal is bounded: a regression fails the test instead
+/// of hanging CI (on the paused clock the bound is reached at once when
+/// nothing else is pending).
+async fn bounded<F: std::future::Future>(signal: F) -> F::Output {
+    tokio::time::timeout(std::time::Duration::from_secs(60), signal)
+        .await
+        .expect("a signal the test waits for never came within 60 s")
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_service_that_stops_responding_is_rebuilt_and_the_next_requests_succeed() {
     let (built, make) = factory(&[Mode::Hang, Mode::Answer]);
@@ -89,9 +98,9 @@ async fn a_service_that_stops_responding_is_rebuilt_and_the_next_requests_succee
         let mut s = steward.clone();
         async move { call(&mut s).await }
     });
-    monitor.wait_started(2).await;
+    bounded(monitor.wait_started(2)).await;
     for handle in [first, second] {
-        let err = handle.await.unwrap().unwrap_err();
+        let err = bounded(handle).await.unwrap().unwrap_err();
         assert_eq!(Kind::of(&*err), Kind::Stalled);
     }
     assert_eq!(start.elapsed(), Duration::from_secs(2));
@@ -147,13 +156,13 @@ async fn rebuilds_back_off_and_the_backoff_doubles() {
     .backoff(Duration::from_secs(1))
     .max_backoff(Duration::from_secs(2))
     .build();
-    let start = built_rx.recv().await.unwrap();
+    let start = bounded(built_rx.recv()).await.unwrap();
     let waiting = tokio::spawn(async move {
         let _ = steward.ready().await;
     });
     let mut rebuilt_at = Vec::new();
     for _ in 0..4 {
-        rebuilt_at.push((built_rx.recv().await.unwrap() - start).as_millis());
+        rebuilt_at.push((bounded(built_rx.recv()).await.unwrap() - start).as_millis());
     }
     waiting.abort();
     assert_eq!(rebuilt_at, [100, 1100, 3100, 5100]);
@@ -173,14 +182,14 @@ async fn old_in_flight_requests_end_cleanly_after_a_rebuild() {
         let mut s = steward.clone();
         async move { call(&mut s).await }
     });
-    monitor.wait_started(1).await;
+    bounded(monitor.wait_started(1)).await;
     tokio::time::advance(Duration::from_secs(1)).await;
     // a second request, 1 s later, also on instance 0
     let later = tokio::spawn({
         let mut s = steward.clone();
         async move { call(&mut s).await }
     });
-    monitor.wait_started(2).await;
+    bounded(monitor.wait_started(2)).await;
     // the first stalls at 5 s: rebuild; the second still ends, at 6 s, stalled too
     let err = slow.await.unwrap().unwrap_err();
     assert!(find::<Stalled>(&*err).is_some());
