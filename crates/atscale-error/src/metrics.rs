@@ -37,16 +37,14 @@ mod imp {
         tracing::Level::INFO <= STATIC_MAX_LEVEL && tracing::Level::INFO <= LevelFilter::current()
     }
 
-    /// The request's span and, when durations are on, its arrival time;
-    /// `None` (one word, nothing allocated) when neither a subscriber wants
-    /// the span nor durations are on.
+    /// The request's arrival time (metrics enabled) and span (a subscriber
+    /// wants it); nothing allocated unless the span is made.
     #[derive(Clone, Debug)]
-    pub(crate) struct Observed(Option<Box<Inner>>);
-
-    #[derive(Clone, Debug)]
-    struct Inner {
-        span: tracing::Span,
+    pub(crate) struct Observed {
+        /// When the request arrived, if metrics are enabled.
         started: Option<Instant>,
+        /// The request span, if a subscriber wants it (boxed: rare).
+        span: Option<Box<tracing::Span>>,
     }
 
     impl Observed {
@@ -57,10 +55,13 @@ mod imp {
             trace: Option<&HeaderValue>,
         ) -> Self {
             let started = enabled().then(Instant::now);
-            if !span_wanted() && started.is_none() {
+            if !span_wanted() {
                 // No subscriber takes INFO: not even a disabled span is made
                 // (with tracing's `log` feature that alone costs ~20 ns).
-                return Observed(None);
+                return Observed {
+                    started,
+                    span: None,
+                };
             }
             let span = tracing::info_span!(
                 target: "atscale",
@@ -78,29 +79,29 @@ mod imp {
                 http.response.status_code = Empty,
             );
             if span.is_disabled() {
-                if started.is_none() {
-                    return Observed(None);
-                }
-            } else {
-                if let Some(route) = route {
-                    span.record("http.route", route);
-                }
-                if let Some(id) = trace.and_then(TraceId::parse) {
-                    span.record(field::TRACE_ID, id.as_str());
-                }
+                return Observed {
+                    started,
+                    span: None,
+                };
             }
-            Observed(Some(Box::new(Inner { span, started })))
+            if let Some(route) = route {
+                span.record("http.route", route);
+            }
+            if let Some(id) = trace.and_then(TraceId::parse) {
+                span.record(field::TRACE_ID, id.as_str());
+            }
+            Observed {
+                started,
+                span: Some(Box::new(span)),
+            }
         }
 
         fn span(&self) -> Option<&tracing::Span> {
-            self.0
-                .as_ref()
-                .map(|o| &o.span)
-                .filter(|s| !s.is_disabled())
+            self.span.as_deref()
         }
 
         fn started(&self) -> Option<Instant> {
-            self.0.as_ref()?.started
+            self.started
         }
     }
 
@@ -240,8 +241,7 @@ mod imp {
     /// templates).
     fn kept(labels: Labels, route: &str, value: f64, register: impl FnOnce() -> Histogram) {
         thread_local! {
-            static KEPT: RefCell<HashMap<Labels, HashMap<Box<str>, Histogram>>> =
-                RefCell::new(HashMap::new());
+            static KEPT: RefCell<HashMap<Labels, ByRoute, Fnv>> = RefCell::new(HashMap::default());
         }
         if labels.2.is_none() {
             // A rare status: looked up by the recorder every time.
@@ -259,6 +259,33 @@ mod imp {
                 }
             }
         });
+    }
+
+    /// The kept histograms of one set of labels, by route template.
+    type ByRoute = HashMap<Box<str>, Histogram, Fnv>;
+
+    /// FNV-1a: the keys are a few short strings of a bounded set, hashed on
+    /// every answer; SipHash's resistance to chosen keys is not needed.
+    type Fnv = std::hash::BuildHasherDefault<FnvHasher>;
+
+    struct FnvHasher(u64);
+
+    impl Default for FnvHasher {
+        fn default() -> Self {
+            FnvHasher(0xcbf2_9ce4_8422_2325)
+        }
+    }
+
+    impl std::hash::Hasher for FnvHasher {
+        fn finish(&self) -> u64 {
+            self.0
+        }
+
+        fn write(&mut self, bytes: &[u8]) {
+            for b in bytes {
+                self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+            }
+        }
     }
 
     /// OpenTelemetry's known methods, `_OTHER` for the rest (a bounded set).
