@@ -534,13 +534,7 @@ pub async fn calls_on(port: u16, names: &[&str]) -> u64 {
         .query_async(&mut conn)
         .await
         .expect("INFO commandstats");
-    info.lines()
-        .filter_map(|line| line.strip_prefix("cmdstat_"))
-        .filter_map(|line| line.split_once(':'))
-        .filter(|(name, _)| names.contains(name))
-        .filter_map(|(_, stats)| stats.strip_prefix("calls="))
-        .filter_map(|stats| stats.split(',').next()?.parse::<u64>().ok())
-        .sum()
+    super::commandstats_calls(&info, names)
 }
 
 impl RedisCluster {

@@ -169,15 +169,20 @@ impl RedisServer {
             .query_async(&mut conn)
             .await
             .expect("INFO commandstats");
-        // lines like `cmdstat_evalsha:calls=12,usec=...`
-        info.lines()
-            .filter_map(|line| line.strip_prefix("cmdstat_"))
-            .filter_map(|line| line.split_once(':'))
-            .filter(|(name, _)| names.contains(name))
-            .filter_map(|(_, stats)| stats.strip_prefix("calls="))
-            .filter_map(|stats| stats.split(',').next()?.parse::<u64>().ok())
-            .sum()
+        commandstats_calls(&info, names)
     }
+}
+
+/// The `calls` of `INFO commandstats` output, summed over every command
+/// whose name is in `names` (lines like `cmdstat_evalsha:calls=12,usec=...`).
+pub fn commandstats_calls(info: &str, names: &[&str]) -> u64 {
+    info.lines()
+        .filter_map(|line| line.strip_prefix("cmdstat_"))
+        .filter_map(|line| line.split_once(':'))
+        .filter(|(name, _)| names.contains(name))
+        .filter_map(|(_, stats)| stats.strip_prefix("calls="))
+        .filter_map(|stats| stats.split(',').next()?.parse::<u64>().ok())
+        .sum()
 }
 
 fn signal(pid: u32, sig: &str) {
