@@ -44,6 +44,22 @@ async fn a_refusal_is_unavailable_overloaded_with_retry_info_and_the_client_thro
     )
     .await;
 
+    let throttle = ThrottleLayer::builder().clock(Clock::tokio()).build()?;
+    let channel = loopback::channel(addr).await;
+    let mut client = HealthClient::new(throttle.layer(channel));
+    let check = || {
+        tonic::Request::new(HealthCheckRequest {
+            service: String::new(),
+        })
+    };
+    // One call answered first: after it, one refusal leaves the throttle's
+    // rejection probability at max(0, (2 - 2·1) / 3) = 0, so the calls
+    // below reach the server every time (with no accept yet, a refusal
+    // alone would make the next call a coin toss: 1/2).
+    let served = timeout(BOUND, client.check(check())).await??;
+    assert_eq!(served.into_inner().status, 1); // SERVING
+    assert_eq!(throttle.counts(), (1, 1));
+
     // Another service of the same layer holds the only slot.
     let gate = Arc::new(Semaphore::new(0));
     let holder = overload.layer(service_fn({
@@ -64,15 +80,6 @@ async fn a_refusal_is_unavailable_overloaded_with_retry_info_and_the_client_thro
     })
     .await?;
 
-    let throttle = ThrottleLayer::builder().clock(Clock::tokio()).build()?;
-    let channel = loopback::channel(addr).await;
-    let mut client = HealthClient::new(throttle.layer(channel));
-    let check = || {
-        tonic::Request::new(HealthCheckRequest {
-            service: String::new(),
-        })
-    };
-
     let status = timeout(BOUND, client.check(check())).await?.unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     let details = status.get_error_details();
@@ -81,14 +88,14 @@ async fn a_refusal_is_unavailable_overloaded_with_retry_info_and_the_client_thro
         details.retry_info().and_then(|r| r.retry_delay).is_some(),
         "{details:?}"
     );
-    assert_eq!(throttle.counts(), (1, 0), "a refusal is not an accept");
+    assert_eq!(throttle.counts(), (2, 1), "a refusal is not an accept");
 
     // The slot frees: the next call is served and counted as accepted.
     gate.add_permits(1);
     timeout(BOUND, held).await???;
     let served = timeout(BOUND, client.check(check())).await??;
     assert_eq!(served.into_inner().status, 1); // SERVING
-    assert_eq!(throttle.counts(), (2, 1));
+    assert_eq!(throttle.counts(), (3, 2));
     assert_eq!((admission.in_flight(), admission.queue_depth()), (0, 0));
     Ok(())
 }
