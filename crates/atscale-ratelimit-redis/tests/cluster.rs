@@ -243,10 +243,10 @@ async fn the_books_two_limits_across_two_stores_admit_exactly_ten() {
         10,
         "exactly 10 in the minute across both stores (a: {from_a:?}, b: {from_b:?})"
     );
-    assert!(
-        !from_a.is_empty() && !from_b.is_empty(),
-        "both stores admitted some"
-    );
+    // Which store wins each token is a race (one may win them all on a
+    // loaded machine: this assertion once failed 1 round in 10); the exact
+    // total across both is what shows the buckets are shared, and both
+    // stores refusing below, whatever each admitted, shows each sees them.
     // the per-second limit paced them: the 10th no sooner than 4 s (less
     // the half round trip by which an answer may precede its time)
     assert!(
@@ -262,6 +262,13 @@ async fn the_books_two_limits_across_two_stores_admit_exactly_ten() {
         0,
         "both limits share a slot: one script"
     );
+    for (name, store) in [("a", &a), ("b", &b)] {
+        let svc = layered(store, &limits(store), None);
+        let err = call(&svc, None)
+            .await
+            .expect_err("the minute's 10 are used, seen from either store");
+        assert_eq!(Kind::of(&*err), Kind::RateLimited, "store {name}: {err}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
