@@ -72,6 +72,7 @@ mod clock;
 mod context;
 mod deadline;
 pub mod error;
+pub mod grpc;
 mod macros;
 #[cfg(feature = "metrics")]
 #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]

@@ -228,7 +228,7 @@ impl Cut {
     fn of<B>(bodies: Bodies, req: &http::Request<B>) -> Option<Cut> {
         let covered = match bodies {
             Bodies::Off => false,
-            Bodies::Grpc => is_grpc(req.headers()),
+            Bodies::Grpc => atscale_core::grpc::is_grpc(req.headers()),
             Bodies::All => true,
         };
         if !covered {
@@ -295,7 +295,7 @@ where
                 return Poll::Ready(Err(DeadlineExceeded::at(c.deadline, now).into()));
             }
         }
-        let grpc = cut.is_some() && is_grpc(res.headers());
+        let grpc = cut.is_some() && atscale_core::grpc::is_grpc(res.headers());
         Poll::Ready(Ok(res.map(|body| DeadlineBody::new(body, cut, grpc))))
     }
 }
@@ -402,13 +402,6 @@ where
             .as_ref()
             .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
     }
-}
-
-/// Whether `headers` are those of a gRPC request or response.
-fn is_grpc(headers: &HeaderMap) -> bool {
-    headers
-        .get(http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
 /// The trailers that end a gRPC stream cut by its deadline:

@@ -152,13 +152,9 @@ impl MatchedRoute {
 /// A request is gRPC when its content type is `application/grpc`, with or
 /// without a suffix (`application/grpc+proto`, `application/grpc-web+proto`).
 fn grpc_content_type(headers: &http::HeaderMap) -> Option<HeaderValue> {
-    let value = headers.get(http::header::CONTENT_TYPE)?;
-    let ct = value.as_bytes();
-    let grpc = ct
-        .get(..16)
-        .is_some_and(|p| p.eq_ignore_ascii_case(b"application/grpc"))
-        && matches!(ct.get(16), None | Some(b'+' | b'-' | b';'));
-    grpc.then(|| value.clone())
+    atscale_core::grpc::is_grpc(headers)
+        .then(|| headers.get(http::header::CONTENT_TYPE).cloned())
+        .flatten()
 }
 
 impl Enriched {

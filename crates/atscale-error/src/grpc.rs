@@ -33,7 +33,7 @@ pub(crate) fn response<B>(err: &Enriched, internal_details: bool) -> Response<Re
         );
         headers.insert(
             "grpc-message",
-            HeaderValue::from_str(&percent_encode(err.message()))
+            HeaderValue::from_str(&atscale_core::grpc::percent_encode(err.message()))
                 .expect("percent-encoding leaves only visible ASCII"),
         );
         if let Some(after) = err.retry_after() {
@@ -49,21 +49,6 @@ fn content_type(err: &Enriched) -> HeaderValue {
     err.grpc_content_type()
         .cloned()
         .unwrap_or(HeaderValue::from_static("application/grpc"))
-}
-
-/// Percent-encodes a `grpc-message` as the gRPC HTTP/2 spec asks: every byte
-/// outside visible ASCII, and `%` itself.
-#[cfg_attr(feature = "tonic", allow(dead_code))]
-pub(crate) fn percent_encode(message: &str) -> String {
-    let mut out = String::with_capacity(message.len());
-    for b in message.bytes() {
-        if (0x20..=0x7e).contains(&b) && b != b'%' {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 /// The `tonic::Status` for `err`, with rich details:
@@ -154,11 +139,5 @@ mod tests {
         assert_eq!(pushback_ms(Duration::from_nanos(1)), 1);
         assert_eq!(pushback_ms(Duration::ZERO), 0);
         assert_eq!(pushback_ms(Duration::from_secs(u64::MAX)), i32::MAX);
-    }
-
-    #[test]
-    fn percent_encoding_keeps_visible_ascii() {
-        assert_eq!(percent_encode("retry after 2 s."), "retry after 2 s.");
-        assert_eq!(percent_encode("100% ça\n"), "100%25 %C3%A7a%0A");
     }
 }

@@ -154,50 +154,21 @@ where
     }
 }
 
-/// Whether `headers` are those of a gRPC response.
-pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
-    headers
-        .get(http::header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
-}
-
 /// The trailers that end a stalled gRPC stream: `UNAVAILABLE` and the error's text.
 fn grpc_trailers(stalled: &Stalled) -> HeaderMap {
     let mut trailers = HeaderMap::with_capacity(2);
     let code = Kind::Stalled.grpc_code() as i32;
     trailers.insert("grpc-status", HeaderValue::from(code));
-    let message = percent_encode(&stalled.to_string());
+    let message = atscale_core::grpc::percent_encode(&stalled.to_string());
     if let Ok(message) = HeaderValue::from_str(&message) {
         trailers.insert("grpc-message", message);
     }
     trailers
 }
 
-/// `grpc-message` encoding: printable ASCII stays, anything else and `%` become `%XX`.
-fn percent_encode(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for byte in text.bytes() {
-        if (0x20..=0x7e).contains(&byte) && byte != b'%' {
-            out.push(char::from(byte));
-        } else {
-            out.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn grpc_messages_are_percent_encoded() {
-        assert_eq!(
-            percent_encode("stalled: no progress for 2s"),
-            "stalled: no progress for 2s"
-        );
-        assert_eq!(percent_encode("1.5\u{b5}s 100%"), "1.5%C2%B5s 100%25");
-    }
 
     #[test]
     fn stalled_grpc_trailers_say_unavailable() {

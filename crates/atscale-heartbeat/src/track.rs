@@ -205,7 +205,7 @@ where
     type Tracked = http::Response<TrackedBody<B>>;
 
     fn track(self, ticket: Ticket) -> Self::Tracked {
-        let grpc = crate::body::is_grpc(self.headers());
+        let grpc = atscale_core::grpc::is_grpc(self.headers());
         self.map(|body| TrackedBody::new(body, ticket, grpc))
     }
 }

@@ -96,9 +96,7 @@ impl<B> RetryResponse for http::Response<B> {
         if !(status.is_client_error() || status.is_server_error()) {
             return None;
         }
-        let is_grpc = headers
-            .get(http::header::CONTENT_TYPE)
-            .is_some_and(|ct| ct.as_bytes().starts_with(b"application/grpc"));
+        let is_grpc = atscale_core::grpc::is_grpc(headers);
         let code = is_grpc
             .then_some(Code::Unavailable)
             .filter(|_| status == 503);

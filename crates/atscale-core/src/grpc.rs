@@ -1,0 +1,66 @@
+//! gRPC on the wire, as every layer that answers or reads it needs it:
+//! recognising a gRPC message by its content type, and encoding
+//! `grpc-message`.
+
+use http::HeaderMap;
+
+/// Whether `headers` are those of a gRPC request or response: a content type
+/// of `application/grpc`, with or without a suffix (`application/grpc+proto`,
+/// `application/grpc-web+proto`, parameters after `;`), in any case (media
+/// types are case-insensitive). `application/grpcx` is not gRPC.
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|value| {
+            let ct = value.as_bytes();
+            ct.get(..16)
+                .is_some_and(|p| p.eq_ignore_ascii_case(b"application/grpc"))
+                && matches!(ct.get(16), None | Some(b'+' | b'-' | b';'))
+        })
+}
+
+/// Percent-encodes a `grpc-message` as the gRPC HTTP/2 spec asks: every
+/// byte outside visible ASCII, and `%` itself.
+pub fn percent_encode(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    for b in message.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn grpc_is_recognised_by_content_type() {
+        for (ct, grpc) in [
+            ("application/grpc", true),
+            ("application/grpc+proto", true),
+            ("Application/GRPC", true),
+            ("application/grpc-web", true),
+            ("application/grpc;charset=utf-8", true),
+            ("application/grpcx", false),
+            ("application/json", false),
+            ("application/grp", false),
+        ] {
+            let mut headers = HeaderMap::new();
+            headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static(ct));
+            assert_eq!(is_grpc(&headers), grpc, "{ct}");
+        }
+        assert!(!is_grpc(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn grpc_messages_are_percent_encoded() {
+        assert_eq!(percent_encode("retry after 2 s."), "retry after 2 s.");
+        assert_eq!(percent_encode("100% ça\n"), "100%25 %C3%A7a%0A");
+        assert_eq!(percent_encode("1.5\u{b5}s 100%"), "1.5%C2%B5s 100%25");
+    }
+}
