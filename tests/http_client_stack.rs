@@ -391,3 +391,77 @@ async fn only_idempotent_methods_are_hedged_and_each_attempt_is_monitored() {
     assert_eq!(stats.hedges_sent(), 0);
     assert_eq!(seen.load(Ordering::SeqCst), 1);
 }
+
+/// A backend that counts its requests and answers `name`, or never answers
+/// when `hangs`.
+async fn replica(name: &'static str, hangs: bool, seen: Arc<AtomicUsize>) -> SocketAddr {
+    let handler = service_fn(move |_: http::Request<Body>| {
+        seen.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if hangs {
+                std::future::pending::<()>().await;
+            }
+            Ok::<_, BoxError>(http::Response::new(Body::from(name)))
+        }
+    });
+    serve_router(
+        Router::new()
+            .fallback_service(stack::server("replica", Duration::from_secs(10)).layer(handler)),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn over_replicas_a_hedge_goes_to_another_replica_than_the_hanging_one() {
+    let (hanging_seen, fast_seen) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let hanging = replica("hanging", true, hanging_seen.clone()).await;
+    let fast = replica("fast", false, fast_seen.clone()).await;
+    // One client per replica, each sending to its own address.
+    let client_to = |addr: SocketAddr| {
+        let client = http_client::<BufferedBody<Full<Bytes>>>();
+        tower::util::MapRequestLayer::new(move |mut req: http::Request<_>| {
+            *req.uri_mut() = format!("http://{addr}{}", req.uri().path())
+                .parse()
+                .unwrap();
+            req
+        })
+        .layer(client)
+    };
+    let hedge = HedgeLayer::builder()
+        .delay(Delay::fixed(Duration::from_millis(30)))
+        .budget(Budget::unlimited())
+        .build()
+        .unwrap();
+    let to_backend = stack::http_client("gateway", Duration::from_secs(5)).with_hedge(hedge);
+    let stats = to_backend.hedge_stats();
+    let svc = to_backend
+        .replicas(vec![client_to(hanging), client_to(fast)])
+        .unwrap();
+
+    for call in 0..4 {
+        let get = http::Request::get("/items")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let res = bounded("a call over the replicas", svc.clone().oneshot(get))
+            .await
+            .unwrap();
+        let body = bounded("its body", res.into_body().collect())
+            .await
+            .unwrap();
+        assert_eq!(body.to_bytes(), "fast", "call {call}");
+    }
+    // First attempts alternate: two went to the hanging replica, and each
+    // of those was hedged to the fast one.
+    assert_eq!(hanging_seen.load(Ordering::SeqCst), 2);
+    assert_eq!(fast_seen.load(Ordering::SeqCst), 4);
+    assert_eq!((stats.hedges_sent(), stats.hedges_won()), (2, 2));
+
+    // An empty list (of the same client type) is refused.
+    let mut none = vec![client_to(fast)];
+    none.clear();
+    let err = stack::http_client("gateway", Duration::from_secs(5))
+        .with_hedge(HedgeLayer::builder().build().unwrap())
+        .replicas(none)
+        .unwrap_err();
+    assert!(err.to_string().contains("replicas"), "{err}");
+}

@@ -47,13 +47,13 @@ use atscale_deadline::{Deadline, DeadlineLayer};
 use atscale_error::mode::Client;
 use atscale_error::{ErrorEnrich, ErrorEnrichLayer};
 use atscale_heartbeat::{Heartbeat, Monitor};
-use atscale_hedge::{BufferBody, BufferBodyLayer, Hedge, HedgeLayer};
+use atscale_hedge::{BufferBody, BufferBodyLayer, Hedge, HedgeLayer, InvalidConfig};
 use atscale_overload::throttle::ThrottleLayer;
 use atscale_ratelimit::{RateLimitLayer, Store};
 use atscale_retry::{Retry, RetryLayer};
 use tower_layer::{Identity, Layer};
 
-use super::{DEADLINE_HEADER, RetrySlot};
+use super::{DEADLINE_HEADER, HedgedRetrySlot, RetrySlot};
 use crate::remote::{HttpErrors, HttpErrorsLayer};
 
 /// The recommended HTTP client stack for outgoing calls of the service
@@ -360,6 +360,56 @@ impl<R, C, Y, T> HttpClientStack<R, HttpHedgeLayer<C>, Y, T> {
     }
 }
 
+impl<R, C: Clone, Y, T> HttpClientStack<R, HttpHedgeLayer<C>, Y, T> {
+    /// The stack over several replicas of one backend (one HTTP client
+    /// each, e.g. each with its own base address): each call's first
+    /// attempt goes to the next replica in turn, and a hedge to another
+    /// replica than the first, so a backup never waits on the replica that
+    /// is slow. Each replica has its own heartbeat entry (one monitor for
+    /// all) and its own [`HttpErrors`]; a [`ThrottleLayer`], when set, is
+    /// one per replica too (its counts are per backend).
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidConfig`] when `replicas` is empty.
+    #[allow(clippy::type_complexity)]
+    pub fn replicas<S>(
+        &self,
+        replicas: Vec<S>,
+    ) -> Result<ErrorEnrich<Deadline<R::Service>, Client>, InvalidConfig>
+    where
+        T: Layer<HttpErrors<S>>,
+        Y: HedgedRetrySlot<Hedge<HttpTransport<S, T>, C>>,
+        R: Layer<Y::Service>,
+    {
+        let replicas = replicas
+            .into_iter()
+            .map(|client| self.transport(client))
+            .collect();
+        let hedged = self.hedge.hedge.replicas(replicas)?;
+        let inner =
+            self.retry
+                .around_hedged(&self.hedge.buffer, hedged, self.retry_throttle.as_ref());
+        let inner = self.rate_limit.layer(inner);
+        let inner = self.deadline.layer(inner);
+        Ok(self.enrich.layer(inner))
+    }
+}
+
+impl<R, H, Y, T> HttpClientStack<R, H, Y, T> {
+    /// What goes right over one HTTP client: [`HttpErrors`], the throttle
+    /// (when set) and the heartbeat.
+    fn transport<S>(&self, client: S) -> HttpTransport<S, T>
+    where
+        T: Layer<HttpErrors<S>>,
+    {
+        Heartbeat::new(
+            self.throttle.layer(self.errors.layer(client)),
+            self.monitor.clone(),
+        )
+    }
+}
+
 impl<R, H, Y> HttpClientStack<R, H, Y, ThrottleLayer> {
     /// The adaptive throttle: its counts and the probability it refuses
     /// with now.
@@ -377,8 +427,7 @@ where
     type Service = ErrorEnrich<Deadline<R::Service>, Client>;
 
     fn layer(&self, client: S) -> Self::Service {
-        let inner = self.throttle.layer(self.errors.layer(client));
-        let inner = Heartbeat::new(inner, self.monitor.clone());
+        let inner = self.transport(client);
         let inner = self
             .retry
             .layer_with(&self.hedge, inner, self.retry_throttle.as_ref());
@@ -416,6 +465,20 @@ impl<S> RetrySlot<Identity, S> for HttpRetryLayer {
     ) -> Self::Service {
         self.buffer
             .layer(super::retry(&self.retry, inner, throttle))
+    }
+}
+
+impl<X> HedgedRetrySlot<X> for HttpRetryLayer {
+    type Service = BufferBody<Retry<X>>;
+
+    fn around_hedged(
+        &self,
+        _hedge_buffer: &BufferBodyLayer,
+        hedged: X,
+        throttle: Option<&RetryThrottle>,
+    ) -> Self::Service {
+        self.buffer
+            .layer(super::retry(&self.retry, hedged, throttle))
     }
 }
 
