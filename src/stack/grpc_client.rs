@@ -85,6 +85,7 @@ use atscale_retry::{MethodConfigLayer, PerMethod, Retry, RetryLayer, ServiceConf
 use tower_layer::{Identity, Layer};
 use tower_service::Service;
 
+use super::parts::ClientParts;
 use super::{HedgedRetrySlot, RetrySlot};
 use crate::remote::{GrpcErrors, GrpcErrorsLayer};
 
@@ -177,15 +178,7 @@ pub type Transport<S, T = Identity> = Heartbeat<<T as Layer<GrpcErrors<TonicBody
 /// ```
 #[derive(Clone, Debug)]
 pub struct ClientStack<R = Identity, H = Identity, Y = Identity, T = Identity> {
-    enrich: ErrorEnrichLayer<Client>,
-    deadline: DeadlineLayer,
-    errors: GrpcErrorsLayer,
-    rate_limit: R,
-    hedge: H,
-    retry: Y,
-    throttle: T,
-    retry_throttle: Option<RetryThrottle>,
-    monitor: Monitor,
+    parts: ClientParts<GrpcErrorsLayer, R, H, Y, T>,
 }
 
 impl ClientStack {
@@ -208,15 +201,7 @@ impl ClientStack {
     /// layers, with a new [`Monitor`], no rate limit and no hedge.
     pub fn from_layers(enrich: ErrorEnrichLayer<Client>, deadline: DeadlineLayer) -> Self {
         ClientStack {
-            enrich,
-            deadline,
-            errors: GrpcErrorsLayer::new(),
-            rate_limit: Identity::new(),
-            hedge: Identity::new(),
-            retry: Identity::new(),
-            throttle: Identity::new(),
-            retry_throttle: None,
-            monitor: Monitor::new(),
+            parts: ClientParts::new(enrich, deadline, GrpcErrorsLayer::new()),
         }
     }
 }
@@ -225,7 +210,7 @@ impl<R, H, Y, T> ClientStack<R, H, Y, T> {
     /// Reports every attempt to `monitor`.
     #[must_use]
     pub fn with_monitor(mut self, monitor: Monitor) -> Self {
-        self.monitor = monitor;
+        self.parts.monitor = monitor;
         self
     }
 
@@ -234,7 +219,7 @@ impl<R, H, Y, T> ClientStack<R, H, Y, T> {
     /// answer only says a dependency could not be reached).
     #[must_use]
     pub fn with_dependency(mut self, name: impl Into<Arc<str>>) -> Self {
-        self.errors = self.errors.dependency(name);
+        self.parts.errors = self.parts.errors.dependency(name);
         self
     }
 
@@ -244,15 +229,7 @@ impl<R, H, Y, T> ClientStack<R, H, Y, T> {
         rate_limit: RateLimitLayer<K, W, St>,
     ) -> ClientStack<RateLimitLayer<K, W, St>, H, Y, T> {
         ClientStack {
-            enrich: self.enrich,
-            deadline: self.deadline,
-            errors: self.errors,
-            rate_limit,
-            hedge: self.hedge,
-            retry: self.retry,
-            throttle: self.throttle,
-            retry_throttle: self.retry_throttle,
-            monitor: self.monitor,
+            parts: self.parts.rate_limit(rate_limit),
         }
     }
 
@@ -269,18 +246,10 @@ impl<R, H, Y, T> ClientStack<R, H, Y, T> {
     /// [`RetryThrottle`] so that both stop together.
     pub fn with_hedge<C>(self, hedge: HedgeLayer<C>) -> ClientStack<R, GrpcHedgeLayer<C>, Y, T> {
         ClientStack {
-            enrich: self.enrich,
-            deadline: self.deadline,
-            errors: self.errors,
-            rate_limit: self.rate_limit,
-            hedge: GrpcHedgeLayer {
+            parts: self.parts.hedge(GrpcHedgeLayer {
                 buffer: BufferBodyLayer::new(64 * 1024).non_idempotent(true),
                 hedge,
-            },
-            retry: self.retry,
-            throttle: self.throttle,
-            retry_throttle: self.retry_throttle,
-            monitor: self.monitor,
+            }),
         }
     }
 
@@ -313,18 +282,10 @@ impl<R, H, Y, T> ClientStack<R, H, Y, T> {
 
     fn with_retry_slot<P>(self, retry: P) -> ClientStack<R, H, GrpcRetryLayer<P>, T> {
         ClientStack {
-            enrich: self.enrich,
-            deadline: self.deadline,
-            errors: self.errors,
-            rate_limit: self.rate_limit,
-            hedge: self.hedge,
-            retry: GrpcRetryLayer {
+            parts: self.parts.retry(GrpcRetryLayer {
                 buffer: BufferBodyLayer::new(64 * 1024).non_idempotent(true),
                 retry,
-            },
-            throttle: self.throttle,
-            retry_throttle: self.retry_throttle,
-            monitor: self.monitor,
+            }),
         }
     }
 
@@ -336,14 +297,14 @@ impl<R, H, Y, T> ClientStack<R, H, Y, T> {
     /// keeps the throttle of its `retryThrottling`.
     #[must_use]
     pub fn with_retry_throttle(mut self, throttle: RetryThrottle) -> Self {
-        self.retry_throttle = Some(throttle);
+        self.parts.retry_throttle = Some(throttle);
         self
     }
 
     /// The A6 retry throttle set with
     /// [`with_retry_throttle`](Self::with_retry_throttle).
     pub fn retry_throttle(&self) -> Option<&RetryThrottle> {
-        self.retry_throttle.as_ref()
+        self.parts.retry_throttle.as_ref()
     }
 
     /// Throttles attempts to this backend on the client (Google SRE book,
@@ -356,21 +317,13 @@ impl<R, H, Y, T> ClientStack<R, H, Y, T> {
     /// [`replicas`](Self::replicas) they share it, as one backend service.
     pub fn with_throttle(self, throttle: ThrottleLayer) -> ClientStack<R, H, Y, ThrottleLayer> {
         ClientStack {
-            enrich: self.enrich,
-            deadline: self.deadline,
-            errors: self.errors,
-            rate_limit: self.rate_limit,
-            hedge: self.hedge,
-            retry: self.retry,
-            throttle,
-            retry_throttle: self.retry_throttle,
-            monitor: self.monitor,
+            parts: self.parts.throttle(throttle),
         }
     }
 
     /// The monitor every attempt reports to.
     pub fn monitor(&self) -> &Monitor {
-        &self.monitor
+        &self.parts.monitor
     }
 }
 
@@ -393,33 +346,20 @@ impl<R, C: Clone, Y, T> ClientStack<R, GrpcHedgeLayer<C>, Y, T> {
         Y: HedgedRetrySlot<Hedge<Transport<S, T>, C>>,
         R: Layer<Y::Service>,
     {
+        let parts = &self.parts;
         let replicas = replicas
             .into_iter()
-            .map(|s| transport(&self.errors, &self.throttle, &self.monitor, s))
+            .map(|channel| parts.transport(TonicBody { inner: channel }))
             .collect();
-        let hedged = self.hedge.hedge.replicas(replicas)?;
-        let inner =
-            self.retry
-                .around_hedged(&self.hedge.buffer, hedged, self.retry_throttle.as_ref());
-        let inner = self.rate_limit.layer(inner);
-        let inner = self.deadline.layer(inner);
+        let hedged = parts.hedge.hedge.replicas(replicas)?;
         Ok(StatusErrors {
-            inner: self.enrich.layer(inner),
+            inner: parts.outer(parts.retry.around_hedged(
+                &parts.hedge.buffer,
+                hedged,
+                parts.retry_throttle.as_ref(),
+            )),
         })
     }
-}
-
-fn transport<S, T>(
-    errors: &GrpcErrorsLayer,
-    throttle: &T,
-    monitor: &Monitor,
-    channel: S,
-) -> Transport<S, T>
-where
-    T: Layer<GrpcErrors<TonicBody<S>>>,
-{
-    let inner = throttle.layer(errors.layer(TonicBody { inner: channel }));
-    Heartbeat::new(inner, monitor.clone())
 }
 
 impl<S, R, H, Y, T> Layer<S> for ClientStack<R, H, Y, T>
@@ -431,14 +371,14 @@ where
     type Service = StatusErrors<ErrorEnrich<Deadline<R::Service>, Client>>;
 
     fn layer(&self, channel: S) -> Self::Service {
-        let inner = transport(&self.errors, &self.throttle, &self.monitor, channel);
-        let inner = self
-            .retry
-            .layer_with(&self.hedge, inner, self.retry_throttle.as_ref());
-        let inner = self.rate_limit.layer(inner);
-        let inner = self.deadline.layer(inner);
+        let parts = &self.parts;
+        let inner = parts.transport(TonicBody { inner: channel });
         StatusErrors {
-            inner: self.enrich.layer(inner),
+            inner: parts.outer(parts.retry.layer_with(
+                &parts.hedge,
+                inner,
+                parts.retry_throttle.as_ref(),
+            )),
         }
     }
 }
@@ -469,7 +409,7 @@ impl<S, C: Clone> Layer<S> for GrpcHedgeLayer<C> {
 impl<R, C, Y, T> ClientStack<R, GrpcHedgeLayer<C>, Y, T> {
     /// The hedge's counters (hedges sent, won, …).
     pub fn hedge_stats(&self) -> atscale_hedge::HedgeStats {
-        self.hedge.stats()
+        self.parts.hedge.stats()
     }
 }
 
@@ -477,7 +417,7 @@ impl<R, H, Y> ClientStack<R, H, Y, ThrottleLayer> {
     /// The adaptive throttle: its counts and the probability it refuses
     /// with now.
     pub fn throttle(&self) -> &ThrottleLayer {
-        &self.throttle
+        &self.parts.throttle
     }
 }
 
@@ -485,7 +425,7 @@ impl<R, H, T> ClientStack<R, H, GrpcRetryLayer<MethodConfigLayer>, T> {
     /// The per-method layer of the service config (its throttle, its
     /// config).
     pub fn method_config(&self) -> &MethodConfigLayer {
-        &self.retry.retry
+        &self.parts.retry.retry
     }
 }
 

@@ -53,6 +53,7 @@ use atscale_ratelimit::{RateLimitLayer, Store};
 use atscale_retry::{Retry, RetryLayer};
 use tower_layer::{Identity, Layer};
 
+use super::parts::ClientParts;
 use super::{DEADLINE_HEADER, HedgedRetrySlot, RetrySlot};
 use crate::remote::{HttpErrors, HttpErrorsLayer};
 
@@ -139,15 +140,7 @@ pub type HttpTransport<S, T = Identity> = Heartbeat<<T as Layer<HttpErrors<S>>>:
 /// ```
 #[derive(Clone, Debug)]
 pub struct HttpClientStack<R = Identity, H = Identity, Y = Identity, T = Identity> {
-    enrich: ErrorEnrichLayer<Client>,
-    deadline: DeadlineLayer,
-    errors: HttpErrorsLayer,
-    rate_limit: R,
-    hedge: H,
-    retry: Y,
-    throttle: T,
-    retry_throttle: Option<RetryThrottle>,
-    monitor: Monitor,
+    parts: ClientParts<HttpErrorsLayer, R, H, Y, T>,
 }
 
 impl HttpClientStack {
@@ -172,15 +165,7 @@ impl HttpClientStack {
     /// (client) layers, with a new [`Monitor`], no rate limit and no hedge.
     pub fn from_layers(enrich: ErrorEnrichLayer<Client>, deadline: DeadlineLayer) -> Self {
         HttpClientStack {
-            enrich,
-            deadline,
-            errors: HttpErrorsLayer::new(),
-            rate_limit: Identity::new(),
-            hedge: Identity::new(),
-            retry: Identity::new(),
-            throttle: Identity::new(),
-            retry_throttle: None,
-            monitor: Monitor::new(),
+            parts: ClientParts::new(enrich, deadline, HttpErrorsLayer::new()),
         }
     }
 }
@@ -189,7 +174,7 @@ impl<R, H, Y, T> HttpClientStack<R, H, Y, T> {
     /// Reports every attempt to `monitor`.
     #[must_use]
     pub fn with_monitor(mut self, monitor: Monitor) -> Self {
-        self.monitor = monitor;
+        self.parts.monitor = monitor;
         self
     }
 
@@ -197,7 +182,8 @@ impl<R, H, Y, T> HttpClientStack<R, H, Y, T> {
     /// that reads only that header), keeping the stack's budget.
     #[must_use]
     pub fn with_grpc_timeout(mut self) -> Self {
-        self.deadline = DeadlineLayer::client(self.deadline.budget()).with_header(DEADLINE_HEADER);
+        self.parts.deadline =
+            DeadlineLayer::client(self.parts.deadline.budget()).with_header(DEADLINE_HEADER);
         self
     }
 
@@ -205,7 +191,7 @@ impl<R, H, Y, T> HttpClientStack<R, H, Y, T> {
     /// or nothing is written for the backend to inherit).
     #[must_use]
     pub fn with_deadline(mut self, deadline: DeadlineLayer) -> Self {
-        self.deadline = deadline;
+        self.parts.deadline = deadline;
         self
     }
 
@@ -213,7 +199,7 @@ impl<R, H, Y, T> HttpClientStack<R, H, Y, T> {
     /// by its address).
     #[must_use]
     pub fn with_dependency(mut self, name: impl Into<Arc<str>>) -> Self {
-        self.errors = self.errors.dependency(name);
+        self.parts.errors = self.parts.errors.dependency(name);
         self
     }
 
@@ -223,15 +209,7 @@ impl<R, H, Y, T> HttpClientStack<R, H, Y, T> {
         rate_limit: RateLimitLayer<K, W, St>,
     ) -> HttpClientStack<RateLimitLayer<K, W, St>, H, Y, T> {
         HttpClientStack {
-            enrich: self.enrich,
-            deadline: self.deadline,
-            errors: self.errors,
-            rate_limit,
-            hedge: self.hedge,
-            retry: self.retry,
-            throttle: self.throttle,
-            retry_throttle: self.retry_throttle,
-            monitor: self.monitor,
+            parts: self.parts.rate_limit(rate_limit),
         }
     }
 
@@ -260,15 +238,7 @@ impl<R, H, Y, T> HttpClientStack<R, H, Y, T> {
         buffer: BufferBodyLayer,
     ) -> HttpClientStack<R, HttpHedgeLayer<C>, Y, T> {
         HttpClientStack {
-            enrich: self.enrich,
-            deadline: self.deadline,
-            errors: self.errors,
-            rate_limit: self.rate_limit,
-            hedge: HttpHedgeLayer { buffer, hedge },
-            retry: self.retry,
-            throttle: self.throttle,
-            retry_throttle: self.retry_throttle,
-            monitor: self.monitor,
+            parts: self.parts.hedge(HttpHedgeLayer { buffer, hedge }),
         }
     }
 
@@ -292,15 +262,7 @@ impl<R, H, Y, T> HttpClientStack<R, H, Y, T> {
         buffer: BufferBodyLayer,
     ) -> HttpClientStack<R, H, HttpRetryLayer, T> {
         HttpClientStack {
-            enrich: self.enrich,
-            deadline: self.deadline,
-            errors: self.errors,
-            rate_limit: self.rate_limit,
-            hedge: self.hedge,
-            retry: HttpRetryLayer { buffer, retry },
-            throttle: self.throttle,
-            retry_throttle: self.retry_throttle,
-            monitor: self.monitor,
+            parts: self.parts.retry(HttpRetryLayer { buffer, retry }),
         }
     }
 
@@ -311,14 +273,14 @@ impl<R, H, Y, T> HttpClientStack<R, H, Y, T> {
     /// half its tokens or fewer.
     #[must_use]
     pub fn with_retry_throttle(mut self, throttle: RetryThrottle) -> Self {
-        self.retry_throttle = Some(throttle);
+        self.parts.retry_throttle = Some(throttle);
         self
     }
 
     /// The A6 retry throttle set with
     /// [`with_retry_throttle`](Self::with_retry_throttle).
     pub fn retry_throttle(&self) -> Option<&RetryThrottle> {
-        self.retry_throttle.as_ref()
+        self.parts.retry_throttle.as_ref()
     }
 
     /// Throttles attempts to this backend on the client (Google SRE book,
@@ -330,33 +292,25 @@ impl<R, H, Y, T> HttpClientStack<R, H, Y, T> {
     /// transport, so every attempt is counted. One layer per backend.
     pub fn with_throttle(self, throttle: ThrottleLayer) -> HttpClientStack<R, H, Y, ThrottleLayer> {
         HttpClientStack {
-            enrich: self.enrich,
-            deadline: self.deadline,
-            errors: self.errors,
-            rate_limit: self.rate_limit,
-            hedge: self.hedge,
-            retry: self.retry,
-            throttle,
-            retry_throttle: self.retry_throttle,
-            monitor: self.monitor,
+            parts: self.parts.throttle(throttle),
         }
     }
 
     /// The monitor every attempt reports to.
     pub fn monitor(&self) -> &Monitor {
-        &self.monitor
+        &self.parts.monitor
     }
 
     /// The deadline layer.
     pub fn deadline(&self) -> &DeadlineLayer {
-        &self.deadline
+        &self.parts.deadline
     }
 }
 
 impl<R, C, Y, T> HttpClientStack<R, HttpHedgeLayer<C>, Y, T> {
     /// The hedge's counters (hedges sent, won, …).
     pub fn hedge_stats(&self) -> atscale_hedge::HedgeStats {
-        self.hedge.hedge.stats()
+        self.parts.hedge.hedge.stats()
     }
 }
 
@@ -365,9 +319,8 @@ impl<R, C: Clone, Y, T> HttpClientStack<R, HttpHedgeLayer<C>, Y, T> {
     /// each, e.g. each with its own base address): each call's first
     /// attempt goes to the next replica in turn, and a hedge to another
     /// replica than the first, so a backup never waits on the replica that
-    /// is slow. Each replica has its own heartbeat entry (one monitor for
-    /// all) and its own [`HttpErrors`]; a [`ThrottleLayer`], when set, is
-    /// one per replica too (its counts are per backend).
+    /// is slow. One monitor sees every attempt; a [`ThrottleLayer`], when
+    /// set, is shared by the replicas, as one backend service.
     ///
     /// # Errors
     ///
@@ -382,39 +335,17 @@ impl<R, C: Clone, Y, T> HttpClientStack<R, HttpHedgeLayer<C>, Y, T> {
         Y: HedgedRetrySlot<Hedge<HttpTransport<S, T>, C>>,
         R: Layer<Y::Service>,
     {
+        let parts = &self.parts;
         let replicas = replicas
             .into_iter()
-            .map(|client| self.transport(client))
+            .map(|client| parts.transport(client))
             .collect();
-        let hedged = self.hedge.hedge.replicas(replicas)?;
-        let inner =
-            self.retry
-                .around_hedged(&self.hedge.buffer, hedged, self.retry_throttle.as_ref());
-        let inner = self.rate_limit.layer(inner);
-        let inner = self.deadline.layer(inner);
-        Ok(self.enrich.layer(inner))
-    }
-}
-
-impl<R, H, Y, T> HttpClientStack<R, H, Y, T> {
-    /// What goes right over one HTTP client: [`HttpErrors`], the throttle
-    /// (when set) and the heartbeat.
-    fn transport<S>(&self, client: S) -> HttpTransport<S, T>
-    where
-        T: Layer<HttpErrors<S>>,
-    {
-        Heartbeat::new(
-            self.throttle.layer(self.errors.layer(client)),
-            self.monitor.clone(),
-        )
-    }
-}
-
-impl<R, H, Y> HttpClientStack<R, H, Y, ThrottleLayer> {
-    /// The adaptive throttle: its counts and the probability it refuses
-    /// with now.
-    pub fn throttle(&self) -> &ThrottleLayer {
-        &self.throttle
+        let hedged = parts.hedge.hedge.replicas(replicas)?;
+        Ok(parts.outer(parts.retry.around_hedged(
+            &parts.hedge.buffer,
+            hedged,
+            parts.retry_throttle.as_ref(),
+        )))
     }
 }
 
@@ -427,13 +358,13 @@ where
     type Service = ErrorEnrich<Deadline<R::Service>, Client>;
 
     fn layer(&self, client: S) -> Self::Service {
-        let inner = self.transport(client);
-        let inner = self
-            .retry
-            .layer_with(&self.hedge, inner, self.retry_throttle.as_ref());
-        let inner = self.rate_limit.layer(inner);
-        let inner = self.deadline.layer(inner);
-        self.enrich.layer(inner)
+        let parts = &self.parts;
+        let inner = parts.transport(client);
+        parts.outer(
+            parts
+                .retry
+                .layer_with(&parts.hedge, inner, parts.retry_throttle.as_ref()),
+        )
     }
 }
 

@@ -88,6 +88,8 @@ pub mod grpc_client;
 pub mod http_client;
 pub mod server;
 
+mod parts;
+
 #[cfg(feature = "tonic")]
 pub use grpc_client::{
     ClientStack, GrpcHedgeLayer, GrpcRetryLayer, StatusErrors, StatusFuture, TonicBody, Transport,
