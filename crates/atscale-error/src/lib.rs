@@ -159,7 +159,7 @@
 //! # Features
 //!
 //! - `tonic`: rich gRPC details through `tonic-types`, and
-//!   [`Enriched::to_status`] (`impl From<Enriched> for tonic::Status`).
+//!   `Enriched::to_status` (`impl From<Enriched> for tonic::Status`).
 //! - `axum`: errors name the route template axum matched (`/orders/{id}`,
 //!   from `MatchedPath`) in [`Enriched::route`] and the log line, so they
 //!   group by route; the layer must be added with `Router::layer` (inside

@@ -17,8 +17,10 @@ use crate::error::{Enriched, RequestMeta};
 mod imp {
     use std::cell::RefCell;
     use std::collections::HashMap;
-    use std::time::Instant;
+    use std::num::NonZeroU64;
+    use std::sync::OnceLock;
 
+    use atscale_core::Clock;
     use atscale_core::Kind;
     use atscale_core::metrics::{
         ERRORS, HTTP_SERVER_REQUEST_DURATION, PANICS, RPC_SERVER_DURATION, enabled, field,
@@ -41,8 +43,8 @@ mod imp {
     /// wants it); nothing allocated unless the span is made.
     #[derive(Clone, Debug)]
     pub(crate) struct Observed {
-        /// When the request arrived, if metrics are enabled.
-        started: Option<Instant>,
+        /// When the request arrived on [`clock`], if metrics are enabled.
+        started: Option<NonZeroU64>,
         /// The request span, if a subscriber wants it (boxed: rare).
         span: Option<Box<tracing::Span>>,
     }
@@ -54,7 +56,7 @@ mod imp {
             route: Option<&str>,
             trace: Option<&HeaderValue>,
         ) -> Self {
-            let started = enabled().then(Instant::now);
+            let started = enabled().then(now);
             if !span_wanted() {
                 // No subscriber takes INFO: not even a disabled span is made
                 // (with tracing's `log` feature that alone costs ~20 ns).
@@ -100,7 +102,7 @@ mod imp {
             self.span.as_deref()
         }
 
-        fn started(&self) -> Option<Instant> {
+        fn started(&self) -> Option<NonZeroU64> {
             self.started
         }
     }
@@ -177,43 +179,52 @@ mod imp {
         }
     }
 
+    /// The clock of the durations: the core's (TSC through quanta by
+    /// default), a few ns a reading where `Instant::now` is a system call's
+    /// worth (the vDSO's `clock_gettime`, ~20 ns).
+    fn clock() -> &'static Clock {
+        static CLOCK: OnceLock<Clock> = OnceLock::new();
+        CLOCK.get_or_init(Clock::quanta)
+    }
+
+    /// Now on [`clock`], never zero (zero means "not timed").
+    #[inline]
+    fn now() -> NonZeroU64 {
+        NonZeroU64::new(clock().now_nanos()).unwrap_or(NonZeroU64::MIN)
+    }
+
     fn duration<B>(
-        started: Instant,
+        started: NonZeroU64,
         method: &Method,
         route: Option<&str>,
         grpc: bool,
         res: &Response<B>,
         kind: Option<Kind>,
     ) {
-        let elapsed = started.elapsed();
+        let nanos = clock().now_nanos().saturating_sub(started.get());
         if grpc {
             let code = res
                 .headers()
                 .get("grpc-status")
-                .and_then(|v| grpc_code_label(v.as_bytes()))
-                .unwrap_or("0");
-            let key = (true, "POST", Some(code), kind.map(Kind::as_str));
-            let ms = elapsed.as_secs_f64() * 1000.0;
-            kept(key, "", ms, || {
-                let mut labels = vec![
-                    Label::from_static_parts("rpc.system", "grpc"),
-                    Label::from_static_parts("rpc.grpc.status_code", code),
-                ];
-                labels.extend(kind.map(|k| Label::from_static_parts("error.type", k.as_str())));
-                metrics::histogram!(RPC_SERVER_DURATION, labels)
-            });
+                .and_then(|v| grpc_code(v.as_bytes()))
+                .unwrap_or(0);
+            grpc_duration(code, kind, nanos);
         } else {
-            let method = method_label(method);
+            let method = method_index(method);
             let status = res.status();
-            let key = (
-                false,
-                method,
-                static_status(status.as_u16()),
-                kind.map(Kind::as_str),
-            );
-            kept(key, route.unwrap_or(""), elapsed.as_secs_f64(), || {
+            let key = Labels {
+                // A rare status is looked up by the recorder every time.
+                packed: if static_status(status.as_u16()).is_some() {
+                    u32::from(method) << 16 | u32::from(status.as_u16())
+                } else {
+                    UNKEPT
+                },
+                kind,
+            };
+            let seconds = nanos as f64 * 1e-9;
+            kept(key, route.unwrap_or(""), seconds, || {
                 let mut labels = vec![
-                    Label::from_static_parts("http.request.method", method),
+                    Label::from_static_parts("http.request.method", METHODS[usize::from(method)]),
                     Label::new("http.response.status_code", status_label(status)),
                 ];
                 if let Some(route) = route {
@@ -225,82 +236,176 @@ mod imp {
         }
     }
 
-    /// A duration histogram's labels but the route: (gRPC, method, status
-    /// when a common one, error type).
-    type Labels = (
-        bool,
-        &'static str,
-        Option<&'static str>,
-        Option<&'static str>,
-    );
+    /// [`duration`] of an answer with `status` (the HTTP status, or for a
+    /// gRPC call the `grpc-status`), started now.
+    #[cfg(test)]
+    pub(super) fn duration_for_test(
+        method: &str,
+        route: Option<&str>,
+        status: u16,
+        kind: Option<Kind>,
+        grpc: bool,
+    ) {
+        let mut res = Response::new(());
+        if grpc {
+            res.headers_mut()
+                .insert("grpc-status", HeaderValue::from(status));
+        } else {
+            *res.status_mut() = StatusCode::from_u16(status).expect("a status");
+        }
+        let method = Method::from_bytes(method.as_bytes()).expect("a method");
+        duration(now(), &method, route, grpc, &res, kind);
+    }
 
-    /// Records `value` in the histogram for `labels` and `route`, kept per
-    /// thread from its first use: a recorder's lookup (labels, a key, a
-    /// registry) costs a few hundred ns, a kept handle one map lookup. The
-    /// set is bounded by construction (methods, statuses, kinds, route
-    /// templates).
-    fn kept(labels: Labels, route: &str, value: f64, register: impl FnOnce() -> Histogram) {
-        thread_local! {
-            static KEPT: RefCell<HashMap<Labels, ByRoute, Fnv>> = RefCell::new(HashMap::default());
-        }
-        if labels.2.is_none() {
-            // A rare status: looked up by the recorder every time.
-            return register().record(value);
-        }
-        KEPT.with(|kept| {
-            let mut kept = kept.borrow_mut();
-            let by_route = kept.entry(labels).or_default();
-            match by_route.get(route) {
-                Some(h) => h.record(value),
-                None => {
-                    let h = register();
-                    h.record(value);
-                    by_route.insert(route.into(), h);
-                }
-            }
+    /// Records a gRPC call's duration, `code` its status (0..=16).
+    pub(super) fn grpc_duration(code: u8, kind: Option<Kind>, nanos: u64) {
+        let key = Labels {
+            packed: GRPC | u32::from(code),
+            kind,
+        };
+        let ms = nanos as f64 * 1e-6;
+        kept(key, "", ms, || {
+            let mut labels = vec![
+                Label::from_static_parts("rpc.system", "grpc"),
+                Label::from_static_parts("rpc.grpc.status_code", GRPC_CODES[usize::from(code)]),
+            ];
+            labels.extend(kind.map(|k| Label::from_static_parts("error.type", k.as_str())));
+            metrics::histogram!(RPC_SERVER_DURATION, labels)
         });
     }
 
-    /// The kept histograms of one set of labels, by route template.
-    type ByRoute = HashMap<Box<str>, Histogram, Fnv>;
+    /// A duration histogram's labels but the route, packed: [`GRPC`] and
+    /// the status code, or the method's index (16..24) and the HTTP status
+    /// (0..16); and the error type.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    struct Labels {
+        packed: u32,
+        kind: Option<Kind>,
+    }
 
-    /// FNV-1a: the keys are a few short strings of a bounded set, hashed on
-    /// every answer; SipHash's resistance to chosen keys is not needed.
-    type Fnv = std::hash::BuildHasherDefault<FnvHasher>;
+    /// The bit of a gRPC call in [`Labels::packed`].
+    const GRPC: u32 = 1 << 31;
 
-    struct FnvHasher(u64);
+    /// [`Labels::packed`] of labels that are not kept (a rare status).
+    const UNKEPT: u32 = u32::MAX;
 
-    impl Default for FnvHasher {
-        fn default() -> Self {
-            FnvHasher(0xcbf2_9ce4_8422_2325)
+    /// Records `value` in the histogram for `labels` and `route`, kept per
+    /// thread from its first use: a recorder's lookup (labels, a key, a
+    /// registry) costs a few hundred ns, a kept handle a hash of a few words
+    /// and one probe. The set is bounded by construction (methods, common
+    /// statuses, kinds, route templates).
+    fn kept(labels: Labels, route: &str, value: f64, register: impl FnOnce() -> Histogram) {
+        thread_local! {
+            static KEPT: RefCell<HashMap<u64, Kept, Prehashed>> =
+                RefCell::new(HashMap::default());
+        }
+        if labels.packed == UNKEPT {
+            return register().record(value);
+        }
+        let hash = hash(labels, route);
+        let mut register = Some(register);
+        let recorded = KEPT.with(|kept| {
+            let mut kept = kept.borrow_mut();
+            match kept.get(&hash) {
+                Some(k) if k.labels == labels && same(&k.route, route) => {
+                    k.histogram.record(value);
+                    true
+                }
+                // Two keys of one hash (never seen): the recorder's lookup.
+                Some(_) => false,
+                None => {
+                    let histogram = register.take().expect("not called yet")();
+                    histogram.record(value);
+                    kept.insert(
+                        hash,
+                        Kept {
+                            labels,
+                            route: route.into(),
+                            histogram,
+                        },
+                    );
+                    true
+                }
+            }
+        });
+        if !recorded {
+            register.take().expect("not called yet")().record(value);
         }
     }
 
-    impl std::hash::Hasher for FnvHasher {
+    /// `a == b`, without a call to `memcmp` for the empty route (no
+    /// router said which).
+    #[inline]
+    fn same(a: &str, b: &str) -> bool {
+        a.len() == b.len() && (a.is_empty() || a == b)
+    }
+
+    /// A kept histogram and what it was kept for.
+    struct Kept {
+        labels: Labels,
+        route: Box<str>,
+        histogram: Histogram,
+    }
+
+    /// A word-at-a-time hash (FxHash's multiply-rotate) of the labels and
+    /// route: the set is bounded and not chosen by clients (route
+    /// templates), so no resistance to chosen keys is needed.
+    #[inline]
+    fn hash(labels: Labels, route: &str) -> u64 {
+        const K: u64 = 0x517c_c1b7_2722_0a95;
+        let mix = |h: u64, w: u64| (h.rotate_left(5) ^ w).wrapping_mul(K);
+        let kind = labels.kind.map_or(0, |k| k.as_str().as_ptr() as u64);
+        let mut h = mix(mix(u64::from(labels.packed), kind), route.len() as u64);
+        let mut chunks = route.as_bytes().chunks_exact(8);
+        for c in &mut chunks {
+            h = mix(h, u64::from_le_bytes(c.try_into().expect("8 bytes")));
+        }
+        let mut tail = [0u8; 8];
+        let rest = chunks.remainder();
+        tail[..rest.len()].copy_from_slice(rest);
+        mix(h, u64::from_le_bytes(tail))
+    }
+
+    /// The map's keys are already hashed.
+    type Prehashed = std::hash::BuildHasherDefault<Identity>;
+
+    #[derive(Default)]
+    struct Identity(u64);
+
+    impl std::hash::Hasher for Identity {
         fn finish(&self) -> u64 {
             self.0
         }
 
-        fn write(&mut self, bytes: &[u8]) {
-            for b in bytes {
-                self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
-            }
+        fn write(&mut self, _: &[u8]) {
+            unreachable!("only u64 keys")
+        }
+
+        fn write_u64(&mut self, n: u64) {
+            self.0 = n;
         }
     }
 
     /// OpenTelemetry's known methods, `_OTHER` for the rest (a bounded set).
-    fn method_label(method: &Method) -> &'static str {
+    const METHODS: [&str; 10] = [
+        "GET", "POST", "PUT", "DELETE", "HEAD", "PATCH", "OPTIONS", "CONNECT", "TRACE", "_OTHER",
+    ];
+
+    /// The index of `method`'s label in [`METHODS`].
+    fn method_index(method: &Method) -> u8 {
+        // On the constants, not `as_str()`: a match on strings compares
+        // them with `memcmp`.
         match *method {
-            Method::GET => "GET",
-            Method::POST => "POST",
-            Method::PUT => "PUT",
-            Method::DELETE => "DELETE",
-            Method::HEAD => "HEAD",
-            Method::PATCH => "PATCH",
-            Method::OPTIONS => "OPTIONS",
-            Method::CONNECT => "CONNECT",
-            Method::TRACE => "TRACE",
-            _ => "_OTHER",
+            Method::GET => 0,
+            Method::POST => 1,
+            Method::PUT => 2,
+            Method::DELETE => 3,
+            Method::HEAD => 4,
+            Method::PATCH => 5,
+            Method::OPTIONS => 6,
+            Method::CONNECT => 7,
+            Method::TRACE => 8,
+            _ => 9,
         }
     }
 
@@ -348,13 +453,149 @@ mod imp {
         })
     }
 
-    /// A gRPC status code (0..=16) as a label; anything else is not one.
-    fn grpc_code_label(code: &[u8]) -> Option<&'static str> {
-        const CODES: [&str; 17] = [
-            "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15",
-            "16",
+    /// The gRPC status codes' labels.
+    const GRPC_CODES: [&str; 17] = [
+        "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+    ];
+
+    /// A gRPC status code (0..=16); anything else is not one.
+    pub(super) fn grpc_code(code: &[u8]) -> Option<u8> {
+        let code = match *code {
+            [d] if d.is_ascii_digit() => d - b'0',
+            [b'1', d] if d.is_ascii_digit() => 10 + d - b'0',
+            _ => return None,
+        };
+        (code <= 16).then_some(code)
+    }
+}
+
+#[cfg(all(test, feature = "metrics"))]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use metrics::{
+        Counter, Gauge, Histogram, HistogramFn, Key, KeyName, Metadata, Recorder, SharedString,
+        Unit,
+    };
+
+    use super::imp::{duration_for_test, grpc_code};
+
+    /// Every histogram registration and every value recorded, by key
+    /// (name and labels, sorted).
+    #[derive(Clone, Default)]
+    struct Log {
+        registered: Arc<Mutex<Vec<String>>>,
+        values: Arc<Mutex<Vec<(String, f64)>>>,
+    }
+
+    struct Values(String, Log);
+
+    impl HistogramFn for Values {
+        fn record(&self, value: f64) {
+            self.1.values.lock().unwrap().push((self.0.clone(), value));
+        }
+    }
+
+    impl Recorder for Log {
+        fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn register_counter(&self, _: &Key, _: &Metadata<'_>) -> Counter {
+            Counter::noop()
+        }
+        fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
+            Gauge::noop()
+        }
+        fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
+            let mut labels: Vec<String> = key
+                .labels()
+                .map(|l| format!("{}={}", l.key(), l.value()))
+                .collect();
+            labels.sort();
+            let name = format!("{}{{{}}}", key.name(), labels.join(","));
+            self.registered.lock().unwrap().push(name.clone());
+            Histogram::from_arc(Arc::new(Values(name, self.clone())))
+        }
+    }
+
+    fn count(log: &Log, key: &str) -> usize {
+        log.values
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| k == key)
+            .count()
+    }
+
+    #[test]
+    fn each_answer_goes_to_the_histogram_of_its_own_labels_and_route() {
+        let log = Log::default();
+        metrics::with_local_recorder(&log, || {
+            // Twice each: the second time from the kept handle.
+            for _ in 0..2 {
+                duration_for_test("GET", Some("/a/{id}"), 200, None, false);
+                duration_for_test("GET", Some("/a/{id}"), 404, None, false);
+                duration_for_test("GET", Some("/b/{id}"), 200, None, false);
+                duration_for_test("POST", Some("/a/{id}"), 200, None, false);
+                duration_for_test("GET", None, 200, None, false);
+                duration_for_test(
+                    "GET",
+                    Some("/a/{id}"),
+                    429,
+                    Some(atscale_core::Kind::RateLimited),
+                    false,
+                );
+                // A rare status: not kept, looked up every time.
+                duration_for_test("GET", Some("/a/{id}"), 418, None, false);
+                duration_for_test("POST", None, 200, None, true);
+            }
+        });
+        let http = "http.server.request.duration";
+        let keys = [
+            format!(
+                "{http}{{http.request.method=GET,http.response.status_code=200,http.route=/a/{{id}}}}"
+            ),
+            format!(
+                "{http}{{http.request.method=GET,http.response.status_code=404,http.route=/a/{{id}}}}"
+            ),
+            format!(
+                "{http}{{http.request.method=GET,http.response.status_code=200,http.route=/b/{{id}}}}"
+            ),
+            format!(
+                "{http}{{http.request.method=POST,http.response.status_code=200,http.route=/a/{{id}}}}"
+            ),
+            format!("{http}{{http.request.method=GET,http.response.status_code=200}}"),
+            format!(
+                "{http}{{error.type=rate_limited,http.request.method=GET,http.response.status_code=429,http.route=/a/{{id}}}}"
+            ),
+            format!(
+                "{http}{{http.request.method=GET,http.response.status_code=418,http.route=/a/{{id}}}}"
+            ),
+            "rpc.server.duration{rpc.grpc.status_code=0,rpc.system=grpc}".to_owned(),
         ];
-        CODES.iter().find(|c| c.as_bytes() == code).copied()
+        for key in &keys {
+            assert_eq!(
+                count(&log, key),
+                2,
+                "{key}: {:?}",
+                log.values.lock().unwrap()
+            );
+        }
+        assert_eq!(log.values.lock().unwrap().len(), 16);
+        // Kept from the first use; the rare status registered every time.
+        let registered = log.registered.lock().unwrap();
+        assert_eq!(registered.len(), 9, "{registered:?}");
+        assert_eq!(registered.iter().filter(|k| **k == keys[6]).count(), 2);
+    }
+
+    #[test]
+    fn grpc_codes_are_0_to_16() {
+        for code in 0..=16u8 {
+            assert_eq!(grpc_code(code.to_string().as_bytes()), Some(code));
+        }
+        for bad in ["17", "20", "01", "", "-1", "1a", "100", "a"] {
+            assert_eq!(grpc_code(bad.as_bytes()), None, "{bad:?}");
+        }
     }
 }
 
