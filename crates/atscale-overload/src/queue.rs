@@ -165,8 +165,14 @@ struct Waiter {
 
 #[derive(Debug)]
 enum Decision {
-    Granted { in_flight: usize, at: u64 },
-    Shed { retry_after: Duration },
+    Granted {
+        in_flight: usize,
+        limit: usize,
+        at: u64,
+    },
+    Shed {
+        retry_after: Duration,
+    },
 }
 
 /// One queue per criticality (index 0 critical, 2 sheddable), keyed by arrival order.
@@ -317,33 +323,42 @@ impl Shared {
         self.counters.show_in_flight(self.counters.in_flight());
     }
 
-    /// The fast path, without the lock: `Some` when the request is admitted
-    /// (nobody waits and a slot is free) or refused at once (its deadline
-    /// cannot cover a service time); `None` when it must take the slow path
-    /// ([`arrive`](Self::arrive)).
+    /// The fast path, without the lock: a permit when nobody waits, a slot
+    /// is free and the request's deadline (read only when it can matter,
+    /// through `deadline`) is not in doubt; `None` when the request must take
+    /// the slow path ([`arrive`](Self::arrive)), which refuses or queues it.
+    ///
+    /// A request alone in flight and not timed costs a load, a CAS and the
+    /// sampling counter: no clock read, no look-up of its deadline.
     #[inline]
     pub(crate) fn try_admit(
         self: &Arc<Self>,
-        deadline: Option<Deadline>,
-    ) -> Option<Result<Permit, Overloaded>> {
+        deadline: impl Fn() -> Option<Deadline>,
+    ) -> Option<Permit> {
         let c = &self.counters;
         if c.queued.load(Ordering::Acquire) != 0 {
             return None;
         }
-        if let (true, Some(d)) = (self.settings.deadline_aware, deadline) {
+        let mut read = None;
+        if self.settings.deadline_aware {
             let high = c.service_high.load(Ordering::Relaxed);
             // With nothing in flight the estimate may be stale: admit, and learn.
-            if high != u64::MAX && c.in_flight() > 0 && nanos(d.remaining()) < high as f64 {
-                return Some(Err(overloaded(Duration::from_nanos(high))));
+            if high != u64::MAX && c.in_flight() > 0 {
+                let d = deadline();
+                if d.is_some_and(|d| nanos(d.remaining()) < high as f64) {
+                    return None; // refused by `arrive`
+                }
+                read = Some(d);
             }
         }
         let (in_flight, limit) = c.try_acquire()?;
-        let start = if c.timed(in_flight, limit, self.settings.sampling) {
-            self.clock.now_nanos()
+        if c.timed(in_flight, limit, self.settings.sampling) {
+            let deadline = read.unwrap_or_else(&deadline);
+            let start = self.clock.now_nanos();
+            Some(Permit::new(self.clone(), start, in_flight, limit, deadline))
         } else {
-            UNTIMED
-        };
-        Some(Ok(Permit::new(self.clone(), start, in_flight, deadline)))
+            Some(Permit::untimed(self.clone()))
+        }
     }
 
     /// A request arrives: admitted now, queued, or refused.
@@ -370,9 +385,15 @@ impl Shared {
                     return Arrival::Refused(overloaded(Duration::from_nanos(service as u64)));
                 }
             }
-            if let Some((in_flight, _)) = c.try_acquire() {
+            if let Some((in_flight, limit)) = c.try_acquire() {
                 drop(st);
-                return Arrival::Admitted(Permit::new(self.clone(), now, in_flight, deadline));
+                return Arrival::Admitted(Permit::new(
+                    self.clone(),
+                    now,
+                    in_flight,
+                    limit,
+                    deadline,
+                ));
             }
         }
         let arrival = self.enqueue(&mut st, now, criticality, deadline, remaining, &mut wakers);
@@ -443,9 +464,11 @@ impl Shared {
         c.queued.store(st.queues.len, Ordering::SeqCst);
         st.dispatch(now, c, wakers);
         match st.decided.remove(&id) {
-            Some(Decision::Granted { in_flight, at }) => {
-                Arrival::Admitted(Permit::new(self.clone(), at, in_flight, deadline))
-            }
+            Some(Decision::Granted {
+                in_flight,
+                limit,
+                at,
+            }) => Arrival::Admitted(Permit::new(self.clone(), at, in_flight, limit, deadline)),
             Some(Decision::Shed { retry_after }) => {
                 metrics::shed(Reason::Queued, criticality);
                 Arrival::Refused(overloaded(retry_after))
@@ -612,7 +635,7 @@ impl State {
         }
         let mut tokio_now = None;
         while self.queues.len > 0 {
-            let Some((in_flight, _)) = c.try_acquire() else {
+            let Some((in_flight, limit)) = c.try_acquire() else {
                 break;
             };
             let service = self.service;
@@ -641,8 +664,14 @@ impl State {
                     continue;
                 }
             }
-            self.decided
-                .insert(id, Decision::Granted { in_flight, at: now });
+            self.decided.insert(
+                id,
+                Decision::Granted {
+                    in_flight,
+                    limit,
+                    at: now,
+                },
+            );
             wakers.extend(waiter.waker);
         }
     }
@@ -703,10 +732,14 @@ impl Ticket {
         let shared = self.shared.as_ref().expect("polled after completion");
         let mut st = lock(&shared.state);
         match st.decided.remove(&self.id) {
-            Some(Decision::Granted { in_flight, at }) => {
+            Some(Decision::Granted {
+                in_flight,
+                limit,
+                at,
+            }) => {
                 drop(st);
                 let shared = self.shared.take().expect("checked");
-                Poll::Ready(Ok(Permit::new(shared, at, in_flight, self.deadline)))
+                Poll::Ready(Ok(Permit::new(shared, at, in_flight, limit, self.deadline)))
             }
             Some(Decision::Shed { retry_after }) => {
                 drop(st);
@@ -777,16 +810,18 @@ impl Drop for Ticket {
 }
 
 /// A slot in service; dropping it (or [`finish`](Permit::finish)) gives it back
-/// and teaches the algorithm.
+/// and teaches the algorithm if the request was timed.
 #[derive(Debug)]
 pub(crate) struct Permit {
     shared: Option<Arc<Shared>>,
-    /// `UNTIMED` if the request is not timed.
+    /// `UNTIMED` if the request is not timed (then nothing below is set).
     start: u64,
     /// The deadline's instant only (a whole `Deadline` would make every
     /// response future 24 bytes larger).
     deadline: Option<Instant>,
     in_flight: u32,
+    /// The limit it was admitted under.
+    limit: u32,
 }
 
 /// How a request in service ended.
@@ -800,15 +835,46 @@ pub(crate) enum Outcome {
     Ignored,
 }
 
+fn narrow(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
 impl Permit {
     #[inline]
-    fn new(shared: Arc<Shared>, start: u64, in_flight: usize, deadline: Option<Deadline>) -> Self {
+    fn new(
+        shared: Arc<Shared>,
+        start: u64,
+        in_flight: usize,
+        limit: usize,
+        deadline: Option<Deadline>,
+    ) -> Self {
         Permit {
             shared: Some(shared),
             start,
             deadline: deadline.map(|d| d.instant()),
-            in_flight: u32::try_from(in_flight).unwrap_or(u32::MAX),
+            in_flight: narrow(in_flight),
+            limit: narrow(limit),
         }
+    }
+
+    #[inline]
+    fn untimed(shared: Arc<Shared>) -> Self {
+        Permit {
+            shared: Some(shared),
+            start: UNTIMED,
+            deadline: None,
+            in_flight: 0,
+            limit: 0,
+        }
+    }
+
+    fn sample(&self, latency: u64, dropped: bool) -> Sample {
+        Sample::new(
+            Duration::from_nanos(latency),
+            self.in_flight as usize,
+            dropped,
+        )
+        .with_limit(self.limit as usize)
     }
 
     #[inline]
@@ -822,16 +888,9 @@ impl Permit {
             let sample = match outcome {
                 Outcome::Ignored => None,
                 _ => {
-                    let latency = now.saturating_sub(self.start);
                     let dropped = outcome == Outcome::Dropped;
-                    Some((
-                        Sample::new(
-                            Duration::from_nanos(latency),
-                            self.in_flight as usize,
-                            dropped,
-                        ),
-                        !dropped,
-                    ))
+                    let latency = now.saturating_sub(self.start);
+                    Some((self.sample(latency, dropped), !dropped))
                 }
             };
             shared.release(now, sample);
@@ -842,20 +901,20 @@ impl Permit {
 impl Drop for Permit {
     fn drop(&mut self) {
         if let Some(shared) = self.shared.take() {
-            // Dropped in service: by its deadline (a drop to learn from), or
-            // by a caller that went away (nothing to learn).
-            let expired = self.deadline.is_some_and(|d| d <= Instant::now());
             if self.start == UNTIMED {
-                shared.release_untimed(expired);
+                // Dropped in service: by its deadline, or by a caller that
+                // went away. Its deadline was not read (that costs a
+                // look-up): either way the next requests are timed.
+                shared.release_untimed(true);
                 return;
             }
+            // By its deadline (a drop to learn from), or by a caller that
+            // went away (nothing to learn).
+            let expired = self.deadline.is_some_and(|d| d <= Instant::now());
             let now = shared.clock.now_nanos();
             let sample = expired.then(|| {
                 let latency = now.saturating_sub(self.start);
-                (
-                    Sample::new(Duration::from_nanos(latency), self.in_flight as usize, true),
-                    false,
-                )
+                (self.sample(latency, true), false)
             });
             shared.release(now, sample);
         }

@@ -1,15 +1,14 @@
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 
-use atscale_core::{BoxError, Carrier, Context, Deadline, Overloaded};
+use atscale_core::{BoxError, Carrier, Context, Deadline};
 use http::HeaderName;
 use tower_service::Service;
 
 use crate::criticality::Prioritized;
 use crate::future::ResponseFuture;
 use crate::layer::Admission;
-use crate::metrics::{self, Reason};
-use crate::queue::{Arrival, Permit, Shared};
+use crate::queue::{Arrival, Shared};
 
 /// Admits each request under an adaptive concurrency limit, through a CoDel /
 /// adaptive-LIFO admission queue: see the [crate documentation](crate).
@@ -66,51 +65,44 @@ where
 
     #[inline]
     fn call(&mut self, req: Req) -> Self::Future {
-        let deadline = match req.context() {
-            Some(cx) => cx.deadline(),
-            None => Context::current().and_then(|cx| cx.deadline()),
-        };
         // One straight path for a request admitted at once (the inner
         // future is built in place); the others leave through `slow`.
-        match self.shared.try_admit(deadline) {
-            Some(Ok(permit)) => ResponseFuture::running(self.inner.call(req), permit),
-            other => self.slow(other, req, deadline),
+        match self.shared.try_admit(|| deadline_of(&req)) {
+            Some(permit) => ResponseFuture::running(self.inner.call(req), permit),
+            None => self.slow(req),
         }
     }
 }
 
+/// The request's deadline: from its context, else the one in scope.
+fn deadline_of<Req: Carrier>(req: &Req) -> Option<Deadline> {
+    match req.context() {
+        Some(cx) => cx.deadline(),
+        None => Context::current().and_then(|cx| cx.deadline()),
+    }
+}
+
 impl<S> Overload<S> {
-    /// Refused at once by the fast path, or: someone waits, or no slot is
-    /// free, and criticality matters now.
+    /// Someone waits, no slot is free, or the deadline is in doubt:
+    /// admitted, queued or refused under the lock, where criticality matters.
     #[cold]
     #[inline(never)]
-    fn slow<Req>(
-        &mut self,
-        fast: Option<Result<Permit, Overloaded>>,
-        req: Req,
-        deadline: Option<Deadline>,
-    ) -> ResponseFuture<S, Req>
+    fn slow<Req>(&mut self, req: Req) -> ResponseFuture<S, Req>
     where
         S: Service<Req> + Clone,
-        Req: Prioritized,
+        Req: Carrier + Prioritized,
     {
         let criticality = req.criticality(&self.header);
-        match fast {
-            Some(Ok(permit)) => ResponseFuture::running(self.inner.call(req), permit),
-            Some(Err(overloaded)) => {
-                metrics::shed(Reason::Deadline, criticality);
-                ResponseFuture::refused(overloaded.into())
+        let deadline = deadline_of(&req);
+        match self.shared.arrive(criticality, deadline) {
+            Arrival::Admitted(permit) => ResponseFuture::running(self.inner.call(req), permit),
+            Arrival::Queued(ticket) => {
+                // The ready service waits with the request; this one gets a clone.
+                let clone = self.inner.clone();
+                let ready = std::mem::replace(&mut self.inner, clone);
+                ResponseFuture::queued(ready, req, ticket)
             }
-            None => match self.shared.arrive(criticality, deadline) {
-                Arrival::Admitted(permit) => ResponseFuture::running(self.inner.call(req), permit),
-                Arrival::Queued(ticket) => {
-                    // The ready service waits with the request; this one gets a clone.
-                    let clone = self.inner.clone();
-                    let ready = std::mem::replace(&mut self.inner, clone);
-                    ResponseFuture::queued(ready, req, ticket)
-                }
-                Arrival::Refused(overloaded) => ResponseFuture::refused(overloaded.into()),
-            },
+            Arrival::Refused(overloaded) => ResponseFuture::refused(overloaded.into()),
         }
     }
 }

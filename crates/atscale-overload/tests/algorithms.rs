@@ -167,3 +167,43 @@ fn vegas_probes_its_minimum_at_half_the_limit_then_restores_it() {
     // 20 ms is now no queue at all: the limit grows again.
     assert!(v.update(limit, &at(20, limit as usize)) > limit);
 }
+
+#[test]
+fn vegas_grows_only_on_requests_admitted_under_the_current_limit() {
+    let mut v = Vegas::new();
+    let at = |ms: u32, under: usize| Sample::new(ms * MS, 20, false).with_limit(under);
+    // The first sample sets the minimum (10 ms) and leaves the limit alone.
+    assert_eq!(v.update(20.0, &at(10, 20)), 20.0);
+    // No queue: + beta (6 × log10(20)).
+    let grown = v.update(20.0, &at(10, 20));
+    assert!(
+        (grown - (20.0 + 6.0 * 20f64.log10())).abs() < 1e-9,
+        "{grown}"
+    );
+    // Another answer admitted under 20 says nothing about 27: unchanged.
+    assert_eq!(v.update(grown, &at(10, 20)), grown);
+    // One admitted under the new limit grows it again.
+    assert!(v.update(grown, &at(10, grown as usize)) > grown);
+    // A stale one that shows queueing still shrinks it (by log10(limit)).
+    let shrunk = v.update(grown, &at(40, 20));
+    assert!((shrunk - (grown - grown.log10())).abs() < 1e-9, "{shrunk}");
+    // A sample whose limit is unknown (`Sample::new` alone) may grow it.
+    assert!(v.update(grown, &Sample::new(10 * MS, 20, false)) > grown);
+}
+
+#[test]
+fn vegas_does_not_count_latency_under_its_tolerance_as_queueing() {
+    let at = |ms: u32| Sample::new(ms * MS, 20, false).with_limit(20);
+    // Minimum 1 ms, then 4 ms: four times the minimum, under 5 ms.
+    let mut v = Vegas::new();
+    assert_eq!(v.update(20.0, &at(1)), 20.0);
+    assert!(v.update(20.0, &at(4)) > 20.0, "no queue: grows");
+    // Without the tolerance (Netflix's): a queue of 15 of 20, it shrinks.
+    let mut v = Vegas::new().tolerance(Duration::ZERO);
+    assert_eq!(v.update(20.0, &at(1)), 20.0);
+    assert!(v.update(20.0, &at(4)) < 20.0, "a queue: shrinks");
+    // Over the tolerance, queueing counts: 20 ms against 5 ms.
+    let mut v = Vegas::new();
+    assert_eq!(v.update(20.0, &at(1)), 20.0);
+    assert!(v.update(20.0, &at(20)) < 20.0);
+}

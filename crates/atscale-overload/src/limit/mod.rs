@@ -25,6 +25,8 @@ pub struct Sample {
     latency: Duration,
     in_flight: usize,
     dropped: bool,
+    /// The limit the request was admitted under; 0 if unknown.
+    limit: usize,
 }
 
 impl Sample {
@@ -36,7 +38,17 @@ impl Sample {
             latency,
             in_flight,
             dropped,
+            limit: 0,
         }
+    }
+
+    /// The same sample, admitted under `limit` (the layer sets it): a
+    /// request admitted before the limit last grew says nothing about the
+    /// new one.
+    #[must_use]
+    pub const fn with_limit(mut self, limit: usize) -> Self {
+        self.limit = limit;
+        self
     }
 
     /// From admission to answer.
@@ -52,6 +64,16 @@ impl Sample {
     /// Whether the request was dropped: a sign of overload, not of success.
     pub const fn dropped(&self) -> bool {
         self.dropped
+    }
+
+    /// The limit the request was admitted under, if known
+    /// ([`with_limit`](Self::with_limit)).
+    pub const fn limit(&self) -> Option<usize> {
+        if self.limit == 0 {
+            None
+        } else {
+            Some(self.limit)
+        }
     }
 }
 

@@ -1,3 +1,5 @@
+use std::time::Duration;
+
 use super::{Algorithm, Sample, nanos};
 
 /// TCP Vegas applied to concurrency (Netflix concurrency-limits'
@@ -7,7 +9,16 @@ use super::{Algorithm, Sample, nanos};
 /// under `alpha`, shrinks by `log10(limit)` over `beta` or on a drop.
 ///
 /// Unlike Netflix's, the limit still shrinks while fewer than half of it are
-/// in use, if the queue estimate says so (it only stops growing then).
+/// in use, if the queue estimate says so (it only stops growing then); it
+/// grows only on a request admitted under the current limit, as TCP Vegas
+/// grows once per round trip (the answers of requests admitted before the
+/// last increase all say the same thing: the older, lower limit was fine);
+/// and a latency under `tolerance` (5 ms by default, CoDel's target) is not
+/// counted as queueing: `rtt_min` is taken as at least `tolerance`. A fast
+/// service's latency jitters by several times its minimum (a scheduler, a
+/// request body arriving in a later read); without the tolerance that jitter
+/// reads as a queue of nearly the whole limit and drives the limit to its
+/// minimum, where requests wait in the layer for nothing.
 ///
 /// The minimum latency is re-learnt every `probe` samples × limit (default
 /// 30), so a lasting change of the service's speed is learnt. Unlike
@@ -19,6 +30,8 @@ use super::{Algorithm, Sample, nanos};
 #[derive(Clone, Debug)]
 pub struct Vegas {
     rtt_min: f64,
+    /// In nanoseconds.
+    tolerance: f64,
     probe: u64,
     seen: u64,
     smoothing: f64,
@@ -40,6 +53,7 @@ impl Default for Vegas {
     fn default() -> Self {
         Vegas {
             rtt_min: f64::INFINITY,
+            tolerance: 5e6,
             probe: 30,
             seen: 0,
             smoothing: 1.0,
@@ -58,6 +72,14 @@ impl Vegas {
     #[must_use]
     pub fn probe(mut self, probe: u64) -> Self {
         self.probe = probe.max(1);
+        self
+    }
+
+    /// Latency up to this is never counted as queueing (default 5 ms,
+    /// CoDel's default target; zero: Netflix's behaviour).
+    #[must_use]
+    pub fn tolerance(mut self, tolerance: Duration) -> Self {
+        self.tolerance = nanos(tolerance);
         self
     }
 
@@ -105,14 +127,17 @@ impl Algorithm for Vegas {
             self.rtt_min = rtt;
             return limit;
         }
-        let queue = (limit * (1.0 - self.rtt_min / rtt)).ceil();
+        let queue = (limit * (1.0 - self.rtt_min.max(self.tolerance) / rtt)).ceil();
         let step = log10(limit);
         let (alpha, beta) = (3.0 * step, 6.0 * step);
         let app_limited = (sample.in_flight() as f64) * 2.0 < limit;
+        // Admitted before the limit last grew: it tells nothing of this one.
+        let stale = sample.limit().is_some_and(|l| (l as f64) < limit.floor());
         let estimate = if sample.dropped() {
             limit - step
-        } else if app_limited && queue < alpha {
-            // Not the bottleneck: do not grow (but do shrink, below).
+        } else if (app_limited || stale) && queue < alpha {
+            // Not the bottleneck, or not yet known: do not grow (but do
+            // shrink, below).
             return limit;
         } else if queue <= step {
             limit + beta
