@@ -115,6 +115,40 @@ fn answer_429<S: Clone>() -> impl tower::Layer<
     })
 }
 
+pin_project_lite::pin_project! {
+    /// A body passed through untouched, as ErrorEnrich's `ResponseBody` does
+    /// on the success path, but not axum's `Body`.
+    struct Wrapped {
+        #[pin]
+        body: Body,
+    }
+}
+
+#[allow(non_snake_case)]
+fn Wrapped(body: Body) -> Wrapped {
+    Wrapped { body }
+}
+
+impl http_body::Body for Wrapped {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        self.project().body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
 fn handle_error() -> HandleErrorLayer<fn(BoxError) -> std::future::Ready<StatusCode>, ()> {
     HandleErrorLayer::new(|_err: BoxError| std::future::ready(StatusCode::TOO_MANY_REQUESTS))
 }
@@ -132,7 +166,14 @@ fn main() {
     }
     println!("# ErrorEnrich inside an axum Router: per-request overhead");
     println!("load average at start (1, 5, 15 min): {}", support::load());
+    // `ATSCALE_BENCH_RUNTIME=current_thread` (or `multi_thread`) and
+    // `ATSCALE_BENCH_PATH=success` (or `error`) measure a part only.
+    let only_rt = std::env::var("ATSCALE_BENCH_RUNTIME").ok();
+    let only_path = std::env::var("ATSCALE_BENCH_PATH").ok();
     for (rt_name, rt) in support::runtimes() {
+        if only_rt.as_deref().is_some_and(|o| !rt_name.starts_with(o)) {
+            continue;
+        }
         let success = vec![
             case(
                 "bare router (identity layer)",
@@ -147,6 +188,22 @@ fn main() {
             case(
                 "ErrorEnrich",
                 || routes().layer(ServiceBuilder::new().layer(enrich()).layer(pass())),
+                request,
+            ),
+            // What a body that is not axum's `Body` costs under
+            // `Router::layer`: it boxes it (`Body::new`), as it boxes
+            // ErrorEnrich's `ResponseBody`; `HandleError` answers axum's
+            // `Body`, which it does not box.
+            case(
+                "axum HandleError, body wrapped (diagnostic)",
+                || {
+                    routes().layer(
+                        ServiceBuilder::new()
+                            .map_response(|res: Response<Body>| res.map(Wrapped))
+                            .layer(handle_error())
+                            .layer(pass()),
+                    )
+                },
                 request,
             ),
         ];
@@ -173,6 +230,9 @@ fn main() {
             ("success path", success),
             ("error path (rate limited)", failure),
         ] {
+            if only_path.as_deref().is_some_and(|o| !what.starts_with(o)) {
+                continue;
+            }
             let rows = support::compare(&rt, &cases);
             support::print(&format!("{rt_name}: {what}"), &rows);
             let (m, lo, hi) = support::ratio(&rows, "ErrorEnrich", "axum HandleError");

@@ -12,6 +12,7 @@ use atscale_core::{
     BoxError, DeadlineExceeded, HedgeExhausted, Interrupted, Kind, MalformedDeadline, Origin,
     Unreachable, find,
 };
+use http::uri::{Authority, PathAndQuery};
 use http::{HeaderValue, Method, StatusCode, Uri};
 
 use crate::config::Config;
@@ -58,7 +59,7 @@ struct Fields {
     service: Arc<str>,
     side: Side,
     method: Method,
-    uri: Uri,
+    target: Target,
     matched: MatchedRoute,
     grpc: Option<HeaderValue>,
     message: Cow<'static, str>,
@@ -83,12 +84,12 @@ pub(crate) enum Side {
 
 /// What the layer keeps of a request to say where an error happened.
 ///
-/// Cloning `Method` and `Uri` copies no bytes for requests hyper parsed
-/// (their parts are reference-counted), and nothing is boxed on the success path.
+/// Cloning its parts copies no bytes for requests hyper parsed (they are
+/// reference-counted), and nothing is boxed: the response future holds it.
 #[derive(Clone, Debug)]
 pub(crate) struct RequestMeta {
     pub(crate) method: Method,
-    pub(crate) uri: Uri,
+    pub(crate) target: Target,
     pub(crate) matched: MatchedRoute,
     /// The content type of a gRPC request (echoed in the answer), `None` for plain HTTP.
     pub(crate) grpc: Option<HeaderValue>,
@@ -98,14 +99,41 @@ pub(crate) struct RequestMeta {
     pub(crate) obs: Observed,
 }
 
+/// The parts of the request's URI an error names: its path, and for an
+/// outgoing call the authority called. A server keeps no authority (it is
+/// its own), so it clones one reference-counted part of the URI, not three.
+#[derive(Clone, Debug)]
+pub(crate) struct Target {
+    path: Option<PathAndQuery>,
+    authority: Option<Authority>,
+}
+
+impl Target {
+    fn of(uri: &Uri, side: Side) -> Self {
+        Target {
+            path: uri.path_and_query().cloned(),
+            authority: match side {
+                Side::Client => uri.authority().cloned(),
+                Side::Server => None,
+            },
+        }
+    }
+
+    /// As [`Uri::path`] (`""` for an authority-form URI, the only kind
+    /// without a path and query).
+    fn path(&self) -> &str {
+        self.path.as_ref().map_or("", PathAndQuery::path)
+    }
+}
+
 impl RequestMeta {
-    pub(crate) fn of<B>(req: &http::Request<B>) -> Self {
+    pub(crate) fn of<B>(req: &http::Request<B>, side: Side) -> Self {
         let matched = MatchedRoute::of(req.extensions());
         let traceparent = trace::raw(req.headers());
         let obs = metrics::start(req, matched.as_str(), traceparent.as_ref());
         RequestMeta {
             method: req.method().clone(),
-            uri: req.uri().clone(),
+            target: Target::of(req.uri(), side),
             matched,
             grpc: grpc_content_type(req.headers()),
             traceparent,
@@ -152,9 +180,10 @@ impl MatchedRoute {
 /// A request is gRPC when its content type is `application/grpc`, with or
 /// without a suffix (`application/grpc+proto`, `application/grpc-web+proto`).
 fn grpc_content_type(headers: &http::HeaderMap) -> Option<HeaderValue> {
-    atscale_core::grpc::is_grpc(headers)
-        .then(|| headers.get(http::header::CONTENT_TYPE).cloned())
-        .flatten()
+    // One lookup for a request without a content type (most GETs); the
+    // check itself is the one in core.
+    let ct = headers.get(http::header::CONTENT_TYPE)?;
+    atscale_core::grpc::is_grpc(headers).then(|| ct.clone())
 }
 
 impl Enriched {
@@ -188,7 +217,7 @@ impl Enriched {
                 service: config.service.clone(),
                 side,
                 method: meta.method,
-                uri: meta.uri,
+                target: meta.target,
                 matched: meta.matched,
                 grpc: meta.grpc,
                 message: safe_message(kind, err, retry_after, deadline),
@@ -239,7 +268,7 @@ impl Enriched {
     /// The path of the request (for gRPC, `/package.Service/Method`); never
     /// the query, which may hold secrets.
     pub fn path(&self) -> &str {
-        self.f.uri.path()
+        self.f.target.path()
     }
 
     /// For a gRPC request, the service and method names.
@@ -261,7 +290,7 @@ impl Enriched {
     /// For an outgoing call (client mode), the authority called (`host:port`).
     pub fn target(&self) -> Option<&str> {
         match self.f.side {
-            Side::Client => self.f.uri.authority().map(|a| a.as_str()),
+            Side::Client => self.f.target.authority.as_ref().map(|a| a.as_str()),
             Side::Server => None,
         }
     }
@@ -692,14 +721,34 @@ mod tests {
         Config::new("checkout".into(), None, false).unwrap()
     }
 
+    /// What a client keeps (a server keeps the same but the authority).
     fn meta(uri: &str) -> RequestMeta {
-        RequestMeta {
-            method: Method::GET,
-            uri: uri.parse().unwrap(),
-            matched: MatchedRoute::default(),
-            grpc: None,
-            traceparent: None,
-            obs: metrics::start(&http::Request::new(()), None, None),
+        let req = http::Request::builder().uri(uri).body(()).unwrap();
+        RequestMeta::of(&req, Side::Client)
+    }
+
+    #[test]
+    fn the_kept_target_gives_the_uris_path_and_only_a_client_its_authority() {
+        for uri in [
+            "/a",
+            "/a/b?token=x",
+            "/",
+            "*",
+            "http://billing:8080/charge?token=x",
+            "http://billing",
+            "https://billing?q",
+            "billing:443",
+        ] {
+            let uri: Uri = uri.parse().unwrap();
+            for side in [Side::Server, Side::Client] {
+                let target = Target::of(&uri, side);
+                assert_eq!(target.path(), uri.path(), "{uri} {side:?}");
+                let authority = target.authority.as_ref().map(|a| a.as_str());
+                match side {
+                    Side::Client => assert_eq!(authority, uri.authority().map(|a| a.as_str())),
+                    Side::Server => assert_eq!(authority, None),
+                }
+            }
         }
     }
 

@@ -11,7 +11,7 @@ use tower_service::Service;
 
 use crate::body::ResponseBody;
 use crate::config::Config;
-use crate::error::{Enriched, Panicked, RequestMeta};
+use crate::error::{Enriched, Panicked, RequestMeta, Side};
 use crate::future::{ClientResponseFuture, ResponseFuture};
 use crate::metrics;
 use crate::mode::{Client, Server};
@@ -94,7 +94,7 @@ where
     }
 
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
-        let meta = RequestMeta::of(&req);
+        let meta = RequestMeta::of(&req, Side::Server);
         let config = self.config.clone();
         if let Some(err) = self.not_ready.take() {
             return ResponseFuture::failed(err, meta, config);
@@ -132,7 +132,7 @@ where
     }
 
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
-        let meta = RequestMeta::of(&req);
+        let meta = RequestMeta::of(&req, Side::Client);
         let config = self.config.clone();
         let _entered = metrics::enter(Some(&meta));
         match self.not_ready.take() {
