@@ -18,6 +18,9 @@ use tower::{Layer, Service, service_fn};
 
 const STALL: Duration = Duration::from_secs(30);
 
+/// The cases `HEARTBEAT_QUICK` keeps.
+const QUICK: [&str; 3] = ["bare", "heartbeat, no subscriber", "tower Timeout"];
+
 /// A unary reply: the request ends when it arrives.
 struct Reply(#[expect(dead_code, reason = "only black-boxed")] u64);
 
@@ -38,32 +41,63 @@ fn pending() -> impl Service<Job, Response = Reply, Error = Infallible, Future: 
 }
 
 macro_rules! cases {
-    ($inner:expr, $quiet:expr, $watched:expr, $watchdog:expr) => {{
+    ($quick:expr, $inner:expr, $quiet:expr, $watched:expr, $watchdog:expr) => {{
         let (quiet, watched, watchdog) = ($quiet.clone(), $watched.clone(), $watchdog.clone());
-        vec![
-            case("bare", || $inner, job),
-            case(
+        let keep = |name: &str| !$quick || QUICK.contains(&name);
+        let mut cases = vec![case("bare", || $inner, job)];
+        if keep("heartbeat, no subscriber") {
+            cases.push(case(
                 "heartbeat, no subscriber",
                 move || quiet.layer().layer($inner),
                 job,
-            ),
-            case(
+            ));
+        }
+        if keep("heartbeat, 1 subscriber") {
+            cases.push(case(
                 "heartbeat, 1 subscriber",
                 move || watched.layer().layer($inner),
                 job,
-            ),
-            case(
+            ));
+        }
+        if keep("heartbeat + stall watchdog") {
+            cases.push(case(
                 "heartbeat + stall watchdog",
                 move || watchdog.layer().layer($inner),
                 job,
-            ),
-            case(
-                "tower Timeout",
-                || TimeoutLayer::new(STALL).layer($inner),
-                job,
-            ),
-        ]
+            ));
+        }
+        cases.push(case(
+            "tower Timeout",
+            || TimeoutLayer::new(STALL).layer($inner),
+            job,
+        ));
+        cases
     }};
+}
+
+/// The per-repetition ratios of `row`'s overhead to `anchor`'s (both over
+/// the bare service of the same repetition): median, quartiles, min, max.
+fn ratio_quartiles(rows: &[support::Row], row: &str, anchor: &str) -> (f64, f64, f64, f64, f64) {
+    let find = |name: &str| {
+        &rows
+            .iter()
+            .find(|r| r.name == name)
+            .expect("a case")
+            .samples
+    };
+    let (bare, r, a) = (&rows[0].samples, find(row), find(anchor));
+    let mut ratios: Vec<f64> = (0..bare.len())
+        .map(|i| (r[i] - bare[i]) / (a[i] - bare[i]))
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    let at = |q: f64| ratios[((ratios.len() - 1) as f64 * q).round() as usize];
+    (
+        at(0.5),
+        at(0.25),
+        at(0.75),
+        ratios[0],
+        ratios[ratios.len() - 1],
+    )
 }
 
 fn main() {
@@ -72,7 +106,14 @@ fn main() {
     }
     println!("# Heartbeat: per-request overhead (stall watchdog {STALL:?})");
     println!("load average at start (1, 5, 15 min): {}", support::load());
+    // `HEARTBEAT_QUICK=1`: only the goal's cases (for profiles);
+    // `HEARTBEAT_RUNTIME=current_thread` (or `multi_thread`): one runtime.
+    let quick = std::env::var_os("HEARTBEAT_QUICK").is_some();
+    let only = std::env::var("HEARTBEAT_RUNTIME").unwrap_or_default();
     for (rt_name, rt) in support::runtimes() {
+        if !rt_name.starts_with(only.as_str()) {
+            continue;
+        }
         let quiet = Monitor::new();
         let watched = Monitor::new();
         let watchdog = Monitor::builder().stall(STALL).build();
@@ -86,10 +127,13 @@ fn main() {
             (n, pulses.missed())
         });
         let comparisons = [
-            ("inner ready", cases!(ready(), quiet, watched, watchdog)),
+            (
+                "inner ready",
+                cases!(quick, ready(), quiet, watched, watchdog),
+            ),
             (
                 "inner pending once",
-                cases!(pending(), quiet, watched, watchdog),
+                cases!(quick, pending(), quiet, watched, watchdog),
             ),
         ];
         for (what, cases) in comparisons {
@@ -103,10 +147,15 @@ fn main() {
                     row.per_call / bare
                 );
             }
-            let (m, lo, hi) = support::ratio(&rows, "heartbeat + stall watchdog", "tower Timeout");
-            println!(
-                "- ratio of overheads, heartbeat + stall watchdog / tower Timeout: {m:.2} ({lo:.2}..{hi:.2})"
-            );
+            for case in ["heartbeat, no subscriber", "heartbeat + stall watchdog"] {
+                if quick && !QUICK.contains(&case) {
+                    continue;
+                }
+                let (m, q1, q3, lo, hi) = ratio_quartiles(&rows, case, "tower Timeout");
+                println!(
+                    "- ratio of overheads, {case} / tower Timeout: {m:.2} (quartiles {q1:.2}..{q3:.2}, range {lo:.2}..{hi:.2})"
+                );
+            }
         }
         drop((quiet, watched, watchdog));
         let (received, missed) = rt.block_on(drained).unwrap();

@@ -50,14 +50,12 @@ impl<B: Body> TrackedBody<B> {
                 grpc,
             };
         }
-        let now = Instant::now();
-        ticket.touch(now);
-        let ticket = Some(ticket);
+        ticket.touch();
         let timer = ticket
-            .as_ref()
-            .and_then(Ticket::stall)
-            .and_then(|stall| now.checked_add(stall))
+            .stall()
+            .and_then(|stall| Instant::now().checked_add(stall))
             .map(tokio::time::sleep_until);
+        let ticket = Some(ticket);
         TrackedBody {
             inner: Some(inner),
             timer,
@@ -109,7 +107,7 @@ where
                     }
                 } else if let Some(ticket) = this.ticket.as_mut() {
                     // The watchdog reads the progress when it fires: no timer reset per frame.
-                    ticket.progress(Instant::now());
+                    ticket.frame();
                 }
                 Poll::Ready(Some(Ok(frame)))
             }

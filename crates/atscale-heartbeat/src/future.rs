@@ -55,8 +55,7 @@ impl<F> ResponseFuture<F> {
     }
 
     pub(crate) fn watched(future: Scoped<InProgress<F>>, ticket: Ticket, stall: Duration) -> Self {
-        let timer = ticket
-            .started()
+        let timer = Instant::now()
             .checked_add(stall)
             .map(tokio::time::sleep_until);
         ResponseFuture {
@@ -77,8 +76,11 @@ pub(crate) fn watchdog(
     cx: &mut TaskContext<'_>,
 ) -> Option<Duration> {
     while timer.as_mut().poll(cx).is_ready() {
-        match ticket.check(Instant::now()) {
-            Watchdog::Rearm(Some(due)) => timer.as_mut().reset(due),
+        match ticket.check() {
+            Watchdog::Rearm(Some(wait)) => match Instant::now().checked_add(wait) {
+                Some(due) => timer.as_mut().reset(due),
+                None => return None,
+            },
             Watchdog::Rearm(None) => return None,
             Watchdog::Cut(idle) => return Some(idle),
         }

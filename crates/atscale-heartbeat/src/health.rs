@@ -1,8 +1,8 @@
 //! Health: the monitor's state as serving / not serving, for probes.
 //!
 //! [`Monitor::health`] gives a [`Health`] snapshot. With the `axum` feature,
-//! [`route`] serves it as an HTTP probe (200 or 503); with the `tonic`
-//! feature, [`report`] keeps a `tonic_health` reporter up to date, so the
+//! `route` serves it as an HTTP probe (200 or 503); with the `tonic`
+//! feature, `report` keeps a `tonic_health` reporter up to date, so the
 //! standard `grpc.health.v1.Health` service answers from the heartbeat.
 
 use std::fmt;

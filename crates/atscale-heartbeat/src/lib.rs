@@ -109,6 +109,7 @@ mod metrics;
 mod monitor;
 mod progress;
 mod pulse;
+mod registry;
 mod service;
 mod track;
 

@@ -2,19 +2,52 @@
 //! every function is an empty inline no-op.
 //!
 //! Names: [`atscale_core::metrics`].
+//!
+//! `atscale.heartbeat.in_flight` is not moved per request (a gauge update
+//! is a compare-and-swap loop in most recorders). Each monitor adds its
+//! count of requests in flight, read from the counters it keeps anyway,
+//! at moments that cost nothing per request:
+//!
+//! - when a request finishes and leaves the monitor idle while the gauge
+//!   still holds some of its requests (so the gauge is exact whenever the
+//!   monitor is idle);
+//! - once a second, from a task the monitor spawns at its first request
+//!   after [`enable`](atscale_core::metrics::enable) (it holds no strong
+//!   handle and stops with the monitor);
+//! - whenever the monitor's counts are read: [`Monitor::counts`],
+//!   [`Monitor::in_flight`], [`Monitor::health`] (so a health probe
+//!   refreshes it), the `wait_*` calls, and each interval beat;
+//! - when the monitor is dropped (its share goes back to zero).
+//!
+//! So the gauge is the sum over monitors, exact when a monitor is idle or
+//! has just been read, and at most a second old otherwise.
+//!
+//! [`Monitor::counts`]: crate::Monitor::counts
+//! [`Monitor::in_flight`]: crate::Monitor::in_flight
+//! [`Monitor::health`]: crate::Monitor::health
 
+use std::sync::Arc;
+
+use crate::monitor::Shared;
 use crate::pulse::Outcome;
 
 #[cfg(feature = "metrics")]
 mod imp {
-    use atscale_core::metrics::{HEARTBEAT_IN_FLIGHT, HEARTBEAT_PULSES_DROPPED, HEARTBEAT_STALLS};
-
-    use crate::pulse::Outcome;
-
-    use std::sync::OnceLock;
+    use std::sync::atomic::Ordering;
+    use std::sync::{Arc, OnceLock, Weak};
+    use std::time::Duration;
 
     use ::metrics::Gauge;
-    use atscale_core::metrics::enabled;
+    use atscale_core::metrics::{
+        HEARTBEAT_IN_FLIGHT, HEARTBEAT_PULSES_DROPPED, HEARTBEAT_STALLS, enabled,
+    };
+    use tokio::sync::Notify;
+
+    use crate::monitor::Shared;
+    use crate::pulse::Outcome;
+
+    /// How often the refresher task sets the gauge.
+    const REFRESH: Duration = Duration::from_secs(1);
 
     /// Registered once: a recorder's lookup is ~100 ns, an emission one add.
     fn in_flight() -> &'static Gauge {
@@ -23,21 +56,93 @@ mod imp {
     }
 
     #[inline]
-    pub(crate) fn started() {
-        if !enabled() {
-            return;
+    pub(crate) fn started(shared: &Arc<Shared>) {
+        if enabled() && !shared.refresher_running.load(Ordering::Relaxed) {
+            spawn_refresher(shared);
         }
-        in_flight().increment(1.0);
     }
 
     #[inline]
-    pub(crate) fn finished(outcome: Outcome) {
+    pub(crate) fn finished(shared: &Shared, outcome: Outcome) {
         if !enabled() {
             return;
         }
-        in_flight().decrement(1.0);
         if outcome == Outcome::Stalled {
             ::metrics::counter!(HEARTBEAT_STALLS).increment(1);
+        }
+        if shared.shown.load(Ordering::Relaxed) != 0 && shared.in_flight_now() == 0 {
+            refresh(shared);
+        }
+    }
+
+    /// Sets this monitor's share of the gauge to its requests in flight.
+    ///
+    /// Whoever writes last reads the count again after its write and
+    /// writes again if it changed meanwhile, so once requests stop coming
+    /// the gauge is exact whatever order the writers ran in.
+    pub(crate) fn refresh(shared: &Shared) {
+        if !enabled() {
+            return;
+        }
+        for _ in 0..8 {
+            let now = shared.in_flight_now() as i64;
+            let shown = shared.shown.swap(now, Ordering::SeqCst);
+            if now != shown {
+                in_flight().increment((now - shown) as f64);
+            }
+            if shared.in_flight_now() as i64 == now {
+                return;
+            }
+        }
+    }
+
+    pub(crate) fn dropped(shared: &Shared) {
+        let shown = shared.shown.swap(0, Ordering::SeqCst);
+        if shown != 0 {
+            in_flight().decrement(shown as f64);
+        }
+    }
+
+    #[cold]
+    fn spawn_refresher(shared: &Arc<Shared>) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if shared
+            .refresher_running
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            return;
+        }
+        runtime.spawn(refresher(
+            Arc::downgrade(shared),
+            shared.refresher_stop.clone(),
+        ));
+    }
+
+    /// Clears the running flag when the task ends or its runtime drops it.
+    struct Running(Weak<Shared>);
+
+    impl Drop for Running {
+        fn drop(&mut self) {
+            if let Some(shared) = self.0.upgrade() {
+                shared.refresher_running.store(false, Ordering::SeqCst);
+            }
+        }
+    }
+
+    async fn refresher(weak: Weak<Shared>, stop: Arc<Notify>) {
+        let _running = Running(weak.clone());
+        let mut interval = tokio::time::interval(REFRESH);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = interval.tick() => {}
+                () = stop.notified() => return,
+            }
+            let Some(shared) = weak.upgrade() else { return };
+            refresh(&shared);
         }
     }
 
@@ -52,13 +157,22 @@ mod imp {
 
 #[cfg(not(feature = "metrics"))]
 mod imp {
+    use std::sync::Arc;
+
+    use crate::monitor::Shared;
     use crate::pulse::Outcome;
 
     #[inline(always)]
-    pub(crate) fn started() {}
+    pub(crate) fn started(_: &Arc<Shared>) {}
 
     #[inline(always)]
-    pub(crate) fn finished(_: Outcome) {}
+    pub(crate) fn finished(_: &Shared, _: Outcome) {}
+
+    #[inline(always)]
+    pub(crate) fn refresh(_: &Shared) {}
+
+    #[inline(always)]
+    pub(crate) fn dropped(_: &Shared) {}
 
     #[inline(always)]
     pub(crate) fn pulses_dropped(_: u64) {}
@@ -66,14 +180,26 @@ mod imp {
 
 /// A request entered the heartbeat.
 #[inline(always)]
-pub(crate) fn started() {
-    imp::started();
+pub(crate) fn started(shared: &Arc<Shared>) {
+    imp::started(shared);
 }
 
 /// A request left the heartbeat with `outcome`.
 #[inline(always)]
-pub(crate) fn finished(outcome: Outcome) {
-    imp::finished(outcome);
+pub(crate) fn finished(shared: &Shared, outcome: Outcome) {
+    imp::finished(shared, outcome);
+}
+
+/// Sets the monitor's share of the in-flight gauge from its counters.
+#[inline(always)]
+pub(crate) fn refresh(shared: &Shared) {
+    imp::refresh(shared);
+}
+
+/// The monitor is gone: its share of the in-flight gauge too.
+#[inline(always)]
+pub(crate) fn dropped(shared: &Shared) {
+    imp::dropped(shared);
 }
 
 /// A subscriber fell behind and missed `n` pulses.

@@ -3,10 +3,12 @@
 use std::fmt;
 use std::num::NonZeroU32;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
+
+use atscale_core::Clock;
 
 use futures_core::Stream;
 use tokio::sync::{Notify, broadcast};
@@ -18,6 +20,7 @@ use crate::health::Health;
 use crate::layer::HeartbeatLayer;
 use crate::metrics;
 use crate::pulse::{Outcome, Pulse, RequestId};
+use crate::registry::{Key, Registry};
 
 /// The handle to a heartbeat: subscribe to pulses, count and inspect requests
 /// in flight, wait for work to start or finish, ask for health.
@@ -85,6 +88,7 @@ pub(crate) struct Config {
     pub(crate) idle_beats: bool,
     pub(crate) capacity: usize,
     pub(crate) unhealthy_after: NonZeroU32,
+    pub(crate) clock: Option<Clock>,
 }
 
 impl Default for MonitorBuilder {
@@ -96,6 +100,7 @@ impl Default for MonitorBuilder {
                 idle_beats: false,
                 capacity: 1024,
                 unhealthy_after: NonZeroU32::new(3).expect("3 is not zero"),
+                clock: None,
             },
         }
     }
@@ -143,9 +148,24 @@ impl MonitorBuilder {
         self
     }
 
+    /// The clock that times requests (their age, idle time and stalls).
+    ///
+    /// By default [`Clock::quanta`] (the TSC: a read costs a third of
+    /// `Instant::now()`'s), unless the monitor is built while tokio's clock
+    /// is paused (`#[tokio::test(start_paused = true)]`, `tokio::time::pause()`),
+    /// then [`Clock::tokio`], so that tests drive it with
+    /// `tokio::time::advance`. Pass `Clock::tokio()` here for a monitor built
+    /// before its test pauses the clock. The stall watchdog's timers are
+    /// always tokio's, for the durations this clock measures.
+    pub fn clock(mut self, clock: Clock) -> Self {
+        self.config.clock = Some(clock);
+        self
+    }
+
     /// The monitor.
     pub fn build(self) -> Monitor {
         let (tx, _) = broadcast::channel(self.config.capacity);
+        let clock = self.config.clock.clone().unwrap_or_else(default_clock);
         Monitor {
             shared: Arc::new(Shared {
                 config: self.config,
@@ -153,9 +173,13 @@ impl MonitorBuilder {
                 subscribers: Arc::new(AtomicUsize::new(0)),
                 waiters: AtomicUsize::new(0),
                 changed: Notify::new(),
-                registry: Mutex::new(Registry::default()),
+                registry: Registry::new(),
+                clock,
                 ticker_running: AtomicBool::new(false),
                 stop: Arc::new(Notify::new()),
+                shown: AtomicI64::new(0),
+                refresher_running: AtomicBool::new(false),
+                refresher_stop: Arc::new(Notify::new()),
             }),
         }
     }
@@ -169,32 +193,42 @@ pub(crate) struct Shared {
     /// Tasks inside a `wait_*` call: checked before notifying.
     waiters: AtomicUsize,
     changed: Notify,
-    registry: Mutex<Registry>,
+    registry: Registry,
+    /// Times requests; the registry keeps its readings.
+    clock: Clock,
     ticker_running: AtomicBool,
     /// Stops the interval task when the last handle goes.
     stop: Arc<Notify>,
+    /// What this monitor has added to the in-flight gauge (the `metrics` feature).
+    pub(crate) shown: AtomicI64,
+    /// Whether the task that refreshes the in-flight gauge runs.
+    pub(crate) refresher_running: AtomicBool,
+    /// Stops that task when the last handle goes.
+    pub(crate) refresher_stop: Arc<Notify>,
 }
 
 impl Drop for Shared {
     fn drop(&mut self) {
         self.stop.notify_one();
+        self.refresher_stop.notify_one();
+        metrics::dropped(self);
     }
 }
 
-#[derive(Default)]
-struct Registry {
-    slots: Vec<Option<Entry>>,
-    free: Vec<usize>,
-    next_id: u64,
-    counts: Counts,
-    failures_in_a_row: u32,
-}
-
-struct Entry {
-    id: RequestId,
-    started: Instant,
-    last: Instant,
-    units: u64,
+/// [`Clock::tokio`] if tokio's clock is paused here, else [`Clock::quanta`].
+///
+/// tokio's `Instant::now()` is the system's monotonic clock unless paused,
+/// so it falls between two readings of that clock; a paused clock stands
+/// where it was paused (or where `advance` left it).
+fn default_clock() -> Clock {
+    let before = std::time::Instant::now();
+    let tokio = Instant::now().into_std();
+    let after = std::time::Instant::now();
+    if tokio < before || tokio > after {
+        Clock::tokio()
+    } else {
+        Clock::quanta()
+    }
 }
 
 /// Request counters of a [`Monitor`] since it was built.
@@ -208,6 +242,22 @@ pub struct Counts {
 }
 
 impl Counts {
+    pub(crate) const fn new(
+        started: u64,
+        ok: u64,
+        error: u64,
+        cancelled: u64,
+        stalled: u64,
+    ) -> Self {
+        Counts {
+            started,
+            ok,
+            error,
+            cancelled,
+            stalled,
+        }
+    }
+
     /// Requests started.
     pub const fn started(&self) -> u64 {
         self.started
@@ -286,58 +336,7 @@ impl InFlight {
     }
 }
 
-impl Registry {
-    fn insert(&mut self, now: Instant) -> (usize, RequestId) {
-        self.next_id += 1;
-        self.counts.started += 1;
-        let id = RequestId::new(self.next_id);
-        let entry = Entry {
-            id,
-            started: now,
-            last: now,
-            units: 0,
-        };
-        let key = match self.free.pop() {
-            Some(key) => {
-                self.slots[key] = Some(entry);
-                key
-            }
-            None => {
-                self.slots.push(Some(entry));
-                self.slots.len() - 1
-            }
-        };
-        (key, id)
-    }
-
-    fn remove(&mut self, key: usize, outcome: Outcome) {
-        if self.slots[key].take().is_some() {
-            self.free.push(key);
-        }
-        match outcome {
-            Outcome::Ok => self.counts.ok += 1,
-            Outcome::Error => self.counts.error += 1,
-            Outcome::Cancelled => self.counts.cancelled += 1,
-            Outcome::Stalled => self.counts.stalled += 1,
-        }
-        if outcome.is_failure() {
-            self.failures_in_a_row = self.failures_in_a_row.saturating_add(1);
-        } else if outcome == Outcome::Ok {
-            self.failures_in_a_row = 0;
-        }
-    }
-
-    fn entries(&self) -> impl Iterator<Item = &Entry> {
-        self.slots.iter().flatten()
-    }
-}
-
 impl Shared {
-    fn registry(&self) -> MutexGuard<'_, Registry> {
-        // Nothing panics while the lock is held; recover rather than poison.
-        self.registry.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
     #[inline]
     pub(crate) fn watched(&self) -> bool {
         self.subscribers.load(Ordering::Relaxed) > 0
@@ -359,29 +358,43 @@ impl Shared {
         }
     }
 
+    /// The monitor's clock, in nanoseconds.
     #[inline]
-    pub(crate) fn start(&self) -> (usize, RequestId, Instant) {
-        let now = Instant::now();
-        let (key, id) = self.registry().insert(now);
-        metrics::started();
+    pub(crate) fn now(&self) -> u64 {
+        self.clock.now_nanos()
+    }
+
+    /// Whether progress handles may write to a request's entry (they are
+    /// given out only with the stall watchdog on).
+    #[inline]
+    const fn guarded(&self) -> bool {
+        self.config.stall.is_some()
+    }
+
+    #[inline]
+    pub(crate) fn start(self: &Arc<Self>) -> (Key, RequestId, u64) {
+        let now = self.now();
+        let (key, id) = self.registry.start(now);
+        let id = RequestId::new(id);
+        metrics::started(self);
         self.emit(|| Pulse::Started { id });
         self.changed();
         (key, id, now)
     }
 
     /// Records progress of request `id` at `now`; a `unit` of work also
-    /// counts and sends a pulse. Returns false if the request has ended.
-    pub(crate) fn progress(&self, key: usize, id: RequestId, now: Instant, unit: bool) -> bool {
-        let units = {
-            let mut registry = self.registry();
-            match registry.slots.get_mut(key) {
-                Some(Some(entry)) if entry.id == id => {
-                    entry.last = now;
-                    entry.units += u64::from(unit);
-                    entry.units
-                }
-                _ => return false,
-            }
+    /// counts and sends a pulse. `owner`: the caller holds the request's
+    /// ticket. Returns false if the request has ended.
+    pub(crate) fn progress(
+        &self,
+        key: Key,
+        id: RequestId,
+        now: u64,
+        unit: bool,
+        owner: bool,
+    ) -> bool {
+        let Some(units) = self.registry.progress(key, id.get(), now, unit, owner) else {
+            return false;
         };
         if unit {
             self.emit(|| Pulse::Progress { id, units });
@@ -390,36 +403,45 @@ impl Shared {
     }
 
     /// The last progress of request `id`, if it is still in flight.
-    pub(crate) fn last_progress(&self, key: usize, id: RequestId) -> Option<Instant> {
-        match self.registry().slots.get(key) {
-            Some(Some(entry)) if entry.id == id => Some(entry.last),
-            _ => None,
-        }
+    pub(crate) fn last_progress(&self, key: Key, id: RequestId) -> Option<u64> {
+        self.registry.last(key, id.get())
     }
 
     #[inline]
-    pub(crate) fn finish(&self, key: usize, id: RequestId, started: Instant, outcome: Outcome) {
-        self.registry().remove(key, outcome);
-        metrics::finished(outcome);
+    pub(crate) fn finish(&self, key: Key, id: RequestId, started: u64, outcome: Outcome) {
+        self.registry.finish(key, id.get(), outcome, self.guarded());
+        metrics::finished(self, outcome);
         self.emit(|| Pulse::Finished {
             id,
             outcome,
-            elapsed: started.elapsed(),
+            elapsed: Duration::from_nanos(self.now().saturating_sub(started)),
         });
         self.changed();
     }
 
+    /// The request counters at one instant.
+    pub(crate) fn counts(&self) -> Counts {
+        self.registry.counts()
+    }
+
+    /// Requests in flight, from one read of the counters.
+    #[inline]
+    pub(crate) fn in_flight_now(&self) -> u64 {
+        self.registry.in_flight_now()
+    }
+
     fn beat(&self) -> Option<Pulse> {
-        let now = Instant::now();
-        let registry = self.registry();
-        let in_flight = registry.counts.in_flight() as usize;
+        let now = self.now();
+        let in_flight = self.counts().in_flight() as usize;
+        metrics::refresh(self);
         if in_flight == 0 && !self.config.idle_beats {
             return None;
         }
-        let longest_idle = registry
-            .entries()
-            .map(|e| now.saturating_duration_since(e.last))
-            .max();
+        let mut longest_idle = None;
+        self.registry.each(false, |e| {
+            let idle = Duration::from_nanos(now.saturating_sub(e.last));
+            longest_idle = longest_idle.max(Some(idle));
+        });
         Some(Pulse::Beat {
             in_flight,
             longest_idle,
@@ -493,27 +515,32 @@ impl Monitor {
 
     /// Requests in flight now.
     pub fn in_flight(&self) -> usize {
-        self.shared.registry().counts.in_flight() as usize
+        self.counts().in_flight() as usize
     }
 
-    /// The request counters.
+    /// The request counters, all as they were at one instant.
     pub fn counts(&self) -> Counts {
-        self.shared.registry().counts
+        let counts = self.shared.counts();
+        metrics::refresh(&self.shared);
+        counts
     }
 
     /// Each request in flight, oldest first, with its time since last progress.
+    ///
+    /// Every request counted as started and not finished before the call
+    /// is listed, unless it finishes during the call.
     pub fn requests(&self) -> Vec<InFlight> {
-        let now = Instant::now();
-        let registry = self.shared.registry();
-        let mut list: Vec<InFlight> = registry
-            .entries()
-            .map(|e| InFlight {
-                id: e.id,
-                elapsed: now.saturating_duration_since(e.started),
-                idle: now.saturating_duration_since(e.last),
+        let shared = &*self.shared;
+        let now = shared.now();
+        let mut list = Vec::new();
+        shared.registry.each(true, |e| {
+            list.push(InFlight {
+                id: RequestId::new(e.id),
+                elapsed: Duration::from_nanos(now.saturating_sub(e.started)),
+                idle: Duration::from_nanos(now.saturating_sub(e.last)),
                 units: e.units,
-            })
-            .collect();
+            });
+        });
         list.sort_by_key(|r| r.id);
         list
     }
@@ -522,20 +549,23 @@ impl Monitor {
     /// [`unhealthy_after`](MonitorBuilder::unhealthy_after) failures in a row,
     /// and no request in flight idle for the stall limit or longer.
     pub fn health(&self) -> Health {
-        let now = Instant::now();
-        let registry = self.shared.registry();
-        let stuck = match self.shared.config.stall {
-            Some(stall) => registry
-                .entries()
-                .filter(|e| now.saturating_duration_since(e.last) >= stall)
-                .count(),
-            None => 0,
-        };
+        let shared = &*self.shared;
+        let counts = self.counts();
+        let mut stuck = 0;
+        if let Some(stall) = shared.config.stall {
+            let now = shared.now();
+            let stall = u64::try_from(stall.as_nanos()).unwrap_or(u64::MAX);
+            shared.registry.each(false, |e| {
+                if now.saturating_sub(e.last) >= stall {
+                    stuck += 1;
+                }
+            });
+        }
         Health::new(
-            registry.counts.in_flight() as usize,
+            counts.in_flight() as usize,
             stuck,
-            registry.failures_in_a_row,
-            self.shared.config.unhealthy_after.get(),
+            shared.registry.failures_in_a_row(),
+            shared.config.unhealthy_after.get(),
         )
     }
 
@@ -552,7 +582,8 @@ impl Monitor {
             let notified = shared.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if condition(&shared.registry().counts) {
+            if condition(&shared.counts()) {
+                metrics::refresh(shared);
                 return;
             }
             notified.await;

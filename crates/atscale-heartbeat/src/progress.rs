@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 
 use pin_project_lite::pin_project;
-use tokio::time::Instant;
 
 use crate::monitor::Shared;
 use crate::pulse::RequestId;
+use crate::registry::Key;
 
 thread_local! {
     /// The handle of the request whose code runs on this thread, set while
@@ -76,12 +76,12 @@ fn with_current<R>(slot: &mut Option<Progress>, f: impl FnOnce() -> R) -> R {
 #[derive(Clone)]
 pub struct Progress {
     shared: Arc<Shared>,
-    key: usize,
+    key: Key,
     id: RequestId,
 }
 
 impl Progress {
-    pub(crate) const fn new(shared: Arc<Shared>, key: usize, id: RequestId) -> Self {
+    pub(crate) const fn new(shared: Arc<Shared>, key: Key, id: RequestId) -> Self {
         Progress { shared, key, id }
     }
 
@@ -103,7 +103,7 @@ impl Progress {
     /// a late report changes nothing.
     pub fn report(&self) -> bool {
         self.shared
-            .progress(self.key, self.id, Instant::now(), true)
+            .progress(self.key, self.id, self.shared.now(), true, false)
     }
 
     /// Calls `make` (the inner service's `call`) with this handle current,

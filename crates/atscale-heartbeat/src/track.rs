@@ -11,6 +11,7 @@ use crate::body::TrackedBody;
 use crate::monitor::Shared;
 use crate::progress::Progress;
 use crate::pulse::{Outcome, RequestId};
+use crate::registry::Key;
 
 /// One request's place in a [`Monitor`](crate::Monitor): reports progress,
 /// and finishes the request exactly once.
@@ -21,9 +22,9 @@ use crate::pulse::{Outcome, RequestId};
 pub struct Ticket {
     shared: Arc<Shared>,
     hook: Option<Hook>,
-    key: usize,
+    key: Key,
     id: RequestId,
-    started: Instant,
+    started: u64,
     cx: Option<Context>,
     done: bool,
 }
@@ -48,28 +49,26 @@ impl Ticket {
         self.id
     }
 
-    pub(crate) const fn started(&self) -> Instant {
-        self.started
-    }
-
     /// A handle for the handler to report progress of this request.
     pub(crate) fn progress_handle(&self) -> Progress {
         Progress::new(self.shared.clone(), self.key, self.id)
     }
 
-    /// What the watchdog should do when its timer fires at `now`.
-    pub(crate) fn check(&self, now: Instant) -> Watchdog {
-        let Some(stall) = self.stall() else {
+    /// What the watchdog should do when its timer fires.
+    pub(crate) fn check(&self) -> Watchdog {
+        let Some(stall) = self.stall().and_then(|s| u64::try_from(s.as_nanos()).ok()) else {
             return Watchdog::Rearm(None);
         };
+        let now = self.shared.now();
         let last = self
             .shared
             .last_progress(self.key, self.id)
             .unwrap_or(self.started);
-        match last.checked_add(stall) {
-            Some(due) if due > now => Watchdog::Rearm(Some(due)),
-            None => Watchdog::Rearm(None),
-            Some(_) => Watchdog::Cut(now.saturating_duration_since(last)),
+        let idle = now.saturating_sub(last);
+        if idle < stall {
+            Watchdog::Rearm(Some(Duration::from_nanos(stall - idle)))
+        } else {
+            Watchdog::Cut(Duration::from_nanos(idle))
         }
     }
 
@@ -89,7 +88,15 @@ impl Ticket {
     /// Records one unit of progress (a body frame) at `now`: resets the
     /// request's idle time and sends [`Pulse::Progress`](crate::Pulse::Progress).
     pub fn progress(&mut self, now: Instant) {
-        self.shared.progress(self.key, self.id, now, true);
+        // On the monitor's clock: as long ago as `now` is on tokio's.
+        let at = self.shared.now().saturating_sub(nanos(now.elapsed()));
+        self.shared.progress(self.key, self.id, at, true, true);
+    }
+
+    /// One unit of progress (a body frame), now.
+    pub(crate) fn frame(&mut self) {
+        let now = self.shared.now();
+        self.shared.progress(self.key, self.id, now, true, true);
     }
 
     /// The body's last frame: a unit of progress, and the end of the
@@ -97,14 +104,15 @@ impl Ticket {
     /// once (one registry update and no clock read instead of two and one).
     pub(crate) fn last_frame(mut self) {
         if self.shared.watched() {
-            self.progress(Instant::now());
+            self.frame();
         }
         self.finish(Outcome::Ok);
     }
 
     /// Resets the request's idle time without counting a frame (the response head arrived).
-    pub(crate) fn touch(&mut self, now: Instant) {
-        self.shared.progress(self.key, self.id, now, false);
+    pub(crate) fn touch(&mut self) {
+        let now = self.shared.now();
+        self.shared.progress(self.key, self.id, now, false, true);
     }
 
     /// Finishes the request with `outcome`.
@@ -151,6 +159,11 @@ impl fmt::Debug for Ticket {
     }
 }
 
+/// `d` in nanoseconds, saturating.
+pub(crate) fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
 /// Told how each request ended, after the monitor (the steward listens this way).
 pub(crate) trait Finished: Send + Sync {
     fn finished(&self, outcome: Outcome);
@@ -160,9 +173,9 @@ pub(crate) type Hook = Arc<dyn Finished>;
 
 /// The watchdog's verdict when its timer fires.
 pub(crate) enum Watchdog {
-    /// There was progress since the timer was set: wait until this instant
+    /// There was progress since the timer was set: wait this much longer
     /// (`None`: never, the limit is too large for the clock).
-    Rearm(Option<Instant>),
+    Rearm(Option<Duration>),
     /// No progress for this long: cut.
     Cut(Duration),
 }
