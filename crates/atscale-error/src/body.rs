@@ -1,11 +1,13 @@
 //! The response body of a server-mode [`ErrorEnrich`](crate::ErrorEnrich).
 
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
+
+use crate::metrics::Tail;
 
 pin_project! {
     /// The inner service's body, passed through untouched, or the body of an
@@ -26,15 +28,23 @@ pin_project! {
     #[derive(Debug)]
     enum Inner<B> {
         Passthrough { #[pin] body: B },
+        // A gRPC body whose status (and so its duration) comes in the trailers.
+        Grpc { #[pin] body: B, tail: Tail },
         Full { data: Option<Bytes> },
     }
 }
 
 impl<B> ResponseBody<B> {
-    pub(crate) const fn passthrough(body: B) -> Self {
-        ResponseBody {
-            inner: Inner::Passthrough { body },
-        }
+    /// The inner body; `tail` records the call's duration at its trailers
+    /// when pending (a gRPC call with the `metrics` feature).
+    #[inline]
+    pub(crate) fn observed(body: B, tail: Tail) -> Self {
+        let inner = if tail.is_pending() {
+            Inner::Grpc { body, tail }
+        } else {
+            Inner::Passthrough { body }
+        };
+        ResponseBody { inner }
     }
 
     pub(crate) fn full(data: Bytes) -> Self {
@@ -70,20 +80,32 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         match self.project().inner.project() {
             InnerProj::Passthrough { body } => body.poll_frame(cx),
+            InnerProj::Grpc { body, tail } => {
+                let frame = ready!(body.poll_frame(cx));
+                match &frame {
+                    Some(Ok(frame)) => {
+                        if let Some(trailers) = frame.trailers_ref() {
+                            tail.trailers(trailers);
+                        }
+                    }
+                    Some(Err(_)) | None => tail.ended(),
+                }
+                Poll::Ready(frame)
+            }
             InnerProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match &self.inner {
-            Inner::Passthrough { body } => body.is_end_stream(),
+            Inner::Passthrough { body } | Inner::Grpc { body, .. } => body.is_end_stream(),
             Inner::Full { data } => data.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.inner {
-            Inner::Passthrough { body } => body.size_hint(),
+            Inner::Passthrough { body } | Inner::Grpc { body, .. } => body.size_hint(),
             Inner::Full { data } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }

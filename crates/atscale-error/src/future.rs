@@ -81,8 +81,8 @@ where
                     Ok(Poll::Pending) => return Poll::Pending,
                     Ok(Poll::Ready(Ok(res))) => {
                         this.state.set(State::Done);
-                        metrics::answered_ok(this.meta.as_ref(), &res);
-                        return Poll::Ready(Ok(res.map(ResponseBody::passthrough)));
+                        let tail = metrics::answered_ok(this.meta.as_ref(), &res);
+                        return Poll::Ready(Ok(res.map(|b| ResponseBody::observed(b, tail))));
                     }
                     Ok(Poll::Ready(Err(err))) => err.into(),
                     Err(payload) => Box::new(Panicked::from_payload(payload)),

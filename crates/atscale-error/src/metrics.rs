@@ -25,7 +25,7 @@ mod imp {
     use atscale_core::metrics::{
         ERRORS, HTTP_SERVER_REQUEST_DURATION, PANICS, RPC_SERVER_DURATION, enabled, field,
     };
-    use http::{HeaderValue, Method, Request, Response, StatusCode};
+    use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
     use metrics::{Histogram, Label, SharedString};
     use tracing::field::Empty;
 
@@ -116,21 +116,98 @@ mod imp {
     }
 
     #[inline]
-    pub(crate) fn answered_ok<B>(meta: Option<&RequestMeta>, res: &Response<B>) {
-        let Some(meta) = meta else { return };
+    pub(crate) fn answered_ok<B>(meta: Option<&RequestMeta>, res: &Response<B>) -> Tail {
+        let Some(meta) = meta else { return Tail::NONE };
         if let Some(span) = meta.obs.span() {
             span.record(field::STATUS, res.status().as_u16());
         }
-        if let Some(started) = meta.obs.started() {
-            duration(
-                started,
-                &meta.method,
-                meta.route(),
-                meta.grpc.is_some(),
-                res,
-                None,
-            );
+        let Some(started) = meta.obs.started() else {
+            return Tail::NONE;
+        };
+        if meta.grpc.is_none() {
+            duration(started, &meta.method, meta.route(), false, res, None);
+            return Tail::NONE;
         }
+        match grpc_status_in_headers(res) {
+            Some(code) => {
+                grpc_duration(code, None, elapsed(started));
+                Tail::NONE
+            }
+            // The status comes in the trailers (every successful call, and
+            // a streaming call's error): timed when they do.
+            None => Tail(Some(started)),
+        }
+    }
+
+    /// A gRPC call answered with headers but no status yet: its duration
+    /// is recorded when its body yields the trailers (with their
+    /// `grpc-status`), ends without them (`UNKNOWN`, 2), or is dropped
+    /// before its end (`CANCELLED`, 1: the client went away).
+    #[derive(Debug)]
+    pub(crate) struct Tail(Option<NonZeroU64>);
+
+    /// `UNKNOWN`: an answer without a status.
+    const UNKNOWN: u8 = 2;
+
+    impl Tail {
+        /// Nothing left to record.
+        pub(crate) const NONE: Tail = Tail(None);
+
+        /// Whether the duration waits for the trailers.
+        #[inline]
+        pub(crate) fn is_pending(&self) -> bool {
+            self.0.is_some()
+        }
+
+        /// The body yielded its trailers.
+        pub(crate) fn trailers(&mut self, trailers: &HeaderMap) {
+            if let Some(started) = self.0.take() {
+                let code = trailers
+                    .get("grpc-status")
+                    .map_or(UNKNOWN, |v| grpc_code(v.as_bytes()).unwrap_or(UNKNOWN));
+                grpc_duration(code, None, elapsed(started));
+            }
+        }
+
+        /// The body ended (or failed) without trailers.
+        pub(crate) fn ended(&mut self) {
+            if let Some(started) = self.0.take() {
+                grpc_duration(UNKNOWN, None, elapsed(started));
+            }
+        }
+    }
+
+    impl Drop for Tail {
+        fn drop(&mut self) {
+            if let Some(started) = self.0.take() {
+                grpc_duration(1, None, elapsed(started));
+            }
+        }
+    }
+
+    /// Nanoseconds since `started` on [`clock`].
+    #[inline]
+    fn elapsed(started: NonZeroU64) -> u64 {
+        clock().now_nanos().saturating_sub(started.get())
+    }
+
+    /// The gRPC status of an answer whose headers tell: its `grpc-status`
+    /// (`UNKNOWN` if not a code), or for an HTTP status other than 200
+    /// without one, the code the gRPC spec maps it to
+    /// (`doc/http-grpc-status-mapping.md`); `None` if the trailers will.
+    fn grpc_status_in_headers<B>(res: &Response<B>) -> Option<u8> {
+        if let Some(v) = res.headers().get("grpc-status") {
+            return Some(grpc_code(v.as_bytes()).unwrap_or(UNKNOWN));
+        }
+        Some(match res.status().as_u16() {
+            200 => return None,
+            400 => 13,
+            401 => 16,
+            403 => 7,
+            404 => 12,
+            429 | 502..=504 => 14,
+            _ => UNKNOWN,
+        })
     }
 
     pub(crate) fn answered_err<B>(err: &Enriched, res: &Response<B>) {
@@ -201,13 +278,9 @@ mod imp {
         res: &Response<B>,
         kind: Option<Kind>,
     ) {
-        let nanos = clock().now_nanos().saturating_sub(started.get());
+        let nanos = elapsed(started);
         if grpc {
-            let code = res
-                .headers()
-                .get("grpc-status")
-                .and_then(|v| grpc_code(v.as_bytes()))
-                .unwrap_or(0);
+            let code = grpc_status_in_headers(res).unwrap_or(UNKNOWN);
             grpc_duration(code, kind, nanos);
         } else {
             let method = method_index(method);
@@ -547,7 +620,7 @@ mod tests {
                 );
                 // A rare status: not kept, looked up every time.
                 duration_for_test("GET", Some("/a/{id}"), 418, None, false);
-                duration_for_test("POST", None, 200, None, true);
+                duration_for_test("POST", None, 0, None, true);
             }
         });
         let http = "http.server.request.duration";
@@ -625,7 +698,28 @@ mod imp {
     }
 
     #[inline(always)]
-    pub(crate) fn answered_ok<B>(_: Option<&RequestMeta>, _: &Response<B>) {}
+    pub(crate) fn answered_ok<B>(_: Option<&RequestMeta>, _: &Response<B>) -> Tail {
+        Tail::NONE
+    }
+
+    /// Zero-sized without the `metrics` feature: never pending.
+    #[derive(Debug)]
+    pub(crate) struct Tail;
+
+    impl Tail {
+        pub(crate) const NONE: Tail = Tail;
+
+        #[inline(always)]
+        pub(crate) fn is_pending(&self) -> bool {
+            false
+        }
+
+        #[inline(always)]
+        pub(crate) fn trailers(&mut self, _: &http::HeaderMap) {}
+
+        #[inline(always)]
+        pub(crate) fn ended(&mut self) {}
+    }
 
     #[inline(always)]
     pub(crate) fn answered_err<B>(_: &Enriched, _: &Response<B>) {}
@@ -634,7 +728,7 @@ mod imp {
     pub(crate) fn errored(_: &Enriched) {}
 }
 
-pub(crate) use imp::{Entered, Observed};
+pub(crate) use imp::{Entered, Observed, Tail};
 
 /// Enters the request's span (until the returned guard drops).
 #[inline(always)]
@@ -643,10 +737,11 @@ pub(crate) fn enter(meta: Option<&RequestMeta>) -> Entered {
     imp::enter(meta)
 }
 
-/// A server answered the request with the inner service's response.
+/// A server answered the request with the inner service's response; for a
+/// gRPC call whose status comes in the trailers, what the body records.
 #[inline(always)]
-pub(crate) fn answered_ok<B>(meta: Option<&RequestMeta>, res: &Response<B>) {
-    imp::answered_ok(meta, res);
+pub(crate) fn answered_ok<B>(meta: Option<&RequestMeta>, res: &Response<B>) -> Tail {
+    imp::answered_ok(meta, res)
 }
 
 /// A server answered the request with `err`, as `res`.
