@@ -200,8 +200,10 @@ pub(crate) struct Shared {
     /// Stops the interval task when the last handle goes.
     stop: Arc<Notify>,
     /// What this monitor has added to the in-flight gauge (the `metrics` feature).
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
     pub(crate) shown: AtomicI64,
     /// Whether the task that refreshes the in-flight gauge runs.
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
     pub(crate) refresher_running: AtomicBool,
     /// Stops that task when the last handle goes.
     pub(crate) refresher_stop: Arc<Notify>,
@@ -426,6 +428,7 @@ impl Shared {
 
     /// Requests in flight, from one read of the counters.
     #[inline]
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
     pub(crate) fn in_flight_now(&self) -> u64 {
         self.registry.in_flight_now()
     }
@@ -620,6 +623,7 @@ impl fmt::Debug for Monitor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Monitor")
             .field("config", &self.shared.config)
+            .field("clock", &self.shared.clock)
             .field("counts", &self.counts())
             .field(
                 "subscribers",

@@ -136,12 +136,13 @@ impl Shard {
         }
     }
 
-    /// Claims a free slot (marked [`RESERVED`]); returns its index.
+    /// Claims a free slot (marked [`RESERVED`]); returns it and its index.
     #[inline]
-    fn claim(&self) -> usize {
+    fn claim(&self) -> (&Slot, usize) {
         let mut cap = capacity(self.len.load(Ordering::Acquire));
         let mut i = self.hint.load(Ordering::Relaxed);
-        let mut busy = self.busy.load(Ordering::Relaxed);
+        let seen = self.busy.load(Ordering::Relaxed);
+        let mut busy = seen;
         let mut scanned = 0;
         loop {
             if i >= cap || scanned > 2 * cap {
@@ -152,10 +153,13 @@ impl Shard {
                 }
                 busy = 0;
             }
-            if self.reserve(self.slot(i)) {
+            let slot = self.slot(i);
+            if self.reserve(slot) {
                 self.hint.store(i + 1, Ordering::Relaxed);
-                self.busy.store(busy, Ordering::Relaxed);
-                return i;
+                if busy != seen {
+                    self.busy.store(busy, Ordering::Relaxed);
+                }
+                return (slot, i);
             }
             busy += 1;
             scanned += 1;
@@ -236,9 +240,7 @@ impl Registry {
         let index = thread_index::current()
             .filter(|&i| i < EXCLUSIVE)
             .unwrap_or(EXCLUSIVE);
-        let shard = self.shard(index);
-        let i = shard.claim();
-        let slot = shard.slot(i);
+        let (slot, i) = self.shard(index).claim();
         // Reserved before the id is taken: a reader that sees the count of
         // started requests finds the slot (see `each`).
         let id = self.next_id.fetch_add(1, Ordering::SeqCst) + 1;
@@ -367,6 +369,7 @@ impl Registry {
     /// Requests in flight, from one pass over the counters (exact unless a
     /// request starts or finishes during the read; never below zero).
     #[inline]
+    #[cfg_attr(not(any(test, feature = "metrics")), allow(dead_code))]
     pub(crate) fn in_flight_now(&self) -> u64 {
         let [started, ok, error, cancelled, stalled] = self.read();
         started - (ok + error + cancelled + stalled)
@@ -549,7 +552,7 @@ mod tests {
         assert!(!shard.exclusive);
         let claimed: Vec<Vec<usize>> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..4)
-                .map(|_| s.spawn(|| (0..500).map(|_| shard.claim()).collect::<Vec<_>>()))
+                .map(|_| s.spawn(|| (0..500).map(|_| shard.claim().1).collect::<Vec<_>>()))
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         });

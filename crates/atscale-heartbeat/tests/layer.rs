@@ -4,7 +4,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use atscale_core::{BoxError, Carrier, Context, Kind, Stalled, find};
+use atscale_core::{BoxError, Carrier, Clock, Context, Kind, Stalled, find};
 use atscale_heartbeat::{
     Heartbeat, HeartbeatLayer, KeepAliveLayer, Monitor, Outcome, Progress, Pulse, Pulses, Steward,
     TrackedBody,
@@ -644,4 +644,36 @@ async fn a_producer_reporting_progress_keeps_a_slow_body_alive() {
     assert_eq!(collected, "ab");
     let counts = monitor.counts();
     assert_eq!((counts.ok(), counts.stalled()), (1, 0));
+}
+
+#[tokio::test]
+async fn the_monitor_times_requests_with_the_tsc_by_default() {
+    let debug = format!("{:?}", Monitor::new());
+    assert!(debug.contains(r#"source: "quanta""#), "{debug}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_monitor_built_on_a_paused_clock_times_with_tokios() {
+    let debug = format!("{:?}", Monitor::new());
+    assert!(debug.contains(r#"source: "tokio""#), "{debug}");
+}
+
+#[test]
+fn a_monitor_built_before_the_clock_is_paused_can_be_given_tokios() {
+    let monitor = Monitor::builder().clock(Clock::tokio()).build();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let gate = Arc::new(Notify::new());
+        let svc = monitor.layer().layer(gated(gate.clone()));
+        let call = tokio::spawn(svc.oneshot(req()));
+        bounded(monitor.wait_in_flight(1)).await;
+        advance(Duration::from_millis(300)).await;
+        assert_eq!(monitor.requests()[0].elapsed(), Duration::from_millis(300));
+        gate.notify_one();
+        bounded(call).await.unwrap().unwrap();
+    });
 }
