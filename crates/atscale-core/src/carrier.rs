@@ -54,7 +54,15 @@ impl<B> Carrier for http::Request<B> {
     }
 
     fn set_context(&mut self, cx: Context) {
-        self.extensions_mut().insert(cx);
+        // A context already carried (a parent's, as a child context replaces
+        // it at each layer that makes one) is overwritten in its box: an
+        // insert would box the new one and free the old.
+        match self.extensions_mut().get_mut::<Context>() {
+            Some(carried) => *carried = cx,
+            None => {
+                self.extensions_mut().insert(cx);
+            }
+        }
     }
 
     fn headers(&self) -> Option<&HeaderMap> {
@@ -78,5 +86,23 @@ mod tests {
         req.set_context(cx.clone());
         req.context().unwrap().cancel();
         assert!(cx.is_cancelled(), "the carried context shares the signal");
+    }
+
+    #[test]
+    fn a_new_context_replaces_the_carried_one() {
+        let mut req = http::Request::new(());
+        req.extensions_mut().insert(7u32);
+        let first = Context::new();
+        req.set_context(first.clone());
+        let second = first.child();
+        req.set_context(second.clone());
+        req.context().unwrap().cancel();
+        assert!(second.is_cancelled(), "the request carries the new context");
+        assert!(!first.is_cancelled(), "and no longer the old one");
+        assert_eq!(
+            req.extensions().get::<u32>(),
+            Some(&7),
+            "other extensions stay"
+        );
     }
 }

@@ -1,6 +1,6 @@
 //! The request context: one deadline and one cancellation signal.
 
-use std::cell::RefCell;
+use std::cell::Cell;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -19,8 +19,9 @@ use crate::preempt::Preemptable;
 
 thread_local! {
     /// The context of the request whose code is running on this thread, set
-    /// while a [`Scoped`] future is polled.
-    static CURRENT: RefCell<Option<Context>> = const { RefCell::new(None) };
+    /// while a [`Scoped`] future is polled. A `Cell`: entering and leaving a
+    /// scope is a swap, with no borrow flag to check and set.
+    static CURRENT: Cell<Option<Context>> = const { Cell::new(None) };
 }
 
 /// Runs `f` with `slot`'s context current on this thread, by swapping it in
@@ -30,11 +31,11 @@ fn with_current<R>(slot: &mut Option<Context>, f: impl FnOnce() -> R) -> R {
     impl Drop for Restore<'_> {
         fn drop(&mut self) {
             // During thread teardown there is nothing left to restore into.
-            let _ = CURRENT.try_with(|current| std::mem::swap(&mut *current.borrow_mut(), self.0));
+            let _ = CURRENT.try_with(|current| *self.0 = current.replace(self.0.take()));
         }
     }
     if CURRENT
-        .try_with(|current| std::mem::swap(&mut *current.borrow_mut(), slot))
+        .try_with(|current| *slot = current.replace(slot.take()))
         .is_err()
     {
         return f();
@@ -256,7 +257,12 @@ impl Context {
     /// [`Context::scope`] and [`spawn`].
     pub fn current() -> Option<Context> {
         CURRENT
-            .try_with(|current| current.borrow().clone())
+            .try_with(|current| {
+                let cx = current.take();
+                let copy = cx.clone();
+                current.set(cx);
+                copy
+            })
             .ok()
             .flatten()
     }
