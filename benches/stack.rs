@@ -29,12 +29,23 @@
 //! ratios, Student's t) is narrower than ±2% (`E2E_CI`, in percent), or
 //! `E2E_MAX_ROUNDS` (default 40).
 //!
+//! While a window runs, the load generator never sleeps (a task yields in a
+//! loop; `E2E_SPIN=0` lets it sleep): on loopback a server's write wakes a
+//! sleeping generator in the server's own context, a cost that grew with the
+//! server's time per request (0.25 wake-ups per request bare, 0.40 with a
+//! stack, 0 for either with the generator awake) and that a server with
+//! remote clients does not pay.
+//!
 //! ```text
 //! cargo bench --bench stack                        # http1, h2, grpc
 //! cargo bench --bench stack -- http1 grpc          # some protocols
 //! E2E_SECS=1 E2E_MAX_ROUNDS=10 cargo bench --bench stack
 //! # a profile of one server process under the same load (perf installed):
 //! E2E_PERF_OUT=/tmp/atscale.data cargo bench --bench stack -- profile atscale http1 10
+//! # any perf command instead of `record -g`:
+//! E2E_PERF_OUT=/tmp/s.txt E2E_PERF_ARGS="stat -e sched:sched_wakeup" … -- profile bare grpc 5
+//! # the size of each layer's future around axum's Route and tonic's Routes:
+//! cargo bench --bench stack -- sizes
 //! ```
 //!
 //! Answers that are not a success (the overload layer's refusals) are
@@ -515,6 +526,28 @@ async fn capacity(target: &mut Target, secs: f64) -> f64 {
     done as f64 / start.elapsed().as_secs_f64()
 }
 
+/// Keeps the load generator's thread awake while `on` is set: a task that
+/// yields in a loop makes the runtime poll its sockets without sleeping
+/// (`epoll_wait` with a zero timeout). On loopback a server's write runs the
+/// receiver's TCP path and, when the generator sleeps, its wake-up (a
+/// cross-CPU interrupt, several µs in a VM) in the server's own context;
+/// how often the generator is found asleep grows with the server's time
+/// per request, which amplified every difference. A remote client costs a
+/// server no such wake-up. `E2E_SPIN=0` turns it off.
+fn keep_awake() -> Option<Arc<std::sync::atomic::AtomicBool>> {
+    if std::env::var("E2E_SPIN").as_deref() == Ok("0") {
+        return None;
+    }
+    let on = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let flag = on.clone();
+    tokio::spawn(async move {
+        while flag.load(Ordering::Relaxed) {
+            tokio::task::yield_now().await;
+        }
+    });
+    Some(on)
+}
+
 /// One measurement window: `rate` requests per second for `secs`, open loop.
 struct Sample {
     cpu_per_request_ns: f64,
@@ -530,6 +563,7 @@ struct Sample {
 async fn open_loop(target: &mut Target, rate: f64, secs: f64) -> Sample {
     let total = (rate * secs) as u64;
     let (proto, addr) = (target.proto, target.addr);
+    let awake = keep_awake();
     let cpu_before = target.cpu_ns();
     let start = Instant::now();
     let schedule = move |i: u64| start + Duration::from_secs_f64(i as f64 / rate);
@@ -595,6 +629,9 @@ async fn open_loop(target: &mut Target, rate: f64, secs: f64) -> Sample {
     drained.expect("all responses within 60 s");
     let elapsed = start.elapsed().as_secs_f64();
     let cpu = target.cpu_ns() - cpu_before;
+    if let Some(on) = awake {
+        on.store(false, Ordering::Relaxed);
+    }
     Sample {
         cpu_per_request_ns: cpu as f64 / total as f64,
         latencies_us,
@@ -811,8 +848,8 @@ fn report(
 }
 
 /// `profile CONFIG PROTO SECS`: one server under the open-loop load for
-/// `SECS`, with `perf record -g` attached to it when `E2E_PERF_OUT` names
-/// the output file.
+/// `SECS`, with `perf record -g` (or `perf $E2E_PERF_ARGS`) attached to it
+/// when `E2E_PERF_OUT` names the output file.
 fn profile(config: Config, proto: Proto, secs: f64) {
     pin_to(CLIENT_CPU);
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -827,8 +864,16 @@ fn profile(config: Config, proto: Proto, secs: f64) {
             cap / 2.0,
         );
         let perf = std::env::var("E2E_PERF_OUT").ok().map(|out| {
-            Command::new("perf")
-                .args(["record", "-g", "-o", &out, "-p"])
+            // `E2E_PERF_ARGS`: the perf command and its options, e.g.
+            // `record --call-graph dwarf` or `stat -e sched:sched_wakeup`.
+            let args = std::env::var("E2E_PERF_ARGS").unwrap_or_else(|_| "record -g".into());
+            // perf at normal priority on either CPU: inheriting this
+            // process's CPU and SCHED_FIFO, the spinning generator would
+            // starve it.
+            Command::new("chrt")
+                .args(["-o", "0", "taskset", "-c", "0,1", "perf"])
+                .args(args.split_whitespace())
+                .args(["-o", &out, "-p"])
                 .arg(target.child.id().to_string())
                 .args(["--", "sleep"])
                 .arg(format!("{secs}"))
@@ -840,12 +885,85 @@ fn profile(config: Config, proto: Proto, secs: f64) {
             perf.wait().expect("perf");
         }
         eprintln!(
-            "{} {}: {rate:.0} req/s offered, {:.2} µs CPU per request, {} refused",
+            "{} {}: {rate:.0} req/s offered, {} sent, {:.2} µs CPU per request, {} refused",
             config.name(),
             proto.name(),
+            sample.latencies_us.len(),
             sample.cpu_per_request_ns / 1000.0,
             sample.refused
         );
+    });
+}
+
+/// The size of the future `svc` returns for `req` (made once, dropped unpolled).
+async fn future_size<S: tower::Service<R>, R>(svc: &mut S, req: R) -> usize {
+    let svc = ServiceExt::<R>::ready(svc).await.ok().expect("ready");
+    let future = svc.call(req);
+    std::mem::size_of_val(&future)
+}
+
+/// `sizes`: the size in bytes of the future each layer of the server stack
+/// returns around axum's `Router` and tonic's `Routes`, innermost first
+/// (each layer's future holds its inner one and is moved at least once,
+/// when its `call` returns it), and the peer stack's for comparison.
+fn sizes() {
+    use atscale::deadline::{BodyDeadlineLayer, DeadlineLayer};
+    use atscale::error::ErrorEnrichLayer;
+    use atscale::heartbeat::{Heartbeat, Monitor};
+    use atscale::overload::OverloadLayer;
+    use tower::Layer;
+
+    macro_rules! layers {
+        ($inner:expr, $req:expr) => {{
+            let inner = $inner;
+            let limiter = Limiter::new(Limit::per_second(1_000_000_000).expect("limit"));
+            let mut out = Vec::new();
+            let mut svc = inner.clone();
+            out.push(("inner (router)", future_size(&mut svc, $req).await));
+            let svc = RateLimitLayer::reject(limiter).layer(inner.clone());
+            out.push(("+ RateLimit", future_size(&mut svc.clone(), $req).await));
+            let svc = Heartbeat::new(svc, Monitor::new());
+            out.push(("+ Heartbeat", future_size(&mut svc.clone(), $req).await));
+            let svc = OverloadLayer::new().layer(svc);
+            out.push(("+ Overload", future_size(&mut svc.clone(), $req).await));
+            let svc = BodyDeadlineLayer::grpc().responses_only().layer(svc);
+            out.push((
+                "+ ResponseDeadline",
+                future_size(&mut svc.clone(), $req).await,
+            ));
+            let svc = DeadlineLayer::server(BUDGET)
+                .with_header(atscale::stack::DEADLINE_HEADER)
+                .layer(svc);
+            out.push(("+ Deadline", future_size(&mut svc.clone(), $req).await));
+            let svc = ErrorEnrichLayer::new("e2e").layer(svc);
+            out.push(("+ ErrorEnrich", future_size(&mut svc.clone(), $req).await));
+            let mut svc = atscale_stack!().layer(inner.clone());
+            out.push((
+                "stack::server (+ RateLimit)",
+                future_size(&mut svc, $req).await,
+            ));
+            let mut svc = atscale_stack!(without_overload).layer(inner.clone());
+            out.push(("... .without_overload()", future_size(&mut svc, $req).await));
+            let mut svc = peer_stack!().service(inner);
+            out.push(("peer stack", future_size(&mut svc, $req).await));
+            out
+        }};
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let router: Router = Router::new().route("/", get(|| async { "hello" }));
+        let http = layers!(router, Request::new(axum::body::Body::empty()));
+        let (_, health) = tonic_health::server::health_reporter();
+        let routes = tonic::service::Routes::new(health);
+        let grpc = layers!(routes, Request::new(tonic::body::Body::empty()));
+        println!("| future | axum `Router` | tonic `Routes` |");
+        println!("| --- | ---: | ---: |");
+        for ((name, h), (_, g)) in http.iter().zip(&grpc) {
+            println!("| {name} | {h} B | {g} B |");
+        }
     });
 }
 
@@ -860,6 +978,7 @@ fn main() {
             Config::parse(&args[1]),
             Proto::parse(&args[2]).expect("protocol"),
         ),
+        Some("sizes") => sizes(),
         Some("profile") => profile(
             Config::parse(&args[1]),
             Proto::parse(&args[2]).expect("protocol: http1, h2, grpc"),
