@@ -186,6 +186,15 @@ fn emissions(metrics: &str) {
             },
         ),
         (
+            "a reading of the core clock (TSC through quanta), as ErrorEnrich's durations take two",
+            {
+                let clock = atscale::core::Clock::quanta();
+                timed(move |i| {
+                    black_box(clock.now_nanos() ^ i);
+                })
+            },
+        ),
+        (
             "span field on the current span (no request span open)",
             timed(|i| {
                 tracing::Span::current().record(field::RATELIMIT_OUTCOME, black_box(i));
