@@ -170,7 +170,7 @@ impl MonitorBuilder {
             shared: Arc::new(Shared {
                 config: self.config,
                 tx,
-                subscribers: Arc::new(AtomicUsize::new(0)),
+                subscribers: AtomicUsize::new(0),
                 waiters: AtomicUsize::new(0),
                 changed: Notify::new(),
                 registry: Registry::new(),
@@ -189,7 +189,7 @@ pub(crate) struct Shared {
     pub(crate) config: Config,
     tx: broadcast::Sender<Pulse>,
     /// Live [`Pulses`] streams: checked before a pulse is even built.
-    subscribers: Arc<AtomicUsize>,
+    subscribers: AtomicUsize,
     /// Tasks inside a `wait_*` call: checked before notifying.
     waiters: AtomicUsize,
     changed: Notify,
@@ -490,7 +490,7 @@ impl Monitor {
         let pulses = Pulses {
             inner: BroadcastStream::new(rx),
             missed: 0,
-            subscribers: self.shared.subscribers.clone(),
+            monitor: Arc::downgrade(&self.shared),
         };
         self.start_ticker();
         pulses
@@ -675,7 +675,8 @@ async fn ticker(weak: Weak<Shared>, stop: Arc<Notify>, every: Duration) {
 pub struct Pulses {
     inner: BroadcastStream<Pulse>,
     missed: u64,
-    subscribers: Arc<AtomicUsize>,
+    /// To count this subscriber out when it goes.
+    monitor: Weak<Shared>,
 }
 
 impl Pulses {
@@ -706,7 +707,9 @@ impl Stream for Pulses {
 
 impl Drop for Pulses {
     fn drop(&mut self) {
-        self.subscribers.fetch_sub(1, Ordering::SeqCst);
+        if let Some(shared) = self.monitor.upgrade() {
+            shared.subscribers.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 }
 

@@ -53,6 +53,9 @@ struct Slot {
 struct Shard {
     /// Only the thread with this shard's index claims slots in it.
     exclusive: bool,
+    /// Chunk 0, in place: one request at a time never looks further.
+    first: [Slot; BASE],
+    /// Chunks 1 and up (entry 0 unused).
     chunks: [OnceLock<Box<[Slot]>>; CHUNKS],
     /// Chunks made so far.
     len: AtomicUsize,
@@ -80,7 +83,7 @@ pub(crate) struct Registry {
     cancelled: AtomicU64,
     stalled: AtomicU64,
     failures_in_a_row: AtomicU32,
-    shards: Box<[OnceLock<Box<Shard>>]>,
+    shards: [OnceLock<Box<Shard>>; EXCLUSIVE + 1],
 }
 
 const fn capacity(chunks: usize) -> usize {
@@ -97,8 +100,9 @@ impl Shard {
     fn new(exclusive: bool) -> Self {
         Shard {
             exclusive,
+            first: Default::default(),
             chunks: std::array::from_fn(|_| OnceLock::new()),
-            len: AtomicUsize::new(0),
+            len: AtomicUsize::new(1),
             hint: AtomicUsize::new(0),
             busy: AtomicUsize::new(0),
         }
@@ -106,6 +110,9 @@ impl Shard {
 
     #[inline]
     fn slot(&self, i: usize) -> &Slot {
+        if i < BASE {
+            return &self.first[i];
+        }
         let (k, at) = locate(i);
         &self.chunks[k].get().expect("a claimed slot's chunk exists")[at]
     }
@@ -147,7 +154,7 @@ impl Shard {
         loop {
             if i >= cap || scanned > 2 * cap {
                 i = 0;
-                if cap == 0 || busy * 2 > cap || scanned > 2 * cap {
+                if busy * 2 > cap || scanned > 2 * cap {
                     i = cap;
                     cap = self.grow();
                 }
@@ -168,10 +175,12 @@ impl Shard {
     }
 
     fn slots(&self) -> impl Iterator<Item = &Slot> {
-        self.chunks
-            .iter()
-            .filter_map(OnceLock::get)
-            .flat_map(|chunk| chunk.iter())
+        self.first.iter().chain(
+            self.chunks[1..]
+                .iter()
+                .filter_map(OnceLock::get)
+                .flat_map(|chunk| chunk.iter()),
+        )
     }
 }
 
@@ -217,7 +226,7 @@ impl Registry {
             cancelled: AtomicU64::new(0),
             stalled: AtomicU64::new(0),
             failures_in_a_row: AtomicU32::new(0),
-            shards: (0..=EXCLUSIVE).map(|_| OnceLock::new()).collect(),
+            shards: std::array::from_fn(|_| OnceLock::new()),
         }
     }
 
