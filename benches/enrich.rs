@@ -160,6 +160,18 @@ fn enrich() -> ErrorEnrichLayer {
         .expect("valid configuration")
 }
 
+/// Median and quartiles of `v`, as `+m (q1..q3)`.
+fn quartiles(v: &[f64]) -> String {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        let i = q * (v.len() - 1) as f64;
+        let (lo, hi) = (i.floor() as usize, i.ceil() as usize);
+        v[lo] + (v[hi] - v[lo]) * (i - lo as f64)
+    };
+    format!("{:+.2} ({:+.2}..{:+.2})", at(0.5), at(0.25), at(0.75))
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // `cargo test --benches` asks benches to list their tests
@@ -255,9 +267,39 @@ fn main() {
                 .collect();
             let (dlo, dhi) = support::range(&diffs);
             println!(
-                "ErrorEnrich - axum HandleError, per repetition: {:+.1} ns ({dlo:+.1}..{dhi:+.1})",
-                support::median(diffs.clone())
+                "ErrorEnrich - axum HandleError, per repetition: {:+.1} ns ({dlo:+.1}..{dhi:+.1}); quartiles {}",
+                support::median(diffs.clone()),
+                quartiles(&diffs)
             );
+            let bare = &rows[0].samples;
+            let ratios: Vec<f64> = samples("ErrorEnrich")
+                .iter()
+                .zip(samples("axum HandleError"))
+                .zip(bare)
+                .map(|((e, h), b)| (e - b) / (h - b))
+                .collect();
+            println!("ratio of overheads, quartiles: {}", quartiles(&ratios));
+            if let Some(wrapped) = rows
+                .iter()
+                .find(|r| r.name.starts_with("axum HandleError, body wrapped"))
+            {
+                let boxed: Vec<f64> = wrapped
+                    .samples
+                    .iter()
+                    .zip(samples("axum HandleError"))
+                    .map(|(w, h)| w - h)
+                    .collect();
+                let rest: Vec<f64> = samples("ErrorEnrich")
+                    .iter()
+                    .zip(&wrapped.samples)
+                    .map(|(e, w)| e - w)
+                    .collect();
+                println!(
+                    "axum's box of a body not its own (wrapped - HandleError): {}; ErrorEnrich - wrapped: {}",
+                    quartiles(&boxed),
+                    quartiles(&rest)
+                );
+            }
         }
     }
     println!("\nload average at the end: {}", support::load());
