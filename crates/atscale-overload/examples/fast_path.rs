@@ -23,6 +23,11 @@ where
     S::Error: std::fmt::Debug,
 {
     let mut cx = Context::from_waker(Waker::noop());
+    if std::env::var("FAST_PATH_SIZES").is_ok() {
+        let _ = svc.poll_ready(&mut cx);
+        let fut = svc.call(http::Request::new(()));
+        println!("response future: {} bytes", std::mem::size_of_val(&fut));
+    }
     let mut sum = 0u64;
     for _ in 0..n {
         assert!(svc.poll_ready(&mut cx).is_ready());

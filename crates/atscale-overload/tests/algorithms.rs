@@ -207,3 +207,32 @@ fn vegas_does_not_count_latency_under_its_tolerance_as_queueing() {
     assert_eq!(v.update(20.0, &at(1)), 20.0);
     assert!(v.update(20.0, &at(20)) < 20.0);
 }
+
+#[test]
+fn vegas_decays_a_limit_far_above_the_use_toward_twice_the_use() {
+    let at = |n: usize| Sample::new(10 * MS, n, false).with_limit(40);
+    // Minimum 10 ms; then answers at 10 ms with one request in flight: the
+    // limit of 40 was never used, it decays to twice the use plus beta.
+    let mut v = Vegas::new();
+    assert_eq!(v.update(40.0, &at(1)), 40.0);
+    let mut limit = 40.0;
+    for _ in 0..200 {
+        limit = v.update(limit, &at(1));
+    }
+    let floor = 2.0 + 6.0 * limit.log10().max(1.0);
+    assert!(
+        (limit - floor).abs() < 1.0,
+        "{limit} (twice the use + beta: {floor})"
+    );
+    // Half of it in use: not app-limited, no queue, it grows.
+    let mut v = Vegas::new();
+    assert_eq!(v.update(40.0, &at(20)), 40.0);
+    assert!(v.update(40.0, &at(20)) > 40.0);
+    // A round that used 30 keeps the limit while fewer are in flight.
+    let mut v = Vegas::new();
+    assert_eq!(v.update(40.0, &at(30)), 40.0);
+    assert_eq!(v.update(40.0, &at(30)).min(40.0), 40.0);
+    for _ in 0..10 {
+        assert_eq!(v.update(40.0, &at(5)), 40.0);
+    }
+}

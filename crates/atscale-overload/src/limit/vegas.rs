@@ -18,7 +18,15 @@ use super::{Algorithm, Sample, nanos};
 /// service's latency jitters by several times its minimum (a scheduler, a
 /// request body arriving in a later read); without the tolerance that jitter
 /// reads as a queue of nearly the whole limit and drives the limit to its
-/// minimum, where requests wait in the layer for nothing.
+/// minimum, where requests wait in the layer for nothing. Last, a limit far
+/// above the use decays (RFC 7661's congestion window validation): while
+/// fewer than half of it are in flight and the queue estimate is low, each
+/// answer brings it down by `log10(limit)`, to no less than twice the most
+/// requests in flight over the last round or two (a round: a limit's worth
+/// of answers) plus `beta`. A limit learnt against a wrong minimum latency
+/// (the first answers of a cold start already queued) otherwise stays there
+/// while a deadline keeps traffic away, and lets a whole limit of requests
+/// in at once when it returns, every one of them too late.
 ///
 /// The minimum latency is re-learnt every `probe` samples × limit (default
 /// 30), so a lasting change of the service's speed is learnt. Unlike
@@ -36,6 +44,10 @@ pub struct Vegas {
     seen: u64,
     smoothing: f64,
     probing: Option<Probe>,
+    /// The most in flight at admission this round, and the last round.
+    peak: f64,
+    last_peak: f64,
+    round: u64,
 }
 
 /// A probe of the minimum latency in progress.
@@ -58,6 +70,9 @@ impl Default for Vegas {
             seen: 0,
             smoothing: 1.0,
             probing: None,
+            peak: 0.0,
+            last_peak: 0.0,
+            round: 0,
         }
     }
 }
@@ -133,8 +148,22 @@ impl Algorithm for Vegas {
         let app_limited = (sample.in_flight() as f64) * 2.0 < limit;
         // Admitted before the limit last grew: it tells nothing of this one.
         let stale = sample.limit().is_some_and(|l| (l as f64) < limit.floor());
+        // The most requests in flight at once over the last round or two
+        // (a round: a limit's worth of samples).
+        let n = sample.in_flight() as f64;
+        self.peak = self.peak.max(n);
+        self.round += 1;
+        let used = self.peak.max(self.last_peak);
+        if self.round as f64 >= limit {
+            (self.last_peak, self.peak, self.round) = (self.peak, 0.0, 0);
+        }
+        let floor = 2.0 * used + beta;
         let estimate = if sample.dropped() {
             limit - step
+        } else if app_limited && queue < alpha && limit > floor {
+            // A limit far above the use was never validated: it decays
+            // toward twice the use (RFC 7661's congestion window validation).
+            (limit - step).max(floor)
         } else if (app_limited || stale) && queue < alpha {
             // Not the bottleneck, or not yet known: do not grow (but do
             // shrink, below).
