@@ -580,6 +580,14 @@ fn overhead() {
                     move || OverloadLayer::new().layer(inner()),
                     req,
                 ),
+                case(
+                    "atscale OverloadLayer, none timed after the warm-up",
+                    move || {
+                        let layer = OverloadLayer::builder().sampling(u32::MAX).build();
+                        layer.expect("valid").layer(inner())
+                    },
+                    req,
+                ),
             ];
             let rows = compare(&rt, &cases);
             let title = format!(
@@ -593,9 +601,46 @@ fn overhead() {
                 "tower ConcurrencyLimit(1000)",
             );
             println!("\noverhead ratio ours / tower: {m:.2}x ({lo:.2}..{hi:.2})");
+            quartiles(&rows);
         }
     }
     println!("load average at end: {}", support::load());
+}
+
+/// Quartiles of each case's per-repetition overhead over bare, and of the
+/// per-repetition ratio of each atscale case's overhead to tower's.
+fn quartiles(rows: &[support::Row]) {
+    fn q(mut v: Vec<f64>) -> (f64, f64, f64) {
+        v.sort_by(f64::total_cmp);
+        let at = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
+        (at(0.25), at(0.5), at(0.75))
+    }
+    let bare = &rows[0].samples;
+    let tower = &rows[1].samples;
+    for r in &rows[1..] {
+        let diffs: Vec<f64> = r.samples.iter().zip(bare).map(|(x, b)| x - b).collect();
+        let (q1, q2, q3) = q(diffs);
+        print!(
+            "{}: overhead quartiles {q1:+.1} / {q2:+.1} / {q3:+.1} ns",
+            r.name
+        );
+        if r.name.starts_with("atscale") {
+            let ratios: Vec<f64> = (0..bare.len())
+                .map(|i| (r.samples[i] - bare[i]) / (tower[i] - bare[i]))
+                .collect();
+            let (q1, q2, q3) = q(ratios);
+            // The ratio of two per-repetition medians, less sensitive to one
+            // repetition where tower's overhead came out near zero.
+            let m = |v: Vec<f64>| q(v).1;
+            let ours = m(r.samples.iter().zip(bare).map(|(x, b)| x - b).collect());
+            let theirs = m(tower.iter().zip(bare).map(|(x, b)| x - b).collect());
+            print!(
+                "; ratio to tower per repetition {q1:.2} / {q2:.2} / {q3:.2}, of the medians {:.2}",
+                ours / theirs
+            );
+        }
+        println!();
+    }
 }
 
 // ---------------------------------------------------------------- real clock
