@@ -67,6 +67,27 @@ impl<B> ResponseBody<B> {
     }
 }
 
+#[cfg(feature = "axum")]
+impl<B> ResponseBody<B>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<atscale_core::BoxError>,
+{
+    /// As axum's `Body`: the inner body as it is when it is one (axum's
+    /// `Body::new` takes its own type back without a box), the layer's
+    /// bytes as a `Body` of them; only a body that waits for its gRPC
+    /// trailers stays wrapped (boxed).
+    pub(crate) fn into_axum(self) -> axum::body::Body {
+        match self.inner {
+            Inner::Passthrough { body } => axum::body::Body::new(body),
+            Inner::Full { data } => {
+                data.map_or_else(axum::body::Body::empty, axum::body::Body::from)
+            }
+            inner @ Inner::Grpc { .. } => axum::body::Body::new(ResponseBody { inner }),
+        }
+    }
+}
+
 impl<B> Body for ResponseBody<B>
 where
     B: Body<Data = Bytes>,

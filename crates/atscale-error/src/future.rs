@@ -184,3 +184,54 @@ where
         Poll::Ready(Err(enriched))
     }
 }
+
+#[cfg(feature = "axum")]
+pub use axum_mode::AxumResponseFuture;
+
+#[cfg(feature = "axum")]
+mod axum_mode {
+    use std::convert::Infallible;
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::task::{Context, Poll, ready};
+
+    use atscale_core::BoxError;
+    use bytes::Bytes;
+    use http::Response;
+    use pin_project_lite::pin_project;
+
+    use super::ResponseFuture;
+
+    pin_project! {
+        /// Response future of an [`Axum`](crate::mode::Axum)-mode
+        /// [`ErrorEnrich`](crate::ErrorEnrich): as [`ResponseFuture`], with
+        /// axum's `Body`.
+        #[must_use = "futures do nothing unless polled"]
+        #[derive(Debug)]
+        pub struct AxumResponseFuture<F> {
+            #[pin]
+            inner: ResponseFuture<F>,
+        }
+    }
+
+    impl<F> AxumResponseFuture<F> {
+        pub(crate) fn new(inner: ResponseFuture<F>) -> Self {
+            AxumResponseFuture { inner }
+        }
+    }
+
+    impl<F, B, E> Future for AxumResponseFuture<F>
+    where
+        F: Future<Output = Result<Response<B>, E>>,
+        E: Into<BoxError>,
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        type Output = Result<Response<axum::body::Body>, Infallible>;
+
+        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+            let res = ready!(self.project().inner.poll(cx));
+            Poll::Ready(res.map(|res| res.map(crate::body::ResponseBody::into_axum)))
+        }
+    }
+}

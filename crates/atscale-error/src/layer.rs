@@ -6,6 +6,8 @@ use tower_layer::Layer;
 
 use crate::config::{Config, HelpTemplate};
 use crate::error::ConfigError;
+#[cfg(feature = "axum")]
+use crate::mode::Axum;
 use crate::mode::{Client, Server};
 use crate::service::ErrorEnrich;
 
@@ -15,7 +17,9 @@ use crate::service::ErrorEnrich;
 /// `M` is the mode: [`Server`] (from [`ErrorEnrichLayer::new`]) answers
 /// errors as responses; [`Client`] (from [`ErrorEnrichLayer::client`])
 /// turns the errors of outgoing calls into [`Enriched`](crate::Enriched)
-/// errors. More options: [`ErrorEnrichLayer::builder`].
+/// errors; `Axum` (from `ErrorEnrichLayer::for_axum`, the `axum` feature)
+/// serves as [`Server`] inside an axum `Router`. More options:
+/// [`ErrorEnrichLayer::builder`].
 pub struct ErrorEnrichLayer<M = Server> {
     config: Arc<Config>,
     _mode: PhantomData<fn() -> M>,
@@ -42,6 +46,29 @@ impl ErrorEnrichLayer<Server> {
             service: service.into(),
             help: None,
             internal_details: false,
+        }
+    }
+
+    /// The same layer for use inside an axum `Router` (`Router::layer`):
+    /// its responses have axum's `Body`, so the router does not box the
+    /// body of every response (the `axum` feature; [`Axum`]).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use atscale_error::ErrorEnrichLayer;
+    /// use axum::Router;
+    /// use axum::routing::get;
+    ///
+    /// let app: Router = Router::new()
+    ///     .route("/orders/{id}", get(|| async { "order" }))
+    ///     .layer(ErrorEnrichLayer::new("orders").for_axum());
+    /// ```
+    #[cfg(feature = "axum")]
+    pub fn for_axum(self) -> ErrorEnrichLayer<Axum> {
+        ErrorEnrichLayer {
+            config: self.config,
+            _mode: PhantomData,
         }
     }
 }

@@ -163,7 +163,10 @@
 //! - `axum`: errors name the route template axum matched (`/orders/{id}`,
 //!   from `MatchedPath`) in [`Enriched::route`] and the log line, so they
 //!   group by route; the layer must be added with `Router::layer` (inside
-//!   the router) for axum to have matched a route.
+//!   the router) for axum to have matched a route. There,
+//!   `ErrorEnrichLayer::new(..).for_axum()` answers with axum's own `Body`,
+//!   so the router does not box every response's body (the layer's
+//!   `ResponseBody` would be; benches/README.md, "ErrorEnrich").
 //!
 //! # Differences from axum's `HandleErrorLayer`
 //!

@@ -66,16 +66,13 @@ impl<S: fmt::Debug, M> fmt::Debug for ErrorEnrich<S, M> {
     }
 }
 
-impl<S, ReqB, ResB> Service<Request<ReqB>> for ErrorEnrich<S, Server>
-where
-    S: Service<Request<ReqB>, Response = Response<ResB>>,
-    S::Error: Into<BoxError>,
-{
-    type Response = Response<ResponseBody<ResB>>;
-    type Error = Infallible;
-    type Future = ResponseFuture<S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+impl<S, M> ErrorEnrich<S, M> {
+    /// `poll_ready` of the serving modes ([`Server`], `Axum`).
+    fn poll_ready_serving<R>(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>>
+    where
+        S: Service<R>,
+        S::Error: Into<BoxError>,
+    {
         if self.not_ready.is_some() {
             return Poll::Ready(Ok(()));
         }
@@ -93,7 +90,11 @@ where
         }
     }
 
-    fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+    /// `call` of the serving modes.
+    fn serve<ReqB>(&mut self, req: Request<ReqB>) -> ResponseFuture<S::Future>
+    where
+        S: Service<Request<ReqB>>,
+    {
         let meta = RequestMeta::of(&req, Side::Server);
         let config = self.config.clone();
         if let Some(err) = self.not_ready.take() {
@@ -106,6 +107,47 @@ where
                 ResponseFuture::failed(Box::new(Panicked::from_payload(payload)), meta, config)
             }
         }
+    }
+}
+
+impl<S, ReqB, ResB> Service<Request<ReqB>> for ErrorEnrich<S, Server>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>>,
+    S::Error: Into<BoxError>,
+{
+    type Response = Response<ResponseBody<ResB>>;
+    type Error = Infallible;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.poll_ready_serving::<Request<ReqB>>(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        self.serve(req)
+    }
+}
+
+/// As in [`Server`] mode, with axum's `Body`: an inner response whose body
+/// is already one passes as it is.
+#[cfg(feature = "axum")]
+impl<S, ReqB, ResB> Service<Request<ReqB>> for ErrorEnrich<S, crate::mode::Axum>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>>,
+    S::Error: Into<BoxError>,
+    ResB: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    ResB::Error: Into<BoxError>,
+{
+    type Response = Response<axum::body::Body>;
+    type Error = Infallible;
+    type Future = crate::future::AxumResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.poll_ready_serving::<Request<ReqB>>(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        crate::future::AxumResponseFuture::new(self.serve(req))
     }
 }
 

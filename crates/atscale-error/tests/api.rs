@@ -32,6 +32,14 @@ fn layers_services_futures_and_bodies_are_send_sync_and_clone_as_promised() {
     send_sync::<Enriched>();
     send_sync::<ErrorEnrichBuilder>();
     send_sync_clone::<ErrorId>();
+    #[cfg(feature = "axum")]
+    {
+        use atscale_error::future::AxumResponseFuture;
+        use atscale_error::mode::Axum;
+        send_sync_clone::<ErrorEnrichLayer<Axum>>();
+        send_sync_clone::<ErrorEnrich<Inner, Axum>>();
+        send_sync::<AxumResponseFuture<Fut>>();
+    }
 }
 
 #[test]

@@ -524,3 +524,58 @@ fn percent_decode(s: &str) -> String {
     }
     String::from_utf8(out).unwrap()
 }
+
+/// As [`serve`], with the layer in axum mode (`for_axum`).
+#[cfg(feature = "axum")]
+async fn serve_axum(enrich: ErrorEnrichLayer) -> SocketAddr {
+    let app = Router::new()
+        .route(
+            "/orders/{id}",
+            get(|Path(id): Path<String>| async move { format!("order {id}") }),
+        )
+        .layer(
+            ServiceBuilder::new()
+                .layer(enrich.for_axum())
+                .layer(FailingLayer),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+#[cfg(feature = "axum")]
+#[tokio::test]
+async fn in_axum_mode_answers_are_the_same() {
+    let (logs, _guard) = capture_logs();
+    let addr = serve_axum(
+        ErrorEnrichLayer::builder("checkout")
+            .help_link(HELP)
+            .build()
+            .unwrap(),
+    )
+    .await;
+    let client = client();
+
+    let ok = get_with(&client, addr, "/orders/42", "").await;
+    assert_eq!(ok.status, StatusCode::OK);
+    assert_eq!(ok.body, "order 42");
+    assert_eq!(ok.headers["content-type"], "text/plain; charset=utf-8");
+    assert!(logs.enrich_lines().is_empty());
+
+    let limited = get_with(&client, addr, "/orders/42", "rate").await;
+    assert_eq!(limited.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(limited.headers["content-type"], "application/problem+json");
+    assert_eq!(limited.headers["retry-after"], "2");
+    let doc = limited.json();
+    check_rfc9457(&doc, StatusCode::TOO_MANY_REQUESTS, "/orders/42");
+    assert_eq!(doc["code"], "rate_limited");
+    assert_eq!(logs.enrich_lines().len(), 1);
+    let line = logs.by_id(doc["error_id"].as_str().unwrap());
+    assert_eq!(line.field("route"), Some(ROUTE));
+    assert_eq!(line.field("kind"), Some("rate_limited"));
+
+    let panicked = get_with(&client, addr, "/orders/42", "panic-poll").await;
+    assert_eq!(panicked.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(panicked.json()["code"], "internal");
+}
