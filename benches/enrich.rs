@@ -202,6 +202,17 @@ fn main() {
                 || routes().layer(ServiceBuilder::new().layer(enrich()).layer(pass())),
                 request,
             ),
+            case(
+                "ErrorEnrich, axum mode",
+                || {
+                    routes().layer(
+                        ServiceBuilder::new()
+                            .layer(enrich().for_axum())
+                            .layer(pass()),
+                    )
+                },
+                request,
+            ),
             // What a body that is not axum's `Body` costs under
             // `Router::layer`: it boxes it (`Body::new`), as it boxes
             // ErrorEnrich's `ResponseBody`; `HandleError` answers axum's
@@ -237,6 +248,17 @@ fn main() {
                 || routes().layer(ServiceBuilder::new().layer(enrich()).layer(fail())),
                 request,
             ),
+            case(
+                "ErrorEnrich, axum mode",
+                || {
+                    routes().layer(
+                        ServiceBuilder::new()
+                            .layer(enrich().for_axum())
+                            .layer(fail()),
+                    )
+                },
+                request,
+            ),
         ];
         for (what, cases) in [
             ("success path", success),
@@ -251,6 +273,26 @@ fn main() {
             println!(
                 "\nratio of overheads, ErrorEnrich / axum HandleError: {m:.2} ({lo:.2}..{hi:.2})"
             );
+            {
+                let bare = &rows[0].samples;
+                let of = |name: &str| {
+                    &rows
+                        .iter()
+                        .find(|r| r.name == name)
+                        .expect("a case")
+                        .samples
+                };
+                let (a, h) = (of("ErrorEnrich, axum mode"), of("axum HandleError"));
+                let ratios: Vec<f64> = (0..bare.len())
+                    .map(|i| (a[i] - bare[i]) / (h[i] - bare[i]))
+                    .collect();
+                let diffs: Vec<f64> = (0..bare.len()).map(|i| a[i] - h[i]).collect();
+                println!(
+                    "axum mode / axum HandleError: ratio {}; difference {} ns",
+                    quartiles(&ratios),
+                    quartiles(&diffs)
+                );
+            }
             // On the error path the anchor's overhead is a few tens of ns, so
             // the difference says more than the ratio.
             let samples = |name: &str| {
