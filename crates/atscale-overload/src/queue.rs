@@ -533,7 +533,7 @@ impl Shared {
     /// the lock, which is taken only if someone waits for the slot. A drop
     /// (overloaded, deadline) makes the next requests timed, so the
     /// algorithm learns of the next one.
-    #[inline]
+    #[inline(always)]
     fn release_untimed(&self, dropped: bool) {
         let c = &self.counters;
         if dropped {
@@ -877,46 +877,61 @@ impl Permit {
         .with_limit(self.limit as usize)
     }
 
-    #[inline]
+    #[inline(always)]
     pub(crate) fn finish(mut self, outcome: Outcome) {
         if let Some(shared) = self.shared.take() {
             if self.start == UNTIMED {
                 shared.release_untimed(outcome == Outcome::Dropped);
-                return;
+            } else {
+                self.finish_timed(shared, outcome);
             }
-            let now = shared.clock.now_nanos();
-            let sample = match outcome {
-                Outcome::Ignored => None,
-                _ => {
-                    let dropped = outcome == Outcome::Dropped;
-                    let latency = now.saturating_sub(self.start);
-                    Some((self.sample(latency, dropped), !dropped))
-                }
-            };
-            shared.release(now, sample);
         }
+    }
+
+    #[inline(never)]
+    fn finish_timed(&self, shared: Arc<Shared>, outcome: Outcome) {
+        let now = shared.clock.now_nanos();
+        let sample = match outcome {
+            Outcome::Ignored => None,
+            _ => {
+                let dropped = outcome == Outcome::Dropped;
+                let latency = now.saturating_sub(self.start);
+                Some((self.sample(latency, dropped), !dropped))
+            }
+        };
+        shared.release(now, sample);
     }
 }
 
 impl Drop for Permit {
+    #[inline]
     fn drop(&mut self) {
         if let Some(shared) = self.shared.take() {
-            if self.start == UNTIMED {
-                // Dropped in service: by its deadline, or by a caller that
-                // went away. Its deadline was not read (that costs a
-                // look-up): either way the next requests are timed.
-                shared.release_untimed(true);
-                return;
-            }
-            // By its deadline (a drop to learn from), or by a caller that
-            // went away (nothing to learn).
-            let expired = self.deadline.is_some_and(|d| d <= Instant::now());
-            let now = shared.clock.now_nanos();
-            let sample = expired.then(|| {
-                let latency = now.saturating_sub(self.start);
-                (self.sample(latency, true), false)
-            });
-            shared.release(now, sample);
+            self.dropped_in_service(shared);
         }
+    }
+}
+
+impl Permit {
+    /// Dropped in service, not finished: by its deadline, or by a caller
+    /// that went away.
+    #[cold]
+    #[inline(never)]
+    fn dropped_in_service(&self, shared: Arc<Shared>) {
+        if self.start == UNTIMED {
+            // Its deadline was not read (that costs a look-up): either way
+            // the next requests are timed.
+            shared.release_untimed(true);
+            return;
+        }
+        // By its deadline (a drop to learn from), or by a caller that went
+        // away (nothing to learn).
+        let expired = self.deadline.is_some_and(|d| d <= Instant::now());
+        let now = shared.clock.now_nanos();
+        let sample = expired.then(|| {
+            let latency = now.saturating_sub(self.start);
+            (self.sample(latency, true), false)
+        });
+        shared.release(now, sample);
     }
 }
