@@ -37,6 +37,18 @@ use crate::registry::{Key, Registry};
 /// last handle to the monitor (this type, the layers and services holding
 /// it) is dropped.
 ///
+/// # Metrics
+///
+/// With the `metrics` feature, after `atscale_core::metrics::enable()`,
+/// `atscale.heartbeat.in_flight` is the sum over monitors of their requests
+/// in flight. A monitor does not move it per request: it sets its share
+/// from its counters when it goes idle (so the gauge is exact whenever no
+/// request is in flight), whenever it is read ([`counts`](Monitor::counts),
+/// [`in_flight`](Monitor::in_flight), [`health`](Monitor::health), the
+/// `wait_*` calls, interval beats), and once a second from a task it spawns
+/// at its first request after `enable()` (it holds no strong handle and
+/// stops with the monitor). Otherwise the gauge is at most a second old.
+///
 /// # Example
 ///
 /// Deterministic tests: wait for work to begin, then assert, with no timeout.
