@@ -121,19 +121,9 @@ mod imp {
         ));
     }
 
-    /// Clears the running flag when the task ends or its runtime drops it.
-    struct Running(Weak<Shared>);
-
-    impl Drop for Running {
-        fn drop(&mut self) {
-            if let Some(shared) = self.0.upgrade() {
-                shared.refresher_running.store(false, Ordering::SeqCst);
-            }
-        }
-    }
-
+    /// Spawned once per monitor (never again, even if its runtime goes
+    /// away or has no timers: no task per request in any case).
     async fn refresher(weak: Weak<Shared>, stop: Arc<Notify>) {
-        let _running = Running(weak.clone());
         let mut interval = tokio::time::interval(REFRESH);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

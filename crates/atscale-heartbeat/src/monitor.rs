@@ -46,8 +46,9 @@ use crate::registry::{Key, Registry};
 /// request is in flight), whenever it is read ([`counts`](Monitor::counts),
 /// [`in_flight`](Monitor::in_flight), [`health`](Monitor::health), the
 /// `wait_*` calls, interval beats), and once a second from a task it spawns
-/// at its first request after `enable()` (it holds no strong handle and
-/// stops with the monitor). Otherwise the gauge is at most a second old.
+/// once, at its first request inside a tokio runtime after `enable()` (it
+/// holds no strong handle and stops with the monitor). Otherwise the gauge
+/// is at most a second old.
 ///
 /// # Example
 ///
@@ -214,7 +215,7 @@ pub(crate) struct Shared {
     /// What this monitor has added to the in-flight gauge (the `metrics` feature).
     #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
     pub(crate) shown: AtomicI64,
-    /// Whether the task that refreshes the in-flight gauge runs.
+    /// Whether the task that refreshes the in-flight gauge was spawned.
     #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
     pub(crate) refresher_running: AtomicBool,
     /// Stops that task when the last handle goes.
