@@ -236,3 +236,17 @@ fn vegas_decays_a_limit_far_above_the_use_toward_twice_the_use() {
         assert_eq!(v.update(40.0, &at(5)), 40.0);
     }
 }
+
+#[test]
+fn a_much_lower_minimum_latency_forgets_what_the_queued_answers_had_in_flight() {
+    let at = |ms: u32, n: usize| Sample::new(ms * MS, n, false).with_limit(27);
+    let mut v = Vegas::new();
+    // A cold start: the first answers were already queued (90 ms, 20 in flight).
+    assert_eq!(v.update(27.0, &at(90, 20)), 27.0);
+    v.update(27.0, &at(95, 20));
+    // Then one alone takes 5 ms: a new minimum, far lower.
+    assert_eq!(v.update(27.0, &at(5, 1)), 27.0);
+    // The 20 in flight before were a queue, not a use of the limit: the
+    // next answer alone in flight already brings the limit down.
+    assert!(v.update(27.0, &at(5, 1)) < 27.0);
+}

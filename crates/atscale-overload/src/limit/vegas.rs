@@ -26,7 +26,10 @@ use super::{Algorithm, Sample, nanos};
 /// of answers) plus `beta`. A limit learnt against a wrong minimum latency
 /// (the first answers of a cold start already queued) otherwise stays there
 /// while a deadline keeps traffic away, and lets a whole limit of requests
-/// in at once when it returns, every one of them too late.
+/// in at once when it returns, every one of them too late. For the same
+/// reason a new minimum latency under half the old one forgets the rounds
+/// before it: those answers were queued, what they had in flight validated
+/// nothing.
 ///
 /// The minimum latency is re-learnt every `probe` samples × limit (default
 /// 30), so a lasting change of the service's speed is learnt. Unlike
@@ -139,6 +142,11 @@ impl Algorithm for Vegas {
             return at;
         }
         if rtt < self.rtt_min {
+            if rtt < self.rtt_min / 2.0 {
+                // The answers before were queued: what they had in flight
+                // validated nothing.
+                (self.peak, self.last_peak, self.round) = (0.0, 0.0, 0);
+            }
             self.rtt_min = rtt;
             return limit;
         }
