@@ -103,6 +103,9 @@ mod imp {
         }
     }
 
+    /// At a monitor's first request after `enable()`: registers the gauge
+    /// (so a scrape shows it, at 0, before it first moves) and spawns the
+    /// refresher.
     #[cold]
     fn spawn_refresher(shared: &Arc<Shared>) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -115,6 +118,7 @@ mod imp {
         {
             return;
         }
+        in_flight();
         runtime.spawn(refresher(
             Arc::downgrade(shared),
             shared.refresher_stop.clone(),
