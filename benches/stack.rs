@@ -1071,6 +1071,111 @@ fn sizes() {
     });
 }
 
+/// The inner service's future in a box: every layer's future then holds a
+/// pointer instead of the inner future (the `micro` comparison).
+#[derive(Clone)]
+struct BoxInner<S>(S);
+
+impl<S: tower::Service<R>, R> tower::Service<R> for BoxInner<S> {
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = std::pin::Pin<Box<S::Future>>;
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        self.0.poll_ready(cx)
+    }
+    fn call(&mut self, req: R) -> Self::Future {
+        Box::pin(self.0.call(req))
+    }
+}
+
+/// `micro`: in one process, the server stack around axum's `Router` as is
+/// and with the router's future boxed first, each request a clone of the
+/// service called once (as hyper does), read to its end; interleaved, 11
+/// repetitions of ~100 ms, ns per request (median, min..max). `micro N`
+/// runs configuration N alone (0 bare, 1 stack, 2 boxed, 3 peer), for perf.
+fn micro(only: Option<usize>) {
+    use http_body_util::BodyExt;
+    use tower::Layer;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let router: Router = Router::new().route("/", get(|| async { "hello" }));
+        async fn per_request<S, B>(svc: &S, n: u32) -> f64
+        where
+            S: tower::Service<Request<axum::body::Body>, Response = http::Response<B>> + Clone,
+            S::Error: std::fmt::Debug,
+            B: http_body::Body,
+            B::Error: std::fmt::Debug,
+        {
+            let start = Instant::now();
+            for _ in 0..n {
+                let res = svc
+                    .clone()
+                    .oneshot(Request::new(axum::body::Body::empty()))
+                    .await
+                    .expect("answer");
+                let body = res.into_body().collect().await.expect("body");
+                std::hint::black_box(body);
+            }
+            start.elapsed().as_nanos() as f64 / f64::from(n)
+        }
+        let bare = router.clone();
+        let plain = atscale_stack!().layer(router.clone());
+        let boxed = atscale_stack!().layer(BoxInner(router.clone()));
+        let peer = peer_stack!().service(router.clone());
+        macro_rules! each {
+            ($n:expr) => {{
+                [
+                    per_request(&bare, $n).await,
+                    per_request(&plain, $n).await,
+                    per_request(&boxed, $n).await,
+                    per_request(&peer, $n).await,
+                ]
+            }};
+        }
+        if let Some(only) = only {
+            // For a profile: one configuration only, ~2 s.
+            for _ in 0..2_000_000 / 1000 {
+                match only {
+                    0 => per_request(&bare, 1000).await,
+                    1 => per_request(&plain, 1000).await,
+                    2 => per_request(&boxed, 1000).await,
+                    _ => per_request(&peer, 1000).await,
+                };
+            }
+            return;
+        }
+        each!(20_000);
+        let mut reps = Vec::new();
+        for _ in 0..11 {
+            reps.push(each!(50_000));
+        }
+        for (i, name) in [
+            "bare router",
+            "stack::server",
+            "stack::server, inner future boxed",
+            "peer",
+        ]
+        .iter()
+        .enumerate()
+        {
+            let mut d: Vec<f64> = reps.iter().map(|r| r[i] - r[0]).collect();
+            d.sort_by(f64::total_cmp);
+            let mut abs: Vec<f64> = reps.iter().map(|r| r[i]).collect();
+            abs.sort_by(f64::total_cmp);
+            println!(
+                "{name}: {:.0} ns per request, over bare {:+.0} ns ({:+.0}..{:+.0})",
+                abs[5], d[5], d[0], d[10]
+            );
+        }
+    });
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; the rest are words.
     let args: Vec<String> = std::env::args()
@@ -1083,6 +1188,7 @@ fn main() {
             Proto::parse(&args[2]).expect("protocol"),
         ),
         Some("sizes") => sizes(),
+        Some("micro") => micro(args.get(1).map(|n| n.parse().expect("0..=3"))),
         Some("profile") => profile(
             Config::parse(&args[1]),
             Proto::parse(&args[2]).expect("protocol: http1, h2, grpc"),
