@@ -35,7 +35,11 @@ fn jittery() -> impl tower::Service<
     service_fn(|r: http::Request<usize>| {
         let mut draw = *r.body() as u64;
         let x = splitmix(&mut draw);
-        let ms = if x.is_multiple_of(4) { 2 + (x >> 8) % 3 } else { 1 };
+        let ms = if x.is_multiple_of(4) {
+            2 + (x >> 8) % 3
+        } else {
+            1
+        };
         async move {
             tokio::time::sleep(Duration::from_millis(ms)).await;
             Ok::<_, BoxError>(0usize)
