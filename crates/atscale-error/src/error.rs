@@ -186,8 +186,27 @@ fn grpc_content_type(headers: &http::HeaderMap) -> Option<HeaderValue> {
     atscale_core::grpc::is_grpc(headers).then(|| ct.clone())
 }
 
+/// Teaches [`atscale_core::classify`] an [`Enriched`] error's own kind and
+/// retry-after, so that [`Kind::of`] and [`atscale_core::retry_after`] on a
+/// chain holding one agree with [`Enriched::kind`] (a client's failure
+/// that atscale does not know is [`Kind::Upstream`]: its chain alone would
+/// say [`Kind::Internal`]). Registered once, when the first is made.
+fn classify_enriched() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        atscale_core::classify::map(|e: &Enriched| {
+            let kind = atscale_core::classify::Classification::new(e.kind());
+            match e.retry_after() {
+                Some(after) => kind.with_retry_after(after),
+                None => kind,
+            }
+        });
+    });
+}
+
 impl Enriched {
     pub(crate) fn new(config: &Config, side: Side, meta: RequestMeta, error: BoxError) -> Self {
+        classify_enriched();
         let err: &(dyn Error + 'static) = &*error;
         let nested = find::<Enriched>(err);
         let kind = Kind::find(err)
@@ -233,7 +252,8 @@ impl Enriched {
         }
     }
 
-    /// What happened.
+    /// What happened. [`Kind::of`] on this error, or on a chain holding
+    /// it, answers the same.
     pub fn kind(&self) -> Kind {
         self.f.kind
     }
@@ -786,6 +806,9 @@ mod tests {
             "connection refused".into(),
         );
         assert_eq!(client.kind(), Kind::Upstream);
+        // The vocabulary agrees, on the error and on a chain holding it.
+        assert_eq!(Kind::of(&client), Kind::Upstream);
+        assert_eq!(Kind::of(&server), Kind::Internal);
         assert_eq!(client.target(), Some("billing:8080"));
         assert_eq!(client.route(), "/charge");
         assert!(
@@ -794,6 +817,8 @@ mod tests {
                 .starts_with("upstream failure calling billing:8080 (GET /charge), error id "),
             "{client}"
         );
+        let wrapped = Wrap("handler", Box::new(client));
+        assert_eq!(Kind::of(&wrapped), Kind::Upstream);
     }
 
     #[test]
