@@ -26,6 +26,7 @@ thread_local! {
 
 /// Runs `f` with `slot`'s context current on this thread, by swapping it in
 /// and out (no reference counting); restored even if `f` panics.
+#[inline(always)]
 fn with_current<R>(slot: &mut Option<Context>, f: impl FnOnce() -> R) -> R {
     struct Restore<'a>(&'a mut Option<Context>);
     impl Drop for Restore<'_> {
@@ -284,6 +285,7 @@ impl Context {
     /// Calls `make` (typically an inner service's `call`) with this context
     /// current, and scopes the future it returns in the same context: what a
     /// layer does with its inner service, without cloning the context.
+    #[inline(always)]
     pub fn scope_with<F: Future>(self, make: impl FnOnce() -> F) -> Scoped<F> {
         let mut cx = Some(self);
         let future = with_current(&mut cx, make);
@@ -337,6 +339,7 @@ impl<F> Scoped<F> {
 impl<F: Future> Future for Scoped<F> {
     type Output = F::Output;
 
+    #[inline(always)]
     fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<F::Output> {
         let this = self.project();
         let future = this.future;
