@@ -96,7 +96,7 @@ where
 {
     type Output = Result<T::Tracked, BoxError>;
 
-    #[inline(always)]
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         let output = match this.inner.as_mut().project() {

@@ -89,41 +89,23 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    #[inline(always)]
-    fn call(&mut self, req: Req) -> Self::Future {
+    #[inline]
+    fn call(&mut self, mut req: Req) -> Self::Future {
         let shared = &self.monitor.shared;
         match shared.config.stall {
             None => {
                 let ticket = Ticket::new(shared.clone(), None, self.hook.clone());
                 ResponseFuture::plain(self.inner.call(req), ticket)
             }
-            Some(stall) => self.call_watched(req, stall),
+            Some(stall) => {
+                let cx = req.context().map_or_else(Context::new, Context::child);
+                req.set_context(cx.clone());
+                let ticket = Ticket::new(shared.clone(), Some(cx.clone()), self.hook.clone());
+                let progress = ticket.progress_handle();
+                let inner = &mut self.inner;
+                let future = cx.scope_with(|| progress.scope_with(|| inner.call(req)));
+                ResponseFuture::watched(future, ticket, stall)
+            }
         }
-    }
-}
-
-impl<S> Heartbeat<S> {
-    /// `call` with the stall watchdog on: out of line, so the common call stays small.
-    #[inline(never)]
-    fn call_watched<Req>(
-        &mut self,
-        mut req: Req,
-        stall: std::time::Duration,
-    ) -> ResponseFuture<S::Future>
-    where
-        S: Service<Req>,
-        Req: Carrier,
-    {
-        let cx = req.context().map_or_else(Context::new, Context::child);
-        req.set_context(cx.clone());
-        let ticket = Ticket::new(
-            self.monitor.shared.clone(),
-            Some(cx.clone()),
-            self.hook.clone(),
-        );
-        let progress = ticket.progress_handle();
-        let inner = &mut self.inner;
-        let future = cx.scope_with(|| progress.scope_with(|| inner.call(req)));
-        ResponseFuture::watched(future, ticket, stall)
     }
 }
