@@ -218,7 +218,8 @@ where
     type Tracked = http::Response<TrackedBody<B>>;
 
     fn track(self, ticket: Ticket) -> Self::Tracked {
-        let grpc = atscale_core::grpc::is_grpc(self.headers());
+        // Only a stalled body reads it: no header lookup without the watchdog.
+        let grpc = ticket.stall().is_some() && atscale_core::grpc::is_grpc(self.headers());
         self.map(|body| TrackedBody::new(body, ticket, grpc))
     }
 }
