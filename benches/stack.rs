@@ -738,14 +738,22 @@ fn mean_ci(xs: &[f64]) -> (f64, f64) {
     (mean, t95(xs.len() - 1) * (var / n).sqrt())
 }
 
+/// Per-round ratios `a / b`, over the rounds where both were measured.
+fn paired(a: &[Option<f64>], b: &[Option<f64>]) -> Vec<f64> {
+    a.iter()
+        .zip(b)
+        .filter_map(|(a, b)| Some((*a)? / (*b)?))
+        .collect()
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 fn percentile(sorted: &[u32], p: f64) -> f64 {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i] as f64
+    let i = ((sorted.len().max(1) as f64 - 1.0) * p).round() as usize;
+    sorted.get(i).map_or(f64::NAN, |&x| f64::from(x))
 }
 
 fn env_f64(name: &str, default: f64) -> f64 {
@@ -760,13 +768,16 @@ fn env_f64(name: &str, default: f64) -> f64 {
 
 /// Per protocol and configuration: the rounds' samples.
 struct Series {
-    cpu: Vec<f64>,
+    /// Per round: CPU per request (ns), `None` for a window left out.
+    cpu: Vec<Option<f64>>,
     latencies: Vec<u32>,
     rates: Vec<f64>,
     refused: u64,
     /// Windows measured again: the server or the generator waited for its
     /// CPU for longer than `E2E_MAX_DELAY_MS`.
     redone: u64,
+    /// Windows left out after 5 tries.
+    dropped: u64,
     /// Per kept window: how long they waited, ms.
     delayed_ms: Vec<f64>,
 }
@@ -817,6 +828,7 @@ fn run(protos: Vec<Proto>) {
                         rates: Vec::new(),
                         refused: 0,
                         redone: 0,
+                        dropped: 0,
                         delayed_ms: Vec::new(),
                     })
                     .collect()
@@ -833,7 +845,8 @@ fn run(protos: Vec<Proto>) {
                     let mut sample = open_loop(&mut row[c], rates[p].1, secs).await;
                     // A window in which another process kept the server or
                     // the generator off its CPU for longer than
-                    // `E2E_MAX_DELAY_MS` is measured again (at most 5 times).
+                    // `E2E_MAX_DELAY_MS` is measured again (at most 5 times;
+                    // then it is left out: the round has no ratio for it).
                     let mut tries = 1;
                     while sample.delayed_ns > max_delay_ns && tries < 5 {
                         if round > 0 {
@@ -851,10 +864,13 @@ fn run(protos: Vec<Proto>) {
                             sample.delayed_ns as f64 / 1e6
                         );
                     }
-                    if round > 0 {
+                    if round > 0 && sample.delayed_ns > max_delay_ns {
+                        series[p][c].cpu.push(None);
+                        series[p][c].dropped += 1;
+                    } else if round > 0 {
                         let s = &mut series[p][c];
                         s.delayed_ms.push(sample.delayed_ns as f64 / 1e6);
-                        s.cpu.push(sample.cpu_per_request_ns);
+                        s.cpu.push(Some(sample.cpu_per_request_ns));
                         s.latencies.extend(sample.latencies_us);
                         s.rates.push(sample.achieved_rate);
                         s.refused += sample.refused;
@@ -868,13 +884,7 @@ fn run(protos: Vec<Proto>) {
             widest = 0.0f64;
             for per_proto in &series {
                 for s in &per_proto[1..] {
-                    let ratios: Vec<f64> = s
-                        .cpu
-                        .iter()
-                        .zip(&per_proto[0].cpu)
-                        .map(|(x, b)| x / b)
-                        .collect();
-                    let (mean, half) = mean_ci(&ratios);
+                    let (mean, half) = mean_ci(&paired(&s.cpu, &per_proto[0].cpu));
                     widest = widest.max(half / mean);
                 }
             }
@@ -911,18 +921,17 @@ fn report(
             proto.label()
         );
         println!(
-            "| configuration | server CPU / request (median) | ratio to bare, mean ± 95% CI | p50 | p99 | achieved req/s | refused | windows redone | CPU wait per window (median, max) |"
+            "| configuration | server CPU / request (median) | ratio to bare, mean ± 95% CI | p50 | p99 | achieved req/s | refused | windows redone / left out | CPU wait per kept window (median, max) |"
         );
         println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
         let bare = series[p][0].cpu.clone();
         for (c, s) in series[p].iter_mut().enumerate() {
-            let ratios: Vec<f64> = s.cpu.iter().zip(&bare).map(|(x, b)| x / b).collect();
-            let (mean, half) = mean_ci(&ratios);
+            let (mean, half) = mean_ci(&paired(&s.cpu, &bare));
             s.latencies.sort_unstable();
             println!(
-                "| {} | {:.2} µs | {} | {:.0} µs | {:.0} µs | {:.0} | {} | {} | {:.2} ms, {:.2} ms |",
+                "| {} | {:.2} µs | {} | {:.0} µs | {:.0} µs | {:.0} | {} | {} / {} | {:.2} ms, {:.2} ms |",
                 targets[p][c].config.label(),
-                median(s.cpu.clone()) / 1000.0,
+                median(s.cpu.iter().flatten().copied().collect()) / 1000.0,
                 if c == 0 {
                     "1 (anchor)".to_string()
                 } else {
@@ -933,18 +942,13 @@ fn report(
                 median(s.rates.clone()),
                 s.refused,
                 s.redone,
+                s.dropped,
                 median(s.delayed_ms.clone()),
                 s.delayed_ms.iter().copied().fold(0.0, f64::max),
             );
         }
         for (c, name) in [(1, "atscale"), (2, "atscale without overload")] {
-            let ratios: Vec<f64> = series[p][c]
-                .cpu
-                .iter()
-                .zip(&series[p][3].cpu)
-                .map(|(a, b)| a / b)
-                .collect();
-            let (mean, half) = mean_ci(&ratios);
+            let (mean, half) = mean_ci(&paired(&series[p][c].cpu, &series[p][3].cpu));
             println!("\n{name} / peer: **{mean:.4}** ± {half:.4}");
         }
         println!();
