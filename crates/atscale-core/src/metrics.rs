@@ -418,6 +418,22 @@ pub fn enable() {
     ENABLED.store(true, Ordering::Relaxed);
 }
 
+/// Whether a `tracing` subscriber may record the request span and the
+/// decisions the layers write on it (one was set, and it is at `INFO`):
+/// every layer checks this before touching a span.
+///
+/// The level alone does not tell: once any `Dispatch` has been made (some
+/// crates make one without installing it), tracing's maximum level is
+/// `TRACE` even though no subscriber was ever set, and looking up the
+/// current span (which is then none) costs about 20 ns per request.
+#[inline(always)]
+pub fn span_wanted() -> bool {
+    use tracing::level_filters::{LevelFilter, STATIC_MAX_LEVEL};
+    tracing::Level::INFO <= STATIC_MAX_LEVEL
+        && tracing::dispatcher::has_been_set()
+        && tracing::Level::INFO <= LevelFilter::current()
+}
+
 /// Whether [`enable`] was called: every layer checks this before emitting.
 #[inline(always)]
 pub fn enabled() -> bool {

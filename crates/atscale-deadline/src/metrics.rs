@@ -41,21 +41,7 @@ mod imp {
     }
 
     use atscale_core::metrics::enabled;
-
-    /// Whether a subscriber may record the request span (one was set, and
-    /// it is at `INFO`).
-    ///
-    /// The level alone does not tell: once any `Dispatch` has been made
-    /// (some crates make one without installing it), tracing's maximum level
-    /// is `TRACE` even though no subscriber was ever set, and looking up the
-    /// current span (which is then none) cost about 20 ns per request.
-    #[inline(always)]
-    pub(super) fn span_wanted() -> bool {
-        use tracing::level_filters::{LevelFilter, STATIC_MAX_LEVEL};
-        tracing::Level::INFO <= STATIC_MAX_LEVEL
-            && tracing::dispatcher::has_been_set()
-            && tracing::Level::INFO <= LevelFilter::current()
-    }
+    pub(super) use atscale_core::metrics::span_wanted;
 
     #[inline]
     pub(crate) fn malformed() {

@@ -32,12 +32,7 @@ mod imp {
     use crate::error::{Enriched, Panicked, RequestMeta};
     use crate::trace::TraceId;
 
-    /// Whether a subscriber may record the request span (it is at `INFO`).
-    #[inline(always)]
-    fn span_wanted() -> bool {
-        use tracing::level_filters::{LevelFilter, STATIC_MAX_LEVEL};
-        tracing::Level::INFO <= STATIC_MAX_LEVEL && tracing::Level::INFO <= LevelFilter::current()
-    }
+    use atscale_core::metrics::span_wanted;
 
     /// The request's arrival time (metrics enabled) and span (a subscriber
     /// wants it); nothing allocated unless the span is made.

@@ -39,12 +39,7 @@ mod imp {
 
     use super::Refused;
 
-    /// Whether a subscriber may record the request span (it is at `INFO`).
-    #[inline(always)]
-    fn span_wanted() -> bool {
-        use tracing::level_filters::{LevelFilter, STATIC_MAX_LEVEL};
-        tracing::Level::INFO <= STATIC_MAX_LEVEL && tracing::Level::INFO <= LevelFilter::current()
-    }
+    use atscale_core::metrics::span_wanted;
 
     #[inline]
     pub(crate) fn admitted() {
