@@ -14,6 +14,7 @@ mod imp {
     };
 
     use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
 
     use ::metrics::{Counter, Gauge};
     use atscale_core::metrics::enabled;
@@ -31,10 +32,17 @@ mod imp {
         REQUESTS
             .get_or_init(|| ::metrics::counter!(HEDGE_REQUESTS))
             .increment(1);
+        // The delay moves once a block (adaptive) or never (fixed): the
+        // gauge is set when it changes, not per request.
+        static LAST_NANOS: AtomicU64 = AtomicU64::new(u64::MAX);
         if let Some(delay) = delay {
-            DELAY
-                .get_or_init(|| ::metrics::gauge!(HEDGE_DELAY))
-                .set(delay.as_secs_f64());
+            let nanos = u64::try_from(delay.as_nanos()).unwrap_or(u64::MAX - 1);
+            if LAST_NANOS.load(Ordering::Relaxed) != nanos {
+                LAST_NANOS.store(nanos, Ordering::Relaxed);
+                DELAY
+                    .get_or_init(|| ::metrics::gauge!(HEDGE_DELAY))
+                    .set(delay.as_secs_f64());
+            }
         }
     }
 
