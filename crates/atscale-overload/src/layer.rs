@@ -219,8 +219,9 @@ impl Builder {
     /// moves and requests may wait), during the layer's first 1,000 requests
     /// (which set the
     /// algorithm's minimum latency and the service-time estimate), and for
-    /// the next `every` requests after an untimed one was dropped
-    /// (overloaded, deadline).
+    /// the next `every` requests after an untimed one failed overloaded or
+    /// past its deadline, or was dropped in service (its deadline is not
+    /// read, so a caller that went away counts too).
     pub fn sampling(mut self, every: u32) -> Self {
         self.sampling = every;
         self
