@@ -34,6 +34,8 @@ fn main() {
         .with_recommended_naming(true)
         .install_recorder()
         .expect("the only recorder");
+    // The exporter's upkeep (draining its summaries) every 100 ms, as a
+    // server runs it: a period, not a wait for something to happen.
     std::thread::spawn(move || {
         loop {
             std::thread::sleep(Duration::from_millis(100));

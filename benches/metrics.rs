@@ -238,6 +238,8 @@ fn install_prometheus() {
         .map(|v| v.parse().expect("ATSCALE_BENCH_UPKEEP_MS: milliseconds"))
         .unwrap_or(100);
     if every > 0 {
+        // The exporter's upkeep on a period, as a server runs it (not a
+        // wait for something to happen).
         std::thread::spawn(move || {
             loop {
                 std::thread::sleep(Duration::from_millis(every));
