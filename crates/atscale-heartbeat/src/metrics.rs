@@ -128,16 +128,12 @@ mod imp {
     /// Spawned once per monitor (never again, even if its runtime goes
     /// away or has no timers: no task per request in any case).
     async fn refresher(weak: Weak<Shared>, stop: Arc<Notify>) {
-        let mut interval = tokio::time::interval(REFRESH);
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = interval.tick() => {}
-                () = stop.notified() => return,
-            }
-            let Some(shared) = weak.upgrade() else { return };
-            refresh(&shared);
-        }
+        let first = tokio::time::Instant::now();
+        crate::monitor::periodic(weak, stop, first, REFRESH, |shared| {
+            refresh(shared);
+            true
+        })
+        .await;
     }
 
     #[inline]

@@ -655,14 +655,7 @@ impl Drop for WaiterGuard<'_> {
 }
 
 async fn ticker(weak: Weak<Shared>, stop: Arc<Notify>, every: Duration) {
-    let mut interval = tokio::time::interval_at(Instant::now() + every, every);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = interval.tick() => {}
-            () = stop.notified() => return,
-        }
-        let Some(shared) = weak.upgrade() else { return };
+    periodic(weak, stop, Instant::now() + every, every, |shared| {
         if shared.subscribers.load(Ordering::SeqCst) == 0 {
             shared.ticker_running.store(false, Ordering::SeqCst);
             // A subscriber that came in between saw the task running and did
@@ -673,11 +666,37 @@ async fn ticker(weak: Weak<Shared>, stop: Arc<Notify>, every: Duration) {
                     .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
                     .is_err()
             {
-                return;
+                return false;
             }
         }
         if let Some(pulse) = shared.beat() {
             let _ = shared.tx.send(pulse);
+        }
+        true
+    })
+    .await;
+}
+
+/// A monitor's periodic task: calls `tick` at `first`, then every `every`
+/// (late ticks delayed, not bunched), until `stop` is notified, the monitor
+/// is gone, or `tick` says to stop. Holds no strong handle between ticks.
+pub(crate) async fn periodic(
+    weak: Weak<Shared>,
+    stop: Arc<Notify>,
+    first: Instant,
+    every: Duration,
+    mut tick: impl FnMut(&Shared) -> bool,
+) {
+    let mut interval = tokio::time::interval_at(first, every);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            () = stop.notified() => return,
+        }
+        let Some(shared) = weak.upgrade() else { return };
+        if !tick(&shared) {
+            return;
         }
     }
 }
