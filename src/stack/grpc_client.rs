@@ -81,11 +81,11 @@ use atscale_heartbeat::{Heartbeat, Monitor};
 use atscale_hedge::{BufferBody, BufferBodyLayer, Hedge, HedgeLayer, InvalidConfig};
 use atscale_overload::throttle::ThrottleLayer;
 use atscale_ratelimit::{RateLimitLayer, Store};
-use atscale_retry::{MethodConfigLayer, PerMethod, Retry, RetryLayer, ServiceConfig};
+use atscale_retry::{MethodConfigLayer, PerMethod, RetryLayer, ServiceConfig};
 use tower_layer::{Identity, Layer};
 use tower_service::Service;
 
-use super::parts::ClientParts;
+use super::parts::{ClientHedgeLayer, ClientParts, ClientRetryLayer};
 use super::{HedgedRetrySlot, RetrySlot};
 use crate::remote::{GrpcErrors, GrpcErrorsLayer};
 
@@ -385,26 +385,7 @@ where
 
 /// The hedge of a [`ClientStack`]: a [`BufferBodyLayer`] (so tonic request
 /// bodies can be replayed) over a [`HedgeLayer`].
-#[derive(Clone, Debug)]
-pub struct GrpcHedgeLayer<C> {
-    buffer: BufferBodyLayer,
-    hedge: HedgeLayer<C>,
-}
-
-impl<C> GrpcHedgeLayer<C> {
-    /// The hedge's counters (hedges sent, won, …).
-    pub fn stats(&self) -> atscale_hedge::HedgeStats {
-        self.hedge.stats()
-    }
-}
-
-impl<S, C: Clone> Layer<S> for GrpcHedgeLayer<C> {
-    type Service = BufferBody<Hedge<S, C>>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        self.buffer.layer(self.hedge.layer(inner))
-    }
-}
+pub type GrpcHedgeLayer<C> = ClientHedgeLayer<C>;
 
 impl<R, C, Y, T> ClientStack<R, GrpcHedgeLayer<C>, Y, T> {
     /// The hedge's counters (hedges sent, won, …).
@@ -432,64 +413,7 @@ impl<R, H, T> ClientStack<R, H, GrpcRetryLayer<MethodConfigLayer>, T> {
 /// The retry of a [`ClientStack`]: a [`BufferBodyLayer`] (so tonic request
 /// bodies can be replayed) over a [`RetryLayer`], or over the
 /// [`MethodConfigLayer`] of a service config.
-#[derive(Clone, Debug)]
-pub struct GrpcRetryLayer<P = RetryLayer> {
-    buffer: BufferBodyLayer,
-    retry: P,
-}
-
-impl<P> GrpcRetryLayer<P> {
-    /// The retry layer (or the service config's per-method layer).
-    pub fn get_ref(&self) -> &P {
-        &self.retry
-    }
-}
-
-impl<P> super::sealed::Sealed for GrpcRetryLayer<P> {}
-
-impl<S> RetrySlot<Identity, S> for GrpcRetryLayer<RetryLayer> {
-    type Service = BufferBody<Retry<S>>;
-
-    fn layer_with(
-        &self,
-        _hedge: &Identity,
-        inner: S,
-        throttle: Option<&RetryThrottle>,
-    ) -> Self::Service {
-        self.buffer
-            .layer(super::retry(&self.retry, inner, throttle))
-    }
-}
-
-impl<S, C: Clone> RetrySlot<GrpcHedgeLayer<C>, S> for GrpcRetryLayer<RetryLayer> {
-    type Service = BufferBody<Retry<Hedge<S, C>>>;
-
-    /// The retry's buffer serves the hedge too.
-    fn layer_with(
-        &self,
-        hedge: &GrpcHedgeLayer<C>,
-        inner: S,
-        throttle: Option<&RetryThrottle>,
-    ) -> Self::Service {
-        let hedged = hedge.hedge.layer(inner);
-        self.buffer
-            .layer(super::retry(&self.retry, hedged, throttle))
-    }
-}
-
-impl<X> HedgedRetrySlot<X> for GrpcRetryLayer<RetryLayer> {
-    type Service = BufferBody<Retry<X>>;
-
-    fn around_hedged(
-        &self,
-        _hedge_buffer: &BufferBodyLayer,
-        hedged: X,
-        throttle: Option<&RetryThrottle>,
-    ) -> Self::Service {
-        self.buffer
-            .layer(super::retry(&self.retry, hedged, throttle))
-    }
-}
+pub type GrpcRetryLayer<P = RetryLayer> = ClientRetryLayer<P>;
 
 // A service config's `retryThrottling` is its throttle: the stack's is not
 // used.

@@ -47,13 +47,13 @@ use atscale_deadline::{Deadline, DeadlineLayer};
 use atscale_error::mode::Client;
 use atscale_error::{ErrorEnrich, ErrorEnrichLayer};
 use atscale_heartbeat::{Heartbeat, Monitor};
-use atscale_hedge::{BufferBody, BufferBodyLayer, Hedge, HedgeLayer, InvalidConfig};
+use atscale_hedge::{BufferBodyLayer, Hedge, HedgeLayer, InvalidConfig};
 use atscale_overload::throttle::ThrottleLayer;
 use atscale_ratelimit::{RateLimitLayer, Store};
-use atscale_retry::{Retry, RetryLayer};
+use atscale_retry::RetryLayer;
 use tower_layer::{Identity, Layer};
 
-use super::parts::ClientParts;
+use super::parts::{ClientHedgeLayer, ClientParts, ClientRetryLayer};
 use super::{DEADLINE_HEADER, HedgedRetrySlot, RetrySlot};
 use crate::remote::{HttpErrors, HttpErrorsLayer};
 
@@ -370,80 +370,11 @@ where
 
 /// The retry of an [`HttpClientStack`]: a [`BufferBodyLayer`] (so request
 /// bodies can be replayed) over a [`RetryLayer`].
-#[derive(Clone, Debug)]
-pub struct HttpRetryLayer {
-    buffer: BufferBodyLayer,
-    retry: RetryLayer,
-}
-
-impl HttpRetryLayer {
-    /// The retry layer.
-    pub fn get_ref(&self) -> &RetryLayer {
-        &self.retry
-    }
-}
-
-impl super::sealed::Sealed for HttpRetryLayer {}
-
-impl<S> RetrySlot<Identity, S> for HttpRetryLayer {
-    type Service = BufferBody<Retry<S>>;
-
-    fn layer_with(
-        &self,
-        _hedge: &Identity,
-        inner: S,
-        throttle: Option<&RetryThrottle>,
-    ) -> Self::Service {
-        self.buffer
-            .layer(super::retry(&self.retry, inner, throttle))
-    }
-}
-
-impl<X> HedgedRetrySlot<X> for HttpRetryLayer {
-    type Service = BufferBody<Retry<X>>;
-
-    fn around_hedged(
-        &self,
-        _hedge_buffer: &BufferBodyLayer,
-        hedged: X,
-        throttle: Option<&RetryThrottle>,
-    ) -> Self::Service {
-        self.buffer
-            .layer(super::retry(&self.retry, hedged, throttle))
-    }
-}
-
-impl<S, C: Clone> RetrySlot<HttpHedgeLayer<C>, S> for HttpRetryLayer {
-    type Service = BufferBody<Retry<Hedge<S, C>>>;
-
-    /// The retry's buffer serves the hedge too.
-    fn layer_with(
-        &self,
-        hedge: &HttpHedgeLayer<C>,
-        inner: S,
-        throttle: Option<&RetryThrottle>,
-    ) -> Self::Service {
-        let hedged = hedge.hedge.layer(inner);
-        self.buffer
-            .layer(super::retry(&self.retry, hedged, throttle))
-    }
-}
+pub type HttpRetryLayer = ClientRetryLayer<RetryLayer>;
 
 /// The hedge of an [`HttpClientStack`]: a [`BufferBodyLayer`] (so request
 /// bodies can be replayed) over a [`HedgeLayer`].
-#[derive(Clone, Debug)]
-pub struct HttpHedgeLayer<C> {
-    buffer: BufferBodyLayer,
-    hedge: HedgeLayer<C>,
-}
-
-impl<S, C: Clone> Layer<S> for HttpHedgeLayer<C> {
-    type Service = BufferBody<Hedge<S, C>>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        self.buffer.layer(self.hedge.layer(inner))
-    }
-}
+pub type HttpHedgeLayer<C> = ClientHedgeLayer<C>;
 
 #[cfg(test)]
 mod tests {

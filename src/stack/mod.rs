@@ -89,6 +89,7 @@ pub mod http_client;
 pub mod server;
 
 mod parts;
+pub use parts::{ClientHedgeLayer, ClientRetryLayer};
 
 #[cfg(feature = "tonic")]
 pub use grpc_client::{
@@ -135,8 +136,9 @@ impl<H: Layer<S>, S> RetrySlot<H, S> for Identity {
     }
 }
 
-/// The retry slot of a [`ClientStack`] over a service already hedged
-/// across replicas ([`ClientStack::replicas`]): the slot's body buffer, or
+/// The retry slot of a client stack over a service already hedged across
+/// replicas ([`ClientStack::replicas`], [`HttpClientStack::replicas`]): the
+/// slot's body buffer, or
 /// the hedge's when there is no retry, goes outermost.
 ///
 /// This trait is sealed: the stacks' own slots implement it.

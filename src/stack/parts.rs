@@ -1,4 +1,5 @@
-//! What both client stacks hold, and the builder steps they share:
+//! What both client stacks hold, the builder steps they share, and their
+//! hedge and retry slots:
 //! [`ClientStack`](super::ClientStack) and
 //! [`HttpClientStack`](super::HttpClientStack) differ in their errors
 //! layer (`E`), their slots' body buffers and their docs, not in how their
@@ -9,7 +10,11 @@ use atscale_deadline::{Deadline, DeadlineLayer};
 use atscale_error::mode::Client;
 use atscale_error::{ErrorEnrich, ErrorEnrichLayer};
 use atscale_heartbeat::{Heartbeat, Monitor};
+use atscale_hedge::{BufferBody, BufferBodyLayer, Hedge, HedgeLayer};
+use atscale_retry::{Retry, RetryLayer};
 use tower_layer::{Identity, Layer};
+
+use super::{HedgedRetrySlot, RetrySlot};
 
 /// A client stack's layers, outermost first: ErrorEnrich, Deadline, the
 /// rate limit `R`, the retry slot `Y` around the hedge slot `H`, the
@@ -130,5 +135,92 @@ impl<E, R, H, Y, T> ClientParts<E, R, H, Y, T> {
     {
         self.enrich
             .layer(self.deadline.layer(self.rate_limit.layer(inner)))
+    }
+}
+
+/// The hedge slot of a client stack ([`GrpcHedgeLayer`](super::GrpcHedgeLayer),
+/// [`HttpHedgeLayer`](super::HttpHedgeLayer)): a [`BufferBodyLayer`] (so
+/// request bodies can be replayed) over a [`HedgeLayer`].
+#[derive(Clone, Debug)]
+pub struct ClientHedgeLayer<C> {
+    pub(super) buffer: BufferBodyLayer,
+    pub(super) hedge: HedgeLayer<C>,
+}
+
+impl<C> ClientHedgeLayer<C> {
+    /// The hedge's counters (hedges sent, won, …).
+    pub fn stats(&self) -> atscale_hedge::HedgeStats {
+        self.hedge.stats()
+    }
+}
+
+impl<S, C: Clone> Layer<S> for ClientHedgeLayer<C> {
+    type Service = BufferBody<Hedge<S, C>>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        self.buffer.layer(self.hedge.layer(inner))
+    }
+}
+
+/// The retry slot of a client stack ([`GrpcRetryLayer`](super::GrpcRetryLayer),
+/// [`HttpRetryLayer`](super::HttpRetryLayer)): a [`BufferBodyLayer`] (so
+/// request bodies can be replayed) over a [`RetryLayer`], or (gRPC) over
+/// the per-method layer of a service config.
+#[derive(Clone, Debug)]
+pub struct ClientRetryLayer<P = RetryLayer> {
+    pub(super) buffer: BufferBodyLayer,
+    pub(super) retry: P,
+}
+
+impl<P> ClientRetryLayer<P> {
+    /// The retry layer (or the service config's per-method layer).
+    pub fn get_ref(&self) -> &P {
+        &self.retry
+    }
+}
+
+impl<P> super::sealed::Sealed for ClientRetryLayer<P> {}
+
+impl<S> RetrySlot<Identity, S> for ClientRetryLayer<RetryLayer> {
+    type Service = BufferBody<Retry<S>>;
+
+    fn layer_with(
+        &self,
+        _hedge: &Identity,
+        inner: S,
+        throttle: Option<&RetryThrottle>,
+    ) -> Self::Service {
+        self.buffer
+            .layer(super::retry(&self.retry, inner, throttle))
+    }
+}
+
+impl<S, C: Clone> RetrySlot<ClientHedgeLayer<C>, S> for ClientRetryLayer<RetryLayer> {
+    type Service = BufferBody<Retry<Hedge<S, C>>>;
+
+    /// The retry's buffer serves the hedge too.
+    fn layer_with(
+        &self,
+        hedge: &ClientHedgeLayer<C>,
+        inner: S,
+        throttle: Option<&RetryThrottle>,
+    ) -> Self::Service {
+        let hedged = hedge.hedge.layer(inner);
+        self.buffer
+            .layer(super::retry(&self.retry, hedged, throttle))
+    }
+}
+
+impl<X> HedgedRetrySlot<X> for ClientRetryLayer<RetryLayer> {
+    type Service = BufferBody<Retry<X>>;
+
+    fn around_hedged(
+        &self,
+        _hedge_buffer: &BufferBodyLayer,
+        hedged: X,
+        throttle: Option<&RetryThrottle>,
+    ) -> Self::Service {
+        self.buffer
+            .layer(super::retry(&self.retry, hedged, throttle))
     }
 }
