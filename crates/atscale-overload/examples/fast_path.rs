@@ -1,11 +1,14 @@
 //! A loop over the admission fast path without a runtime, for profilers
 //! (`valgrind --tool=callgrind`, `perf`): `fast_path <ours|tower|bare> <n>`
 //! calls a ready inner service `n` times through the layer, polling each
-//! response future once with a no-op waker.
+//! response future once with a no-op waker; `fast_path <case> <n> tokio`
+//! runs the loop of the overhead bench instead (`ready().await` +
+//! `call(req).await` in a task on a current_thread runtime).
 //!
 //! ```text
 //! cargo build --release -p atscale-overload --example fast_path
 //! valgrind --tool=callgrind target/release/examples/fast_path ours 100000
+//! perf record -g target/release/examples/fast_path ours 20000000 tokio
 //! ```
 
 use std::convert::Infallible;
@@ -15,7 +18,7 @@ use std::pin::pin;
 use std::task::{Context, Poll, Waker};
 
 use atscale_overload::OverloadLayer;
-use tower::{Layer, Service, service_fn};
+use tower::{Layer, Service, ServiceExt, service_fn};
 
 fn drive<S>(mut svc: S, n: u64) -> u64
 where
@@ -40,6 +43,30 @@ where
     sum
 }
 
+/// The overhead bench's loop: each call awaited in a task on a runtime.
+fn drive_tokio<S>(svc: S, n: u64) -> u64
+where
+    S: Service<http::Request<()>, Response = usize> + Send + 'static,
+    S::Future: Send,
+    S::Error: std::fmt::Debug,
+{
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let task = rt.spawn(async move {
+        let mut svc = svc;
+        let mut sum = 0u64;
+        for _ in 0..n {
+            let ready = svc.ready().await.expect("ready");
+            let out = ready.call(black_box(http::Request::new(()))).await;
+            sum += black_box(out.expect("answered")) as u64;
+        }
+        sum
+    });
+    rt.block_on(task).expect("the loop finished")
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let which = args.next().unwrap_or_else(|| "ours".into());
@@ -47,11 +74,15 @@ fn main() {
     let inner = service_fn(|r: http::Request<()>| async move {
         Ok::<_, Infallible>(black_box(r).uri().path().len())
     });
-    let sum = match which.as_str() {
-        "ours" => drive(OverloadLayer::new().layer(inner), n),
-        "tower" => drive(tower::limit::ConcurrencyLimit::new(inner, 1000), n),
-        "bare" => drive(inner, n),
-        other => panic!("unknown case {other} (ours, tower, bare)"),
+    let on_runtime = args.next().is_some_and(|a| a == "tokio");
+    let sum = match (which.as_str(), on_runtime) {
+        ("ours", false) => drive(OverloadLayer::new().layer(inner), n),
+        ("tower", false) => drive(tower::limit::ConcurrencyLimit::new(inner, 1000), n),
+        ("bare", false) => drive(inner, n),
+        ("ours", true) => drive_tokio(OverloadLayer::new().layer(inner), n),
+        ("tower", true) => drive_tokio(tower::limit::ConcurrencyLimit::new(inner, 1000), n),
+        ("bare", true) => drive_tokio(inner, n),
+        (other, _) => panic!("unknown case {other} (ours, tower, bare)"),
     };
     println!("{which}: {n} calls ({sum})");
 }

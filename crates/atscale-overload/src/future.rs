@@ -16,31 +16,61 @@ pin_project! {
     /// Response future of [`Overload`](crate::Overload): waits in the admission
     /// queue if it must, then runs the inner service's future holding a slot.
     /// Dropping it at any point gives back its place or its slot.
+    ///
+    /// A request admitted at once is its inner future and a permit of two
+    /// words, no more, as tower's `ConcurrencyLimit` future (the other
+    /// states take their tag from the permit's): every caller moves it, and
+    /// a larger future costs more in moves than the admission itself.
+    #[project = Proj]
     pub struct ResponseFuture<S, Req>
     where
         S: Service<Req>,
     {
-        // A struct, as tower's `ConcurrencyLimit` future, not an enum of
-        // states: a request admitted at once builds its inner future in
-        // place (`Some` of a future costs no tag). Fields drop in order:
-        // the inner future, then the slot.
+        // The states are a private enum.
         #[pin]
-        fut: Option<S::Future>,
-        permit: Option<Permit>,
-        cold: Option<Box<Cold<S, Req>>>,
+        state: State<S, Req>,
+    }
+
+    impl<S, Req> PinnedDrop for ResponseFuture<S, Req>
+    where
+        S: Service<Req>,
+    {
+        fn drop(this: Pin<&mut Self>) {
+            // Dropped in service before it answered: the slot goes back (the
+            // inner future is dropped right after).
+            if let StateProj::Running { permit, .. } = this.project().state.project() {
+                permit.dropped_in_service();
+            }
+        }
     }
 }
 
-/// A request not (yet) in service: boxed, the slow path only (it keeps the
-/// request, which would otherwise make every response future as large as a
-/// request).
-enum Cold<S, Req> {
+pin_project! {
+    #[project = StateProj]
+    enum State<S, Req>
+    where
+        S: Service<Req>,
+    {
+        Running {
+            #[pin]
+            fut: S::Future,
+            permit: Permit,
+        },
+        /// Queued or refused: boxed, the slow path only (it keeps the
+        /// request, which would otherwise make every response future as
+        /// large as a request).
+        Cold { cold: Box<Cold<S, Req>> },
+    }
+}
+
+/// A request not (yet) in service.
+pub(crate) enum Cold<S, Req> {
     Queued(Pin<Box<Queued<S, Req>>>),
     Refused(Option<BoxError>),
 }
 
 pin_project! {
-    struct Queued<S, Req> {
+    pub(crate) struct Queued<S, Req> {
         svc: Option<S>,
         req: Option<Req>,
         ticket: Option<Ticket>,
@@ -57,17 +87,47 @@ pin_project! {
     }
 }
 
+impl<S: Service<Req>, Req> State<S, Req> {
+    #[inline(always)]
+    fn running(svc: &mut S, req: Req, mut permit: Permit) -> Self {
+        let guard = ReleaseOnUnwind(&mut permit);
+        let fut = svc.call(req);
+        std::mem::forget(guard);
+        State::Running { fut, permit }
+    }
+}
+
+/// Gives `permit` back if the inner service's `call` panics (the permit
+/// itself does not on drop).
+struct ReleaseOnUnwind<'a>(&'a mut Permit);
+
+impl Drop for ReleaseOnUnwind<'_> {
+    fn drop(&mut self) {
+        self.0.dropped_in_service();
+    }
+}
+
 impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
-    #[inline]
-    pub(crate) fn running(fut: S::Future, permit: Permit) -> Self {
+    /// Calls `svc` with an admitted request.
+    #[inline(always)]
+    pub(crate) fn running(svc: &mut S, req: Req, permit: Permit) -> Self {
         ResponseFuture {
-            fut: Some(fut),
-            permit: Some(permit),
-            cold: None,
+            state: State::running(svc, req, permit),
         }
     }
 
-    pub(crate) fn queued(svc: S, req: Req, ticket: Ticket) -> Self {
+    /// A request not in service (yet).
+    #[inline(always)]
+    pub(crate) fn cold(cold: Box<Cold<S, Req>>) -> Self {
+        ResponseFuture {
+            state: State::Cold { cold },
+        }
+    }
+}
+
+impl<S: Service<Req>, Req> Cold<S, Req> {
+    /// Waiting in the queue with a ready service.
+    pub(crate) fn queued(svc: S, req: Req, ticket: Ticket) -> Box<Self> {
         let timer = match ticket.deadline() {
             Some(d) => Timer::Armed {
                 sleep: tokio::time::sleep_until(d.instant()),
@@ -80,19 +140,12 @@ impl<S: Service<Req>, Req> ResponseFuture<S, Req> {
             ticket: Some(ticket),
             timer,
         });
-        ResponseFuture {
-            fut: None,
-            permit: None,
-            cold: Some(Box::new(Cold::Queued(queued))),
-        }
+        Box::new(Cold::Queued(queued))
     }
 
-    pub(crate) fn refused(err: BoxError) -> Self {
-        ResponseFuture {
-            fut: None,
-            permit: None,
-            cold: Some(Box::new(Cold::Refused(Some(err)))),
-        }
+    /// Refused with `err`.
+    pub(crate) fn refused(err: BoxError) -> Box<Self> {
+        Box::new(Cold::Refused(Some(err)))
     }
 }
 
@@ -105,38 +158,37 @@ where
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
+        let mut state = self.project().state;
         loop {
-            // In service: the path every admitted request takes.
-            if let Some(fut) = this.fut.as_mut().as_pin_mut() {
-                let out = ready!(fut.poll(cx)).map_err(Into::into);
-                if let Some(permit) = this.permit.take() {
+            match state.as_mut().project() {
+                // In service: the path every admitted request takes.
+                StateProj::Running { fut, permit } => {
+                    let out = ready!(fut.poll(cx)).map_err(Into::into);
                     let outcome = match &out {
                         Ok(_) => Outcome::Success,
                         Err(e) => outcome_of(e),
                     };
                     permit.finish(outcome);
+                    return Poll::Ready(out);
                 }
-                return Poll::Ready(out);
+                StateProj::Cold { cold } => {
+                    let (mut svc, req, permit) = ready!(poll_cold(cold, cx))?;
+                    // The cold state is dropped (the ticket has left the queue).
+                    state.set(State::running(&mut svc, req, permit));
+                }
             }
-            let cold = this.cold.as_mut().expect("polled after completion");
-            ready!(poll_cold(cold, this.fut.as_mut(), this.permit, cx))?;
-            *this.cold = None;
         }
     }
 }
 
-/// Waiting in the queue, or refused: ready with `Ok` once the request is
-/// in service (its inner future and permit are then set), or with its
-/// refusal.
+/// Waiting in the queue, or refused: ready with the service, the request
+/// and its permit once granted a slot, or with its refusal.
 #[cold]
 #[inline(never)]
 fn poll_cold<S, Req>(
     cold: &mut Cold<S, Req>,
-    mut fut: Pin<&mut Option<S::Future>>,
-    permit: &mut Option<Permit>,
     cx: &mut Context<'_>,
-) -> Poll<Result<(), BoxError>>
+) -> Poll<Result<(S, Req, Permit), BoxError>>
 where
     S: Service<Req>,
 {
@@ -148,11 +200,9 @@ where
             let left = match t.poll(cx) {
                 Poll::Ready(Ok(granted)) => {
                     ticket.take();
-                    let mut svc = svc.take().expect("queued with its service");
+                    let svc = svc.take().expect("queued with its service");
                     let req = req.take().expect("queued with its request");
-                    *permit = Some(granted);
-                    fut.set(Some(svc.call(req)));
-                    return Poll::Ready(Ok(()));
+                    return Poll::Ready(Ok((svc, req, granted)));
                 }
                 Poll::Ready(Err(left)) => left,
                 Poll::Pending => match timer.project() {

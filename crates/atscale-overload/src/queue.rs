@@ -27,9 +27,6 @@ pub(crate) struct Settings {
     pub(crate) sampling: u32,
 }
 
-/// A permit's start when the request is not timed.
-const UNTIMED: u64 = u64::MAX;
-
 /// Requests are sampled only while fewer than `limit / SAMPLE_UNDER` are in
 /// flight, or one alone: from there up every request is timed. (A fast
 /// service's latency jitters by more than its minimum, which brings Vegas'
@@ -330,7 +327,7 @@ impl Shared {
     ///
     /// A request alone in flight and not timed costs a load, a CAS and the
     /// sampling counter: no clock read, no look-up of its deadline.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn try_admit(
         self: &Arc<Self>,
         deadline: impl Fn() -> Option<Deadline>,
@@ -354,11 +351,23 @@ impl Shared {
         let (in_flight, limit) = c.try_acquire()?;
         if c.timed(in_flight, limit, self.settings.sampling) {
             let deadline = read.unwrap_or_else(&deadline);
-            let start = self.clock.now_nanos();
-            Some(Permit::new(self.clone(), start, in_flight, limit, deadline))
+            Some(self.timed_permit(in_flight, limit, deadline))
         } else {
-            Some(Permit::untimed(self.clone()))
+            Some(Permit::Untimed(self.clone()))
         }
+    }
+
+    /// A permit for a timed request, out of line: the clock read and the
+    /// box stay out of the caller's code.
+    #[inline(never)]
+    fn timed_permit(
+        self: &Arc<Self>,
+        in_flight: usize,
+        limit: usize,
+        deadline: Option<Deadline>,
+    ) -> Permit {
+        let start = self.clock.now_nanos();
+        Permit::new(self.clone(), start, in_flight, limit, deadline)
     }
 
     /// A request arrives: admitted now, queued, or refused.
@@ -809,15 +818,32 @@ impl Drop for Ticket {
     }
 }
 
-/// A slot in service; dropping it (or [`finish`](Permit::finish)) gives it back
-/// and teaches the algorithm if the request was timed.
+/// A slot in service. It is not given back on drop: the response future
+/// holding it does that ([`finish`](Permit::finish) when answered,
+/// [`dropped_in_service`](Permit::dropped_in_service) when dropped before),
+/// so that the future, which cannot move its pinned inner future out, can
+/// still give its slot back in place.
+///
+/// Two words, as tower's semaphore permit, with a tag whose spare values the
+/// response future uses for its other states: it sits in every response
+/// future, and callers pay for a future's size in every move. What a timed
+/// request needs (one in `sampling` at low load) is boxed.
 #[derive(Debug)]
-pub(crate) struct Permit {
-    shared: Option<Arc<Shared>>,
-    /// `UNTIMED` if the request is not timed (then nothing below is set).
+pub(crate) enum Permit {
+    /// In service, not timed.
+    Untimed(Arc<Shared>),
+    /// In service and timed.
+    Timed(Box<Timing>),
+    /// Given back.
+    Released,
+}
+
+/// A timed request in service: what its release teaches the algorithm.
+#[derive(Debug)]
+pub(crate) struct Timing {
+    shared: Arc<Shared>,
     start: u64,
-    /// The deadline's instant only (a whole `Deadline` would make every
-    /// response future 24 bytes larger).
+    /// The deadline's instant only (a whole `Deadline` is 24 bytes larger).
     deadline: Option<Instant>,
     in_flight: u32,
     /// The limit it was admitted under.
@@ -848,26 +874,49 @@ impl Permit {
         limit: usize,
         deadline: Option<Deadline>,
     ) -> Self {
-        Permit {
-            shared: Some(shared),
+        Permit::Timed(Box::new(Timing {
+            shared,
             start,
             deadline: deadline.map(|d| d.instant()),
             in_flight: narrow(in_flight),
             limit: narrow(limit),
+        }))
+    }
+
+    /// The request answered (or failed) in service: its slot goes back.
+    /// Nothing happens the second time.
+    #[inline(always)]
+    pub(crate) fn finish(&mut self, outcome: Outcome) {
+        match std::mem::replace(self, Permit::Released) {
+            Permit::Untimed(shared) => shared.release_untimed(outcome == Outcome::Dropped),
+            Permit::Timed(timing) => timing.finish(outcome),
+            Permit::Released => {}
         }
     }
 
+    /// Dropped in service, not finished (by its deadline, or by a caller
+    /// that went away): its slot goes back. Nothing happens once released.
     #[inline]
-    fn untimed(shared: Arc<Shared>) -> Self {
-        Permit {
-            shared: Some(shared),
-            start: UNTIMED,
-            deadline: None,
-            in_flight: 0,
-            limit: 0,
+    pub(crate) fn dropped_in_service(&mut self) {
+        if !matches!(self, Permit::Released) {
+            self.dropped_cold();
         }
     }
 
+    #[cold]
+    #[inline(never)]
+    fn dropped_cold(&mut self) {
+        match std::mem::replace(self, Permit::Released) {
+            // Its deadline was not read (that costs a look-up): either way
+            // the next requests are timed.
+            Permit::Untimed(shared) => shared.release_untimed(true),
+            Permit::Timed(timing) => timing.dropped(),
+            Permit::Released => {}
+        }
+    }
+}
+
+impl Timing {
     fn sample(&self, latency: u64, dropped: bool) -> Sample {
         Sample::new(
             Duration::from_nanos(latency),
@@ -877,20 +926,9 @@ impl Permit {
         .with_limit(self.limit as usize)
     }
 
-    #[inline(always)]
-    pub(crate) fn finish(mut self, outcome: Outcome) {
-        if let Some(shared) = self.shared.take() {
-            if self.start == UNTIMED {
-                shared.release_untimed(outcome == Outcome::Dropped);
-            } else {
-                self.finish_timed(shared, outcome);
-            }
-        }
-    }
-
     #[inline(never)]
-    fn finish_timed(&self, shared: Arc<Shared>, outcome: Outcome) {
-        let now = shared.clock.now_nanos();
+    fn finish(&self, outcome: Outcome) {
+        let now = self.shared.clock.now_nanos();
         let sample = match outcome {
             Outcome::Ignored => None,
             _ => {
@@ -899,39 +937,18 @@ impl Permit {
                 Some((self.sample(latency, dropped), !dropped))
             }
         };
-        shared.release(now, sample);
+        self.shared.release(now, sample);
     }
-}
 
-impl Drop for Permit {
-    #[inline]
-    fn drop(&mut self) {
-        if let Some(shared) = self.shared.take() {
-            self.dropped_in_service(shared);
-        }
-    }
-}
-
-impl Permit {
-    /// Dropped in service, not finished: by its deadline, or by a caller
-    /// that went away.
-    #[cold]
-    #[inline(never)]
-    fn dropped_in_service(&self, shared: Arc<Shared>) {
-        if self.start == UNTIMED {
-            // Its deadline was not read (that costs a look-up): either way
-            // the next requests are timed.
-            shared.release_untimed(true);
-            return;
-        }
-        // By its deadline (a drop to learn from), or by a caller that went
-        // away (nothing to learn).
+    /// By its deadline (a drop to learn from), or by a caller that went
+    /// away (nothing to learn).
+    fn dropped(&self) {
         let expired = self.deadline.is_some_and(|d| d <= Instant::now());
-        let now = shared.clock.now_nanos();
+        let now = self.shared.clock.now_nanos();
         let sample = expired.then(|| {
             let latency = now.saturating_sub(self.start);
             (self.sample(latency, true), false)
         });
-        shared.release(now, sample);
+        self.shared.release(now, sample);
     }
 }

@@ -6,7 +6,7 @@ use http::HeaderName;
 use tower_service::Service;
 
 use crate::criticality::Prioritized;
-use crate::future::ResponseFuture;
+use crate::future::{Cold, ResponseFuture};
 use crate::layer::Admission;
 use crate::queue::{Arrival, Shared};
 
@@ -63,14 +63,20 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    #[inline]
+    // Always inlined, and every response future is built here, in one
+    // place, so the caller's compiler builds it where it will live: a copy
+    // of a response future (the inner future is most of it) costs more
+    // than the admission itself.
+    #[inline(always)]
     fn call(&mut self, req: Req) -> Self::Future {
-        // One straight path for a request admitted at once (the inner
-        // future is built in place); the others leave through `slow`.
-        match self.shared.try_admit(|| deadline_of(&req)) {
-            Some(permit) => ResponseFuture::running(self.inner.call(req), permit),
-            None => self.slow(req),
-        }
+        let permit = match self.shared.try_admit(|| deadline_of(&req)) {
+            Some(permit) => permit,
+            None => match self.arrive(&req) {
+                Arrival::Admitted(permit) => permit,
+                not_now => return ResponseFuture::cold(self.wait_or_refuse(req, not_now)),
+            },
+        };
+        ResponseFuture::running(&mut self.inner, req, permit)
     }
 }
 
@@ -87,22 +93,27 @@ impl<S> Overload<S> {
     /// admitted, queued or refused under the lock, where criticality matters.
     #[cold]
     #[inline(never)]
-    fn slow<Req>(&mut self, req: Req) -> ResponseFuture<S, Req>
+    fn arrive<Req: Carrier + Prioritized>(&self, req: &Req) -> Arrival {
+        let criticality = req.criticality(&self.header);
+        self.shared.arrive(criticality, deadline_of(req))
+    }
+
+    /// A request not admitted at once: it waits in the queue (with the ready
+    /// service; this one gets a clone), or it was refused.
+    #[cold]
+    #[inline(never)]
+    fn wait_or_refuse<Req>(&mut self, req: Req, arrival: Arrival) -> Box<Cold<S, Req>>
     where
         S: Service<Req> + Clone,
-        Req: Carrier + Prioritized,
     {
-        let criticality = req.criticality(&self.header);
-        let deadline = deadline_of(&req);
-        match self.shared.arrive(criticality, deadline) {
-            Arrival::Admitted(permit) => ResponseFuture::running(self.inner.call(req), permit),
+        match arrival {
             Arrival::Queued(ticket) => {
-                // The ready service waits with the request; this one gets a clone.
                 let clone = self.inner.clone();
                 let ready = std::mem::replace(&mut self.inner, clone);
-                ResponseFuture::queued(ready, req, ticket)
+                Cold::queued(ready, req, ticket)
             }
-            Arrival::Refused(overloaded) => ResponseFuture::refused(overloaded.into()),
+            Arrival::Refused(overloaded) => Cold::refused(overloaded.into()),
+            Arrival::Admitted(_) => unreachable!("an admitted request is served at once"),
         }
     }
 }
