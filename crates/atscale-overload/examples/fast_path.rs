@@ -71,8 +71,13 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let which = args.next().unwrap_or_else(|| "ours".into());
     let n: u64 = args.next().map_or(1_000_000, |v| v.parse().expect("n"));
-    let inner = service_fn(|r: http::Request<()>| async move {
-        Ok::<_, Infallible>(black_box(r).uri().path().len())
+    let pending = std::env::var("FAST_PATH_PENDING").is_ok();
+    let inner = service_fn(move |r: http::Request<()>| async move {
+        let answer = black_box(r).uri().path().len();
+        if pending {
+            tokio::task::yield_now().await;
+        }
+        Ok::<_, Infallible>(answer)
     });
     let on_runtime = args.next().is_some_and(|a| a == "tokio");
     let sum = match (which.as_str(), on_runtime) {

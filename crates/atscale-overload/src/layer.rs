@@ -139,7 +139,7 @@ impl Default for Builder {
             capacity: 1024,
             codel: CoDel::default(),
             deadline_aware: true,
-            sampling: 16,
+            sampling: 64,
             header: CRITICALITY_HEADER,
             clock: Clock::default(),
         }
@@ -207,7 +207,7 @@ impl Builder {
         self
     }
 
-    /// At low load, time one request in `every` (default 16; 1 times every
+    /// At low load, time one request in `every` (default 64; 1 times every
     /// request).
     ///
     /// A timed request reads the clock at admission and at its end and
