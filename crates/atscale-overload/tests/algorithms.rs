@@ -250,3 +250,117 @@ fn a_much_lower_minimum_latency_forgets_what_the_queued_answers_had_in_flight() 
     // next answer alone in flight already brings the limit down.
     assert!(v.update(27.0, &at(5, 1)) < 27.0);
 }
+
+#[test]
+fn vegas_halves_at_most_on_the_answers_of_one_round_of_admissions() {
+    // Minimum 10 ms at a limit of 100; then the whole process stalls for
+    // 200 ms: the 60 requests in flight, all admitted under 100, answer late
+    // together. Each would cut by log10(100) = 2: to the minimum. They halve
+    // the limit at most.
+    let at = |ms: u32, under: usize| Sample::new(ms * MS, 60, false).with_limit(under);
+    let mut v = Vegas::new().probe(1000);
+    let mut limit = 100.0;
+    assert_eq!(v.update(limit, &at(10, 100)), 100.0);
+    for _ in 0..60 {
+        limit = v.update(limit, &at(210, 100));
+    }
+    assert_eq!(limit, 50.0);
+    // Answers admitted after the cut that still show queueing cut again,
+    // as far as half of their own admission limit.
+    for _ in 0..60 {
+        limit = v.update(limit, &at(210, 50));
+    }
+    assert_eq!(limit, 25.0);
+    // Dropped answers are held to the same bound.
+    let dropped = Sample::new(210 * MS, 20, true).with_limit(25);
+    for _ in 0..20 {
+        limit = v.update(limit, &dropped);
+    }
+    assert_eq!(limit, 12.5);
+    // Without a known admission limit every answer cuts.
+    let unknown = Sample::new(210 * MS, 60, false);
+    assert_eq!(v.update(40.0, &unknown), 40.0 - 40f64.log10());
+}
+
+/// 30 closed-loop clients on a backend that answers in 10 ms whatever the
+/// concurrency; after 3 s the whole process stalls for 200 ms (every
+/// request in flight answers 200 ms late), then runs as before. Returns the
+/// limit before the stall, the lowest limit and the deepest queue in the
+/// second after it.
+async fn stall(algorithm: impl Algorithm) -> (usize, usize, usize) {
+    let layer = OverloadLayer::builder()
+        .algorithm(algorithm)
+        .min_limit(1)
+        .max_limit(200)
+        .initial_limit(20)
+        .clock(Clock::tokio())
+        .build()
+        .unwrap();
+    let adm = layer.admission();
+    let stalled = Arc::new(tokio::sync::RwLock::new(()));
+    let backend = {
+        let stalled = stalled.clone();
+        service_fn(move |_req: http::Request<()>| {
+            let stalled = stalled.clone();
+            async move {
+                tokio::time::sleep(10 * MS).await;
+                // Held while the process "stalls".
+                drop(stalled.read().await);
+                Ok::<_, std::convert::Infallible>(())
+            }
+        })
+    };
+    let svc = layer.layer(backend);
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for _ in 0..30 {
+        let (svc, stop) = (svc.clone(), stop.clone());
+        clients.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let _ = svc.clone().oneshot(http::Request::new(())).await;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = adm.limit();
+    let guard = stalled.write().await;
+    tokio::time::sleep(200 * MS).await;
+    drop(guard);
+    let (mut lowest, mut deepest) = (usize::MAX, 0);
+    for _ in 0..1000 {
+        tokio::task::yield_now().await;
+        lowest = lowest.min(adm.limit());
+        deepest = deepest.max(adm.queue_depth());
+        tokio::time::sleep(MS).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        tokio::time::timeout(Duration::from_secs(5), c)
+            .await
+            .expect("clients stop")
+            .unwrap();
+    }
+    (before, lowest, deepest)
+}
+
+#[tokio::test(start_paused = true)]
+async fn vegas_keeps_room_for_the_load_after_a_stall_of_the_whole_process() {
+    // No probe of the minimum latency in this window (it halves the limit
+    // on purpose).
+    let (before, lowest, deepest) = stall(Vegas::new().probe(1000)).await;
+    println!(
+        "vegas: limit {before} before the stall, lowest {lowest} after, deepest queue {deepest}"
+    );
+    assert!(
+        before >= 60,
+        "the limit had room for 30 in flight: {before}"
+    );
+    assert!(
+        lowest >= 30,
+        "the limit fell under the load after a stall: {lowest}"
+    );
+    assert_eq!(
+        deepest, 0,
+        "requests waited after a stall where nothing queued"
+    );
+}

@@ -31,6 +31,13 @@ use super::{Algorithm, Sample, nanos};
 /// before it: those answers were queued, what they had in flight validated
 /// nothing.
 ///
+/// The answers of one round of admissions cut the limit by half at most
+/// (no cut takes it under half the limit its request was admitted under),
+/// as TCP halves its window once per round trip: a stall of the whole
+/// process (a CPU quota throttled, a starved machine) delays every answer
+/// in flight at once, and cut by each of them the limit would fall to its
+/// minimum for a round in which nothing queued in the service.
+///
 /// The minimum latency is re-learnt every `probe` samples × limit (default
 /// 30), so a lasting change of the service's speed is learnt. Unlike
 /// Netflix's, which then takes the current latency (queueing included) as
@@ -166,8 +173,19 @@ impl Algorithm for Vegas {
             (self.last_peak, self.peak, self.round) = (self.peak, 0.0, 0);
         }
         let floor = 2.0 * used + beta;
+        // A cut never takes the limit under half the limit the request was
+        // admitted under: the answers of one round of admissions halve it at
+        // most, as TCP halves its window once per round trip. A stall of the
+        // whole process (a CPU quota throttled, the machine starved) delays
+        // every answer in flight at once; cut by each of them, the limit
+        // would fall to its minimum for a round in which nothing queued.
+        // Answers admitted after the cut may cut again.
+        let cut = |limit: f64| match sample.limit() {
+            Some(admitted) => (limit - step).max((admitted as f64 / 2.0).min(limit)),
+            None => limit - step,
+        };
         let estimate = if sample.dropped() {
-            limit - step
+            cut(limit)
         } else if app_limited && queue < alpha && limit > floor {
             // A limit far above the use was never validated: it decays
             // toward twice the use (RFC 7661's congestion window validation).
@@ -181,7 +199,7 @@ impl Algorithm for Vegas {
         } else if queue < alpha {
             limit + step
         } else if queue > beta {
-            limit - step
+            cut(limit)
         } else {
             return limit;
         };
