@@ -13,19 +13,63 @@ use tower::{Layer, ServiceExt, service_fn};
 
 const MS: Duration = Duration::from_millis(1);
 
-/// Runs 300 closed-loop clients (more than the maximum limit, 200) for three 3-second phases: a backend that
-/// takes 10 ms whatever the concurrency, then one with 4 workers (so every
-/// request beyond 4 queues inside it), then the first again. Returns the
-/// mean limit over the last 1.5 s of each phase.
-async fn phases(algorithm: impl Algorithm) -> [f64; 3] {
-    let layer = OverloadLayer::builder()
+/// A layer running `algorithm` on tokio's clock, its limit in 1..=200 from 20.
+fn layer_with(algorithm: impl Algorithm) -> OverloadLayer {
+    OverloadLayer::builder()
         .algorithm(algorithm)
         .min_limit(1)
         .max_limit(200)
         .initial_limit(20)
         .clock(Clock::tokio())
         .build()
-        .unwrap();
+        .unwrap()
+}
+
+/// `n` closed-loop clients of `svc`, each sending its next request when
+/// the last one answers, until [`Clients::stop`].
+struct Clients {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Clients {
+    fn start<S>(svc: S, n: usize) -> Self
+    where
+        S: tower::Service<http::Request<()>> + Clone + Send + 'static,
+        S::Future: Send,
+    {
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks = (0..n)
+            .map(|_| {
+                let (svc, stop) = (svc.clone(), stop.clone());
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        let _ = svc.clone().oneshot(http::Request::new(())).await;
+                    }
+                })
+            })
+            .collect();
+        Clients { stop, tasks }
+    }
+
+    /// Stops them and waits (bounded) until each has.
+    async fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for task in self.tasks {
+            tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .expect("clients stop")
+                .unwrap();
+        }
+    }
+}
+
+/// Runs 300 closed-loop clients (more than the maximum limit, 200) for three 3-second phases: a backend that
+/// takes 10 ms whatever the concurrency, then one with 4 workers (so every
+/// request beyond 4 queues inside it), then the first again. Returns the
+/// mean limit over the last 1.5 s of each phase.
+async fn phases(algorithm: impl Algorithm) -> [f64; 3] {
+    let layer = layer_with(algorithm);
     let adm = layer.admission();
     let narrow = Arc::new(AtomicBool::new(false));
     let workers = Arc::new(Semaphore::new(4));
@@ -45,17 +89,7 @@ async fn phases(algorithm: impl Algorithm) -> [f64; 3] {
             }
         })
     };
-    let svc = layer.layer(backend);
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut clients = Vec::new();
-    for _ in 0..300 {
-        let (svc, stop) = (svc.clone(), stop.clone());
-        clients.push(tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                let _ = svc.clone().oneshot(http::Request::new(())).await;
-            }
-        }));
-    }
+    let clients = Clients::start(layer.layer(backend), 300);
     let mut means = [0.0; 3];
     for (phase, mean) in means.iter_mut().enumerate() {
         narrow.store(phase == 1, Ordering::Relaxed);
@@ -67,13 +101,7 @@ async fn phases(algorithm: impl Algorithm) -> [f64; 3] {
         }
         *mean = sum as f64 / 150.0;
     }
-    stop.store(true, Ordering::Relaxed);
-    for c in clients {
-        tokio::time::timeout(Duration::from_secs(5), c)
-            .await
-            .expect("clients stop")
-            .unwrap();
-    }
+    clients.stop().await;
     assert_eq!((adm.in_flight(), adm.queue_depth()), (0, 0));
     means
 }
@@ -288,14 +316,7 @@ fn vegas_halves_at_most_on_the_answers_of_one_round_of_admissions() {
 /// limit before the stall, the lowest limit and the deepest queue in the
 /// second after it.
 async fn stall(algorithm: impl Algorithm) -> (usize, usize, usize) {
-    let layer = OverloadLayer::builder()
-        .algorithm(algorithm)
-        .min_limit(1)
-        .max_limit(200)
-        .initial_limit(20)
-        .clock(Clock::tokio())
-        .build()
-        .unwrap();
+    let layer = layer_with(algorithm);
     let adm = layer.admission();
     let stalled = Arc::new(tokio::sync::RwLock::new(()));
     let backend = {
@@ -310,17 +331,7 @@ async fn stall(algorithm: impl Algorithm) -> (usize, usize, usize) {
             }
         })
     };
-    let svc = layer.layer(backend);
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut clients = Vec::new();
-    for _ in 0..30 {
-        let (svc, stop) = (svc.clone(), stop.clone());
-        clients.push(tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                let _ = svc.clone().oneshot(http::Request::new(())).await;
-            }
-        }));
-    }
+    let clients = Clients::start(layer.layer(backend), 30);
     tokio::time::sleep(Duration::from_secs(3)).await;
     let before = adm.limit();
     let guard = stalled.write().await;
@@ -333,13 +344,7 @@ async fn stall(algorithm: impl Algorithm) -> (usize, usize, usize) {
         deepest = deepest.max(adm.queue_depth());
         tokio::time::sleep(MS).await;
     }
-    stop.store(true, Ordering::Relaxed);
-    for c in clients {
-        tokio::time::timeout(Duration::from_secs(5), c)
-            .await
-            .expect("clients stop")
-            .unwrap();
-    }
+    clients.stop().await;
     (before, lowest, deepest)
 }
 
