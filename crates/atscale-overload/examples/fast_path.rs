@@ -46,7 +46,7 @@ where
 /// The overhead bench's loop: each call awaited in a task on a runtime.
 fn drive_tokio<S>(svc: S, n: u64) -> u64
 where
-    S: Service<http::Request<()>, Response = usize> + Send + 'static,
+    S: Service<http::Request<()>, Response = usize> + Clone + Send + 'static,
     S::Future: Send,
     S::Error: std::fmt::Debug,
 {
@@ -54,17 +54,30 @@ where
         .enable_all()
         .build()
         .expect("runtime");
-    let task = rt.spawn(async move {
-        let mut svc = svc;
-        let mut sum = 0u64;
-        for _ in 0..n {
-            let ready = svc.ready().await.expect("ready");
-            let out = ready.call(black_box(http::Request::new(()))).await;
-            sum += black_box(out.expect("answered")) as u64;
+    // FAST_PATH_TASKS=k: k such loops at once (with FAST_PATH_PENDING, k
+    // requests in flight), n calls in all.
+    let tasks: u64 = std::env::var("FAST_PATH_TASKS").map_or(1, |v| v.parse().expect("tasks"));
+    let loops: Vec<_> = (0..tasks)
+        .map(|_| {
+            let mut svc = svc.clone();
+            rt.spawn(async move {
+                let mut sum = 0u64;
+                for _ in 0..n / tasks {
+                    let ready = svc.ready().await.expect("ready");
+                    let out = ready.call(black_box(http::Request::new(()))).await;
+                    sum += black_box(out.expect("answered")) as u64;
+                }
+                sum
+            })
+        })
+        .collect();
+    rt.block_on(async {
+        let mut sum = 0;
+        for task in loops {
+            sum += task.await.expect("the loop finished");
         }
         sum
-    });
-    rt.block_on(task).expect("the loop finished")
+    })
 }
 
 fn main() {

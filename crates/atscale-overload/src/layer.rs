@@ -214,9 +214,12 @@ impl Builder {
     /// teaches the algorithm and the service-time estimate under the
     /// layer's lock; the others only take and give back their slot (the
     /// lock is taken only if someone waits for it), which is most of the
-    /// layer's cost at low load. Every request is timed while others are in
-    /// flight with it and at least an eighth of the limit is (where the limit
-    /// moves and requests may wait), during the layer's first 1,000 requests
+    /// layer's cost at low load. While an eighth to half of the limit is in
+    /// flight (where an algorithm only cuts the limit: it is not the
+    /// bottleneck) one request in `every / 8` is timed. Every request is
+    /// timed while others are in flight with it and at least half of the
+    /// limit is (where the limit moves and requests may wait), during the
+    /// layer's first 1,000 requests
     /// (which set the
     /// algorithm's minimum latency and the service-time estimate), and for
     /// the next `every` requests after an untimed one failed overloaded or

@@ -27,10 +27,13 @@ pub(crate) struct Settings {
     pub(crate) sampling: u32,
 }
 
-/// Requests are sampled only while fewer than `limit / SAMPLE_UNDER` are in
-/// flight, or one alone: from there up every request is timed. (A fast
-/// service's latency jitters by more than its minimum, which brings Vegas'
-/// limit down to a few: a request alone in flight is then still sampled.)
+/// Every request is timed from half the limit in flight up (unless alone
+/// in flight), where the algorithm grows and cuts the limit on every
+/// answer; from an eighth of the limit to half, where it only cuts (the
+/// limit is not the bottleneck), one in `sampling / SAMPLE_UNDER`; under an
+/// eighth one in `sampling`. (A fast service's latency jitters by more than
+/// its minimum, which brings Vegas' limit down to a few: a request alone in
+/// flight is then still sampled.)
 const SAMPLE_UNDER: usize = 8;
 
 /// The first requests, all timed: they set the algorithm's minimum latency
@@ -98,14 +101,19 @@ impl Counters {
     }
 
     /// Whether to time a request admitted as the `in_flight`-th under
-    /// `limit`: every one from an eighth of the limit up unless alone in
-    /// flight (where the limit moves and requests may wait), during the
-    /// warm-up, and for the next `sampling` after a drop that was not
-    /// timed; else one in `sampling`.
+    /// `limit`: every one from half the limit up unless alone in flight
+    /// (where the limit moves and requests may wait), during the warm-up,
+    /// and for the next `sampling` after a drop that was not timed; else one
+    /// in `sampling / SAMPLE_UNDER` from an eighth of the limit up, one in
+    /// `sampling` under it.
     #[inline]
     fn timed(&self, in_flight: usize, limit: usize, sampling: u32) -> bool {
+        let mut every = sampling;
         if in_flight > 1 && in_flight * SAMPLE_UNDER >= limit {
-            return true;
+            if in_flight * 2 >= limit {
+                return true;
+            }
+            every = (sampling / SAMPLE_UNDER as u32).max(1);
         }
         let force = self.force.load(Ordering::Relaxed);
         if force > 0 {
@@ -113,7 +121,7 @@ impl Counters {
             return true;
         }
         let tick = self.tick.load(Ordering::Relaxed) + 1;
-        if tick >= sampling {
+        if tick >= every {
             self.tick.store(0, Ordering::Relaxed);
             true
         } else {

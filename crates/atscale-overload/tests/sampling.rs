@@ -109,7 +109,7 @@ async fn at_low_load_one_request_in_n_teaches_the_algorithm_after_the_warm_up() 
 }
 
 #[tokio::test(start_paused = true)]
-async fn every_request_is_timed_from_an_eighth_of_the_limit_up() {
+async fn every_request_is_timed_from_half_the_limit_up() {
     let algo = Counting::default();
     let mut held = Vec::new();
     let gated = service_fn(|r: http::Request<oneshot::Receiver<()>>| async move {
@@ -126,9 +126,10 @@ async fn every_request_is_timed_from_an_eighth_of_the_limit_up() {
     }
     let base = algo.updates.load(Ordering::SeqCst);
     assert_eq!(base, WARM_UP, "one at a time, far under the limit: untimed");
-    // 20 held: the 10th to the 20th are admitted with at least 80 / 8 in
-    // flight (themselves included), and timed.
-    for _ in 0..20 {
+    // 50 held: the 40th to the 50th are admitted with at least 80 / 2 in
+    // flight (themselves included), and timed; from 80 / 8 to 80 / 2 one in
+    // `sampling / 8` would be (none here).
+    for _ in 0..50 {
         let (tx, rx) = oneshot::channel();
         let call = tokio::spawn(svc.ready().await.unwrap().call(http::Request::new(rx)));
         held.push((tx, call));
@@ -143,6 +144,43 @@ async fn every_request_is_timed_from_an_eighth_of_the_limit_up() {
             .unwrap();
     }
     assert_eq!(algo.updates.load(Ordering::SeqCst) - base, 11);
+}
+
+#[tokio::test(start_paused = true)]
+async fn from_an_eighth_to_half_the_limit_one_in_sampling_over_8_is_timed() {
+    let algo = Counting::default();
+    let gated = service_fn(|r: http::Request<oneshot::Receiver<()>>| async move {
+        r.into_body().await.ok();
+        Ok::<_, BoxError>(0usize)
+    });
+    let mut svc = layer(algo.clone(), 80, 64).layer(gated);
+    // The warm-up: its requests are all timed, one at a time.
+    for _ in 0..WARM_UP {
+        let (tx, rx) = oneshot::channel();
+        let call = svc.ready().await.unwrap().call(http::Request::new(rx));
+        tx.send(()).unwrap();
+        call.await.unwrap();
+    }
+    assert_eq!(algo.updates.load(Ordering::SeqCst), WARM_UP);
+    // 39 held: the 1st to the 9th under 80 / 8 in flight count toward one
+    // in 64 (none reached); from the 10th, one in 64 / 8 = 8 is timed (the
+    // counter is then at 10): the 10th, 18th, 26th and 34th.
+    let mut held = Vec::new();
+    for _ in 0..39 {
+        let (tx, rx) = oneshot::channel();
+        let call = tokio::spawn(svc.ready().await.unwrap().call(http::Request::new(rx)));
+        held.push((tx, call));
+    }
+    settle().await;
+    for (tx, call) in held {
+        tx.send(()).unwrap();
+        timeout(Duration::from_secs(1), call)
+            .await
+            .expect("answered")
+            .unwrap()
+            .unwrap();
+    }
+    assert_eq!(algo.updates.load(Ordering::SeqCst) - WARM_UP, 4);
 }
 
 #[tokio::test(start_paused = true)]
@@ -169,7 +207,7 @@ async fn a_slot_given_back_without_the_lock_reaches_a_waiter() {
         r.into_body().await.ok();
         Ok::<_, BoxError>(0usize)
     });
-    let layer = layer(algo.clone(), 100, 1_000_000);
+    let layer = layer(algo.clone(), 20, 1_000_000);
     let admission = layer.admission();
     let mut svc = layer.layer(gated);
     for _ in 0..WARM_UP + 10 {
@@ -188,7 +226,7 @@ async fn a_slot_given_back_without_the_lock_reaches_a_waiter() {
         ));
     }
     // ...then the limit falls to 1 under them (a timed request teaches it:
-    // 13 in flight of 100).
+    // 10 to 13 in flight of 20).
     let mut timed = Vec::new();
     for _ in 0..11 {
         let (tx, rx) = oneshot::channel();
