@@ -2,7 +2,7 @@
 //! recognising a gRPC message by its content type, and encoding
 //! `grpc-message`.
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderValue};
 
 /// Whether `headers` are those of a gRPC request or response: a content type
 /// of `application/grpc`, with or without a suffix (`application/grpc+proto`,
@@ -11,12 +11,17 @@ use http::HeaderMap;
 pub fn is_grpc(headers: &HeaderMap) -> bool {
     headers
         .get(http::header::CONTENT_TYPE)
-        .is_some_and(|value| {
-            let ct = value.as_bytes();
-            ct.get(..16)
-                .is_some_and(|p| p.eq_ignore_ascii_case(b"application/grpc"))
-                && matches!(ct.get(16), None | Some(b'+' | b'-' | b';'))
-        })
+        .is_some_and(is_grpc_content_type)
+}
+
+/// Whether `content_type` (a `content-type` header's value) is gRPC's, as
+/// [`is_grpc`] decides: for a caller that holds the value already, without
+/// a second lookup.
+pub fn is_grpc_content_type(content_type: &HeaderValue) -> bool {
+    let ct = content_type.as_bytes();
+    ct.get(..16)
+        .is_some_and(|p| p.eq_ignore_ascii_case(b"application/grpc"))
+        && matches!(ct.get(16), None | Some(b'+' | b'-' | b';'))
 }
 
 /// Percent-encodes a `grpc-message` as the gRPC HTTP/2 spec asks: every
@@ -36,7 +41,6 @@ pub fn percent_encode(message: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
 
     #[test]
     fn grpc_is_recognised_by_content_type() {
@@ -51,7 +55,9 @@ mod tests {
             ("application/grp", false),
         ] {
             let mut headers = HeaderMap::new();
-            headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static(ct));
+            let value = HeaderValue::from_static(ct);
+            assert_eq!(is_grpc_content_type(&value), grpc, "{ct}");
+            headers.insert(http::header::CONTENT_TYPE, value);
             assert_eq!(is_grpc(&headers), grpc, "{ct}");
         }
         assert!(!is_grpc(&HeaderMap::new()));

@@ -180,10 +180,9 @@ impl MatchedRoute {
 /// A request is gRPC when its content type is `application/grpc`, with or
 /// without a suffix (`application/grpc+proto`, `application/grpc-web+proto`).
 fn grpc_content_type(headers: &http::HeaderMap) -> Option<HeaderValue> {
-    // One lookup for a request without a content type (most GETs); the
-    // check itself is the one in core.
+    // One lookup; the check itself is the one in core.
     let ct = headers.get(http::header::CONTENT_TYPE)?;
-    atscale_core::grpc::is_grpc(headers).then(|| ct.clone())
+    atscale_core::grpc::is_grpc_content_type(ct).then(|| ct.clone())
 }
 
 /// Teaches [`atscale_core::classify`] an [`Enriched`] error's own kind and
