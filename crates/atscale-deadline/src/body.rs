@@ -286,12 +286,15 @@ where
         let this = self.project();
         let res = ready!(this.inner.poll(cx)).map_err(Into::into)?;
         let cut = this.cut.take();
-        if let Some(c) = &cut {
+        if let Some(c) = &cut
+            && c.cx.is_cancelled()
+        {
             // The request body was cut by the deadline (which cancelled the
             // context): whatever the handler made of that, the answer is
-            // the deadline.
+            // the deadline. The clock is read only then: a context nobody
+            // cancelled is not past its cut.
             let now = Instant::now();
-            if c.cx.is_cancelled() && c.deadline.is_expired_at(now) {
+            if c.deadline.is_expired_at(now) {
                 return Poll::Ready(Err(DeadlineExceeded::at(c.deadline, now).into()));
             }
         }
