@@ -40,20 +40,37 @@ pin_project! {
 }
 
 impl<F> ResponseFuture<F> {
-    pub(crate) fn running(future: F, meta: RequestMeta, config: Arc<Config>) -> Self {
-        ResponseFuture {
-            state: State::Running { future },
-            meta: Some(meta),
-            config,
-        }
-    }
-
     pub(crate) fn failed(error: BoxError, meta: RequestMeta, config: Arc<Config>) -> Self {
         ResponseFuture {
             state: State::Failed { error: Some(error) },
             meta: Some(meta),
             config,
         }
+    }
+
+    /// A future for `meta` still without its inner future: [`start`] or
+    /// [`fail`] gives it one before it is returned (`Done` until then).
+    ///
+    /// [`start`]: Self::start
+    /// [`fail`]: Self::fail
+    #[inline(always)]
+    pub(crate) fn unstarted(meta: RequestMeta, config: Arc<Config>) -> Self {
+        ResponseFuture {
+            state: State::Done,
+            meta: Some(meta),
+            config,
+        }
+    }
+
+    /// Runs `future` (not yet pinned: the future is still being built).
+    #[inline(always)]
+    pub(crate) fn start(&mut self, future: F) {
+        self.state = State::Running { future };
+    }
+
+    /// Answers `error` instead.
+    pub(crate) fn fail(&mut self, error: BoxError) {
+        self.state = State::Failed { error: Some(error) };
     }
 }
 
