@@ -1075,109 +1075,117 @@ fn sizes() {
     });
 }
 
-/// The inner service's future in a box: every layer's future then holds a
-/// pointer instead of the inner future (the `micro` comparison).
-#[derive(Clone)]
-struct BoxInner<S>(S);
-
-impl<S: tower::Service<R>, R> tower::Service<R> for BoxInner<S> {
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = std::pin::Pin<Box<S::Future>>;
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), S::Error>> {
-        self.0.poll_ready(cx)
-    }
-    fn call(&mut self, req: R) -> Self::Future {
-        Box::pin(self.0.call(req))
-    }
-}
-
-/// `micro`: in one process, the server stack around axum's `Router` as is
-/// and with the router's future boxed first, each request a clone of the
-/// service called once (as hyper does), read to its end; interleaved, 11
-/// repetitions of ~100 ms, ns per request (median, min..max). `micro N`
-/// runs configuration N alone (0 bare, 1 stack, 2 boxed, 3 peer), for perf.
-fn micro(only: Option<usize>) {
-    use http_body_util::BodyExt;
+/// `micro [grpc] [N]`: in one process, axum's `Router` (or, with `grpc`,
+/// tonic-health's `Routes` answering `Check`) bare, under the server stack,
+/// under the stack `.without_overload()`, and under the peer stack, each
+/// request a clone of the service called once (as hyper does), its body
+/// read to its end (trailers included); interleaved, 11 repetitions of
+/// 50 000 requests, ns per request (median, min..max of the difference to
+/// bare in the same repetition). `micro [grpc] N` runs configuration N
+/// alone (0 bare, 1 stack, 2 without overload, 3 peer), for perf or
+/// valgrind (`E2E_MICRO_N` thousand requests, default 2 000).
+fn micro(grpc: bool, only: Option<usize>) {
     use tower::Layer;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    rt.block_on(async {
-        let router: Router = Router::new().route("/", get(|| async { "hello" }));
-        async fn per_request<S, B>(svc: &S, n: u32) -> f64
-        where
-            S: tower::Service<Request<axum::body::Body>, Response = http::Response<B>> + Clone,
-            S::Error: std::fmt::Debug,
-            B: http_body::Body,
-            B::Error: std::fmt::Debug,
-        {
-            let start = Instant::now();
-            for _ in 0..n {
-                let res = svc
-                    .clone()
-                    .oneshot(Request::new(axum::body::Body::empty()))
-                    .await
-                    .expect("answer");
-                let body = res.into_body().collect().await.expect("body");
-                std::hint::black_box(body);
+    async fn per_request<S, Q, B>(svc: &S, make: fn() -> Request<Q>, n: u32) -> f64
+    where
+        S: tower::Service<Request<Q>, Response = http::Response<B>> + Clone,
+        S::Error: std::fmt::Debug,
+        B: http_body::Body,
+        B::Error: std::fmt::Debug,
+    {
+        let start = Instant::now();
+        for _ in 0..n {
+            let res = svc.clone().oneshot(make()).await.expect("answer");
+            let body = res.into_body().collect().await.expect("body");
+            std::hint::black_box(body);
+        }
+        start.elapsed().as_nanos() as f64 / f64::from(n)
+    }
+    macro_rules! compare {
+        ($inner:expr, $make:expr) => {{
+            let inner = $inner;
+            let make = $make;
+            let bare = inner.clone();
+            let stack = atscale_stack!().layer(inner.clone());
+            let no_overload = atscale_stack!(without_overload).layer(inner.clone());
+            let peer = peer_stack!().service(inner);
+            macro_rules! each {
+                ($n:expr) => {{
+                    [
+                        per_request(&bare, make, $n).await,
+                        per_request(&stack, make, $n).await,
+                        per_request(&no_overload, make, $n).await,
+                        per_request(&peer, make, $n).await,
+                    ]
+                }};
             }
-            start.elapsed().as_nanos() as f64 / f64::from(n)
-        }
-        let bare = router.clone();
-        let plain = atscale_stack!().layer(router.clone());
-        let boxed = atscale_stack!().layer(BoxInner(router.clone()));
-        let peer = peer_stack!().service(router.clone());
-        macro_rules! each {
-            ($n:expr) => {{
-                [
-                    per_request(&bare, $n).await,
-                    per_request(&plain, $n).await,
-                    per_request(&boxed, $n).await,
-                    per_request(&peer, $n).await,
-                ]
-            }};
-        }
-        if let Some(only) = only {
-            // For a profile: one configuration only, ~2 s.
-            for _ in 0..2_000_000 / 1000 {
-                match only {
-                    0 => per_request(&bare, 1000).await,
-                    1 => per_request(&plain, 1000).await,
-                    2 => per_request(&boxed, 1000).await,
-                    _ => per_request(&peer, 1000).await,
-                };
+            if let Some(only) = only {
+                // For a profile: one configuration only, `E2E_MICRO_N`
+                // thousand requests (default 2 000: 2 000 000).
+                for _ in 0..env_f64("E2E_MICRO_N", 2_000.0) as u32 {
+                    match only {
+                        0 => per_request(&bare, make, 1000).await,
+                        1 => per_request(&stack, make, 1000).await,
+                        2 => per_request(&no_overload, make, 1000).await,
+                        _ => per_request(&peer, make, 1000).await,
+                    };
+                }
+                return Vec::new();
             }
-            return;
-        }
-        each!(20_000);
-        let mut reps = Vec::new();
-        for _ in 0..11 {
-            reps.push(each!(50_000));
-        }
-        for (i, name) in [
-            "bare router",
-            "stack::server",
-            "stack::server, inner future boxed",
-            "peer",
-        ]
-        .iter()
-        .enumerate()
-        {
-            let mut d: Vec<f64> = reps.iter().map(|r| r[i] - r[0]).collect();
-            d.sort_by(f64::total_cmp);
-            let mut abs: Vec<f64> = reps.iter().map(|r| r[i]).collect();
-            abs.sort_by(f64::total_cmp);
-            println!(
-                "{name}: {:.0} ns per request, over bare {:+.0} ns ({:+.0}..{:+.0})",
-                abs[5], d[5], d[0], d[10]
-            );
+            each!(20_000);
+            let mut reps = Vec::new();
+            for _ in 0..11 {
+                reps.push(each!(50_000));
+            }
+            reps
+        }};
+    }
+    let reps = rt.block_on(async {
+        if grpc {
+            let (reporter, health) = tonic_health::server::health_reporter();
+            reporter
+                .set_service_status("", ServingStatus::Serving)
+                .await;
+            let routes = tonic::service::Routes::new(health);
+            // An empty HealthCheckRequest (service ""): a 5-byte gRPC frame.
+            compare!(routes, || Request::post("/grpc.health.v1.Health/Check")
+                .header(http::header::CONTENT_TYPE, "application/grpc")
+                .header(http::header::TE, "trailers")
+                .body(tonic::body::Body::new(Full::new(Bytes::from_static(
+                    &[0; 5]
+                ))))
+                .expect("request"))
+        } else {
+            let router: Router = Router::new().route("/", get(|| async { "hello" }));
+            compare!(router, || Request::new(axum::body::Body::empty()))
         }
     });
+    if reps.is_empty() {
+        return;
+    }
+    let what = if grpc { "tonic Routes" } else { "axum Router" };
+    for (i, name) in [
+        "bare",
+        "stack::server",
+        "stack::server without overload",
+        "peer",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut d: Vec<f64> = reps.iter().map(|r| r[i] - r[0]).collect();
+        d.sort_by(f64::total_cmp);
+        let mut abs: Vec<f64> = reps.iter().map(|r| r[i]).collect();
+        abs.sort_by(f64::total_cmp);
+        println!(
+            "{what}, {name}: {:.0} ns per request, over bare {:+.0} ns ({:+.0}..{:+.0})",
+            abs[5], d[5], d[0], d[10]
+        );
+    }
 }
 
 fn main() {
@@ -1192,7 +1200,11 @@ fn main() {
             Proto::parse(&args[2]).expect("protocol"),
         ),
         Some("sizes") => sizes(),
-        Some("micro") => micro(args.get(1).map(|n| n.parse().expect("0..=3"))),
+        Some("micro") => {
+            let grpc = args.get(1).is_some_and(|a| a == "grpc");
+            let only = args.get(1 + usize::from(grpc));
+            micro(grpc, only.map(|n| n.parse().expect("0..=3")))
+        }
         Some("profile") => profile(
             Config::parse(&args[1]),
             Proto::parse(&args[2]).expect("protocol: http1, h2, grpc"),
