@@ -42,14 +42,10 @@ pin_project! {
             // deadline is the request's).
             #[pin]
             inner: Scoped<F>,
-            // Armed (and boxed) only once the inner future is pending
-            // twice: a request that answers at once never touches the timer
-            // wheel, and every request moves a small future through the
-            // stack.
+            // Armed (and boxed) only once the inner future is pending: a
+            // request that answers at once never touches the timer wheel,
+            // and every request moves a small future through the stack.
             timer: Option<Pin<Box<Sleep>>>,
-            // Whether the inner future was pending once already (see
-            // `poll_timer`).
-            deferred: bool,
         },
         Failed {
             error: Option<BoxError>,
@@ -61,11 +57,7 @@ pin_project! {
 impl<F> ResponseFuture<F> {
     pub(crate) fn running(inner: Scoped<F>) -> Self {
         ResponseFuture {
-            state: State::Running {
-                inner,
-                timer: None,
-                deferred: false,
-            },
+            state: State::Running { inner, timer: None },
         }
     }
 
@@ -95,16 +87,12 @@ where
                 return Poll::Ready(Err(error.take().expect("polled after completion")));
             }
             StateProj::Done => panic!("polled after completion"),
-            StateProj::Running {
-                mut inner,
-                timer,
-                deferred,
-            } => match inner.as_mut().poll(cx) {
+            StateProj::Running { mut inner, timer } => match inner.as_mut().poll(cx) {
                 // Success leaves the context alone: a streaming body may
                 // still be produced under it.
                 Poll::Ready(Ok(response)) => Ok(response),
                 Poll::Ready(Err(error)) => Err(inner_failed(inner.context(), error.into())),
-                Poll::Pending => match poll_timer(inner.context(), timer, deferred, cx) {
+                Poll::Pending => match poll_timer(inner.context(), timer, cx) {
                     Poll::Ready(elapsed) => Err(elapsed),
                     Poll::Pending => return Poll::Pending,
                 },
@@ -138,35 +126,15 @@ fn inner_failed(context: &Context, error: BoxError) -> BoxError {
 /// The inner future is pending: arms the timer (boxed, on the first time)
 /// and polls it. Ready with the error once the deadline has passed, after
 /// cancelling the context (the inner future is dropped by the caller).
-///
-/// The first time, the timer is not armed yet: the task asks to be polled
-/// again at once instead (`deferred`), and arms it only if the inner future
-/// is still pending then. Much work waits only for something already on its
-/// way (the body of a gRPC request, read by the connection's task, which
-/// runs first), and the task is polled again for it anyway: it then ends
-/// without ever touching the timer wheel. A timer in tokio's wheel costs
-/// more than its box: registering one while the runtime has no other timer
-/// unparks the driver (an `eventfd` write), which, in a server whose
-/// requests end before the next park, is once per request (0.2-0.4 of
-/// the gRPC requests in benches/stack.rs). Either way the deadline is
-/// the same instant: only when the timer is registered changes.
 #[inline(never)]
 fn poll_timer(
     context: &Context,
     timer: &mut Option<Pin<Box<Sleep>>>,
-    deferred: &mut bool,
     cx: &mut TaskContext<'_>,
 ) -> Poll<BoxError> {
     let Some(deadline) = context.deadline() else {
         return Poll::Pending;
     };
-    if timer.is_none() && !*deferred {
-        *deferred = true;
-        // Woken again once the runtime has run its other ready tasks and
-        // polled for I/O (tokio's `yield_now`; at once outside a runtime).
-        let _ = std::pin::pin!(tokio::task::yield_now()).poll(cx);
-        return Poll::Pending;
-    }
     let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline.instant())));
     match timer.as_mut().poll(cx) {
         Poll::Ready(()) => {
