@@ -182,7 +182,19 @@ impl MatchedRoute {
 fn grpc_content_type(headers: &http::HeaderMap) -> Option<HeaderValue> {
     // One lookup; the check itself is the one in core.
     let ct = headers.get(http::header::CONTENT_TYPE)?;
-    atscale_core::grpc::is_grpc_content_type(ct).then(|| ct.clone())
+    if !atscale_core::grpc::is_grpc_content_type(ct) {
+        return None;
+    }
+    // The usual values as static ones: a clone of an HTTP/2 request's value
+    // (a `Bytes` of its own) would first make it a shared one, an
+    // allocation per gRPC call.
+    Some(match ct.as_bytes() {
+        b"application/grpc" if !ct.is_sensitive() => HeaderValue::from_static("application/grpc"),
+        b"application/grpc+proto" if !ct.is_sensitive() => {
+            HeaderValue::from_static("application/grpc+proto")
+        }
+        _ => ct.clone(),
+    })
 }
 
 /// Teaches [`atscale_core::classify`] an [`Enriched`] error's own kind and
