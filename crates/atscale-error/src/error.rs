@@ -188,11 +188,12 @@ fn grpc_content_type(headers: &http::HeaderMap) -> Option<HeaderValue> {
     // The usual values as static ones: a clone of an HTTP/2 request's value
     // (a `Bytes` of its own) would first make it a shared one, an
     // allocation per gRPC call.
+    // (Constants: `from_static` at run time checks every byte.)
+    const GRPC: HeaderValue = HeaderValue::from_static("application/grpc");
+    const GRPC_PROTO: HeaderValue = HeaderValue::from_static("application/grpc+proto");
     Some(match ct.as_bytes() {
-        b"application/grpc" if !ct.is_sensitive() => HeaderValue::from_static("application/grpc"),
-        b"application/grpc+proto" if !ct.is_sensitive() => {
-            HeaderValue::from_static("application/grpc+proto")
-        }
+        b"application/grpc" if !ct.is_sensitive() => GRPC,
+        b"application/grpc+proto" if !ct.is_sensitive() => GRPC_PROTO,
         _ => ct.clone(),
     })
 }
