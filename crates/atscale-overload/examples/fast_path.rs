@@ -15,8 +15,10 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::hint::black_box;
 use std::pin::pin;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context as TaskContext, Poll, Waker};
+use std::time::Duration;
 
+use atscale_core::{Context, Origin};
 use atscale_overload::OverloadLayer;
 use tower::{Layer, Service, ServiceExt, service_fn};
 
@@ -25,7 +27,7 @@ where
     S: Service<http::Request<()>, Response = usize>,
     S::Error: std::fmt::Debug,
 {
-    let mut cx = Context::from_waker(Waker::noop());
+    let mut cx = TaskContext::from_waker(Waker::noop());
     if std::env::var("FAST_PATH_SIZES").is_ok() {
         let _ = svc.poll_ready(&mut cx);
         let fut = svc.call(http::Request::new(()));
@@ -57,6 +59,9 @@ where
     // FAST_PATH_TASKS=k: k such loops at once (with FAST_PATH_PENDING, k
     // requests in flight), n calls in all.
     let tasks: u64 = std::env::var("FAST_PATH_TASKS").map_or(1, |v| v.parse().expect("tasks"));
+    // FAST_PATH_DEADLINE=1: each request carries a context with a 30 s
+    // budget, as behind the server stack's deadline layer.
+    let deadline = std::env::var("FAST_PATH_DEADLINE").is_ok();
     let loops: Vec<_> = (0..tasks)
         .map(|_| {
             let mut svc = svc.clone();
@@ -64,7 +69,13 @@ where
                 let mut sum = 0u64;
                 for _ in 0..n / tasks {
                     let ready = svc.ready().await.expect("ready");
-                    let out = ready.call(black_box(http::Request::new(()))).await;
+                    let mut req = http::Request::new(());
+                    if deadline {
+                        req.extensions_mut().insert(
+                            Context::new().with_budget(Duration::from_secs(30), Origin::Header),
+                        );
+                    }
+                    let out = ready.call(black_box(req)).await;
                     sum += black_box(out.expect("answered")) as u64;
                 }
                 sum

@@ -47,6 +47,8 @@ pub(crate) struct Shared {
     clock: Clock,
     settings: Settings,
     counters: Counters,
+    /// The epoch of `Counters::seen`, on tokio's clock (a deadline's).
+    origin: Instant,
 }
 
 /// What the admission fast path reads without the lock. `in_flight` is the
@@ -67,6 +69,10 @@ struct Counters {
     force: AtomicU32,
     /// The in-flight count the gauge last showed (the `metrics` feature).
     shown: AtomicUsize,
+    /// The latest time the layer read from tokio's clock, in nanoseconds
+    /// since `Shared::origin`: the fast path's "now" for a deadline, never
+    /// later than the real now.
+    seen: AtomicU64,
 }
 
 impl Counters {
@@ -296,7 +302,9 @@ impl Shared {
                 tick: AtomicU32::new(0),
                 force: AtomicU32::new(WARM_UP),
                 shown: AtomicUsize::new(0),
+                seen: AtomicU64::new(0),
             },
+            origin: Instant::now(),
         }
     }
 
@@ -333,8 +341,20 @@ impl Shared {
     /// through `deadline`) is not in doubt; `None` when the request must take
     /// the slow path ([`arrive`](Self::arrive)), which refuses or queues it.
     ///
-    /// A request alone in flight and not timed costs a load, a CAS and the
-    /// sampling counter: no clock read, no look-up of its deadline.
+    /// From an eighth of the limit in flight up, the deadline is checked
+    /// against the service-time estimate on the last time the layer read (at
+    /// a timed admission or on the slow path), not on a clock read of its
+    /// own: that time is never later than now, so the check never refuses a
+    /// request it should admit, and there (where every request, or one in
+    /// eight, is timed) it is a few requests old; at low load it may be older
+    /// and admit a request that will miss its deadline (the deadline layer
+    /// cuts it). Under an eighth, a free slot is taken unchecked: nothing is
+    /// near queueing. With nothing else in flight the estimate may be stale:
+    /// the request is admitted, and teaches it.
+    ///
+    /// An untimed request costs a few loads, a CAS and the sampling counter:
+    /// no clock read, and its deadline looked up only from an eighth of the
+    /// limit up.
     #[inline(always)]
     pub(crate) fn try_admit(
         self: &Arc<Self>,
@@ -347,10 +367,11 @@ impl Shared {
         let mut read = None;
         if self.settings.deadline_aware {
             let high = c.service_high.load(Ordering::Relaxed);
-            // With nothing in flight the estimate may be stale: admit, and learn.
-            if high != u64::MAX && c.in_flight() > 0 {
+            let others = c.in_flight();
+            let busy = (others + 1) * SAMPLE_UNDER >= c.limit.load(Ordering::Relaxed);
+            if high != u64::MAX && others > 0 && busy {
                 let d = deadline();
-                if d.is_some_and(|d| nanos(d.remaining()) < high as f64) {
+                if d.is_some_and(|d| self.left_as_last_seen(d) < high) {
                     return None; // refused by `arrive`
                 }
                 read = Some(d);
@@ -375,7 +396,26 @@ impl Shared {
         deadline: Option<Deadline>,
     ) -> Permit {
         let start = self.clock.now_nanos();
+        self.see(Instant::now());
         Permit::new(self.clone(), start, in_flight, limit, deadline)
+    }
+
+    /// Records `now` (tokio's clock) as the latest time seen.
+    fn see(&self, now: Instant) {
+        let at = now.saturating_duration_since(self.origin).as_nanos();
+        let at = u64::try_from(at).unwrap_or(u64::MAX);
+        self.counters.seen.fetch_max(at, Ordering::Relaxed);
+    }
+
+    /// What is left of deadline `d` at the latest time seen: at least what
+    /// is left of it now.
+    fn left_as_last_seen(&self, d: Deadline) -> u64 {
+        let at = d
+            .instant()
+            .saturating_duration_since(self.origin)
+            .as_nanos();
+        let at = u64::try_from(at).unwrap_or(u64::MAX);
+        at.saturating_sub(self.counters.seen.load(Ordering::Relaxed))
     }
 
     /// A request arrives: admitted now, queued, or refused.
@@ -389,7 +429,11 @@ impl Shared {
         let mut st = lock(&self.state);
         // Remaining deadline, read only when it can matter.
         let remaining = match (self.settings.deadline_aware, deadline, st.service) {
-            (true, Some(d), Some(_)) => Some(d.remaining()),
+            (true, Some(d), Some(_)) => {
+                let now = Instant::now();
+                self.see(now);
+                Some(d.remaining_at(now))
+            }
             _ => None,
         };
         if st.queues.len == 0 {

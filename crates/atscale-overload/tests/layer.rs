@@ -342,6 +342,93 @@ async fn with_nothing_in_flight_a_request_is_admitted_whatever_the_estimate() {
     assert_eq!(rec.served(), vec![0, 1, 2]);
 }
 
+#[tokio::test(start_paused = true)]
+async fn the_fast_path_judges_a_deadline_on_the_last_time_read_which_only_errs_to_admit() {
+    // Limit 10; no request timed after the warm-up below half the limit.
+    let layer = OverloadLayer::builder()
+        .algorithm(Vegas::new())
+        .min_limit(10)
+        .max_limit(10)
+        .initial_limit(10)
+        .sampling(u32::MAX)
+        .clock(Clock::tokio())
+        .build()
+        .unwrap();
+    let adm = layer.admission();
+    let rec = Recorder::default();
+    let svc = layer.layer(rec.service(50 * MS));
+    // The warm-up (its 1,000 requests are timed): service time 50 ms.
+    for id in 0..1000 {
+        svc.clone().oneshot(req(id)).await.unwrap();
+    }
+    // Ten idle seconds: the layer's last reading of the clock is that old.
+    tokio::time::advance(Duration::from_secs(10)).await;
+    // One running (untimed, far under the limit), then a request with 30 ms
+    // left, less than a service time: judged on the old reading it seems
+    // to have 10 s left, and takes the free slot (the deadline layer would
+    // cut it). An old reading never refuses what a new one would admit.
+    let mut running = vec![tokio::spawn(svc.clone().oneshot(req(1001)))];
+    settle().await;
+    let short = svc.clone().oneshot(req_with_budget(1002, 30 * MS));
+    assert!(
+        timeout(30 * MS, short).await.is_err(),
+        "admitted, cut by the caller"
+    );
+    // Requests from half the limit in flight up are timed: each reads the
+    // clock. The next short one is judged on that reading: refused.
+    for id in 1003..1008 {
+        running.push(tokio::spawn(svc.clone().oneshot(req(id))));
+    }
+    settle().await;
+    assert_eq!(adm.in_flight(), 6, "1001 and 1003 to 1007");
+    let err = svc
+        .clone()
+        .oneshot(req_with_budget(1008, 30 * MS))
+        .await
+        .unwrap_err();
+    assert_eq!(Kind::of(&*err), Kind::Overloaded);
+    for r in running {
+        r.await.unwrap().unwrap();
+    }
+    let served = rec.served();
+    assert!(served.contains(&1002) && !served.contains(&1008));
+}
+
+#[tokio::test(start_paused = true)]
+async fn under_an_eighth_of_the_limit_a_free_slot_is_taken_unchecked() {
+    let layer = fixed(100, 10);
+    let adm = layer.admission();
+    let rec = Recorder::default();
+    let svc = layer.layer(rec.service(50 * MS));
+    svc.clone().oneshot(req(0)).await.unwrap(); // service time 50 ms
+    // With this one 2 of 100 in flight: far from queueing, a request with
+    // less than a service time left takes a free slot (the deadline layer
+    // would cut it) without its deadline being looked up.
+    let mut running = vec![tokio::spawn(svc.clone().oneshot(req(1)))];
+    settle().await;
+    let short = svc.clone().oneshot(req_with_budget(2, 30 * MS));
+    assert!(
+        timeout(30 * MS, short).await.is_err(),
+        "admitted, cut by the caller"
+    );
+    // With this one an eighth of the limit in flight: checked, refused.
+    for id in 3..15 {
+        running.push(tokio::spawn(svc.clone().oneshot(req(id))));
+    }
+    settle().await;
+    assert_eq!(adm.in_flight(), 13);
+    let err = svc
+        .clone()
+        .oneshot(req_with_budget(15, 30 * MS))
+        .await
+        .unwrap_err();
+    assert_eq!(Kind::of(&*err), Kind::Overloaded);
+    for r in running {
+        r.await.unwrap().unwrap();
+    }
+    assert!(rec.served().contains(&2) && !rec.served().contains(&15));
+}
+
 #[test]
 fn racing_threads_never_exceed_the_limit() {
     let rt = tokio::runtime::Builder::new_multi_thread()
