@@ -31,8 +31,9 @@ pin_project! {
     pub struct TrackedBody<B> {
         #[pin]
         inner: Option<B>,
-        #[pin]
-        timer: Option<Sleep>,
+        // Boxed: the timer is large, and only the stall watchdog needs it,
+        // so every response moved through the stack stays small.
+        timer: Option<Pin<Box<Sleep>>>,
         ticket: Option<Ticket>,
         grpc: bool,
     }
@@ -54,7 +55,7 @@ impl<B: Body> TrackedBody<B> {
         let timer = ticket
             .stall()
             .and_then(|stall| Instant::now().checked_add(stall))
-            .map(tokio::time::sleep_until);
+            .map(|due| Box::pin(tokio::time::sleep_until(due)));
         let ticket = Some(ticket);
         TrackedBody {
             inner: Some(inner),
@@ -120,17 +121,16 @@ where
                 Poll::Ready(None)
             }
             Poll::Pending => {
-                let (Some(timer), Some(ticket)) =
-                    (this.timer.as_mut().as_pin_mut(), this.ticket.as_ref())
+                let (Some(timer), Some(ticket)) = (this.timer.as_mut(), this.ticket.as_ref())
                 else {
                     return Poll::Pending;
                 };
-                let Some(idle) = watchdog(timer, ticket, cx) else {
+                let Some(idle) = watchdog(timer.as_mut(), ticket, cx) else {
                     return Poll::Pending;
                 };
                 // Stalled: drop the inner body now, cancel the request's context.
                 this.inner.set(None);
-                this.timer.set(None);
+                *this.timer = None;
                 Self::finish(this.ticket, Outcome::Stalled);
                 let stalled = Stalled::new(idle);
                 if *this.grpc {
