@@ -604,7 +604,72 @@ fn overhead() {
             quartiles(&rows);
         }
     }
+    in_flight();
     println!("load average at end: {}", support::load());
+}
+
+/// The same comparison with 16 requests in flight (16 loops at once on a
+/// current_thread runtime, the inner future pending once), where a server
+/// spends its time: the layer's sampling and deadline check at work. With
+/// and without a context carrying a 30 s deadline in each request (as the
+/// server stack's deadline layer puts there).
+fn in_flight() {
+    use atscale::core::{Context as RequestContext, Origin};
+    use support::{Case, case_in_flight, compare, pending_once, print, ratio};
+    const TASKS: u64 = 16;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for deadline in [false, true] {
+        let req = move |_: u64| {
+            let mut r = Request::new(());
+            if deadline {
+                r.extensions_mut().insert(
+                    RequestContext::new().with_budget(Duration::from_secs(30), Origin::Header),
+                );
+            }
+            r
+        };
+        let inner = || {
+            service_fn(|r: Request<()>| async move {
+                let answer = black_box(r).uri().path().len();
+                pending_once(Ok::<_, Infallible>(answer)).await
+            })
+        };
+        let cases: Vec<Case> = vec![
+            case_in_flight("bare", inner, req, TASKS),
+            case_in_flight(
+                "tower ConcurrencyLimit(1000)",
+                move || tower::limit::ConcurrencyLimit::new(inner(), 1000),
+                req,
+                TASKS,
+            ),
+            case_in_flight(
+                "atscale OverloadLayer (default: Vegas)",
+                move || OverloadLayer::new().layer(inner()),
+                req,
+                TASKS,
+            ),
+        ];
+        let rows = compare(&rt, &cases);
+        let title = format!(
+            "current_thread, {TASKS} in flight, inner pending once, {}",
+            if deadline {
+                "each request carrying a 30 s deadline"
+            } else {
+                "no deadline"
+            }
+        );
+        print(&title, &rows);
+        let (m, lo, hi) = ratio(
+            &rows,
+            "atscale OverloadLayer (default: Vegas)",
+            "tower ConcurrencyLimit(1000)",
+        );
+        println!("\noverhead ratio ours / tower: {m:.2}x ({lo:.2}..{hi:.2})");
+        quartiles(&rows);
+    }
 }
 
 /// Quartiles of each case's per-repetition overhead over bare, and of the

@@ -59,6 +59,52 @@ where
     }
 }
 
+/// [`case`] with `tasks` loops at once (each a clone of the service): with
+/// an inner future that waits, `tasks` requests in flight. `iters` calls in
+/// all.
+pub(crate) fn case_in_flight<S, R>(
+    name: impl Into<String>,
+    make_service: impl Fn() -> S + Send + Sync + 'static,
+    make_request: impl Fn(u64) -> R + Send + Sync + Clone + 'static,
+    tasks: u64,
+) -> Case
+where
+    S: Service<R> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Response: Send,
+    S::Error: std::fmt::Debug,
+    R: Send + 'static,
+{
+    let make_service = Arc::new(make_service);
+    Case {
+        name: name.into(),
+        measure: Arc::new(move |iters| {
+            let svc = make_service();
+            let loops: Vec<_> = (0..tasks)
+                .map(|_| {
+                    let mut svc = svc.clone();
+                    let make_request = make_request.clone();
+                    async move {
+                        for i in 0..iters / tasks {
+                            let ready = svc.ready().await.expect("ready");
+                            let out = ready.call(black_box(make_request(i))).await.expect("call");
+                            black_box(out);
+                        }
+                    }
+                })
+                .collect();
+            Box::pin(async move {
+                let start = Instant::now();
+                let handles: Vec<_> = loops.into_iter().map(tokio::spawn).collect();
+                for h in handles {
+                    h.await.expect("bench loop");
+                }
+                start.elapsed()
+            })
+        }),
+    }
+}
+
 /// An inner future that is pending once (waking itself) before answering,
 /// so timers and wakers in the layers under test really get registered.
 pub(crate) struct PendingOnce<T> {
