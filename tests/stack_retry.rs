@@ -246,14 +246,13 @@ async fn the_http_client_stack_retries_a_get_on_a_plain_503_and_not_a_post() {
     assert_eq!(backend.hits(), 5);
 }
 
-/// A hedge that sends its backup after 50 ms, within no budget but the
-/// throttle's.
-fn hedge(throttle: &RetryThrottle) -> HedgeLayer {
+/// A hedge that sends its backup after 50 ms, within no budget; built
+/// without a throttle: it takes the stack's.
+fn hedge() -> HedgeLayer {
     HedgeLayer::builder()
         .delay(Delay::fixed(Duration::from_millis(50)))
         .budget(Budget::unlimited())
         .non_idempotent(true)
-        .throttle(throttle.clone())
         .build()
         .unwrap()
 }
@@ -271,7 +270,8 @@ async fn the_grpc_stacks_retries_and_hedges_stop_when_the_a6_throttle_is_drained
     let throttle = RetryThrottle::new(10, 0.1).unwrap();
     let stack = stack::client("caller", Duration::from_secs(2))
         .with_retry(RetryLayer::new(grpc_policy()))
-        .with_hedge(hedge(&throttle))
+        // The throttle set after the hedge: the hedge takes it then.
+        .with_hedge(hedge())
         .with_retry_throttle(throttle.clone());
     let mut health = HealthClient::new(stack.layer(channel(addr).await));
 
@@ -311,8 +311,9 @@ async fn the_http_stacks_retries_and_hedges_stop_when_the_a6_throttle_is_drained
         .unwrap();
     let stack = stack::http_client("caller", Duration::from_secs(2))
         .with_retry(RetryLayer::new(policy))
-        .with_hedge(hedge(&throttle))
-        .with_retry_throttle(throttle.clone());
+        // The throttle set before the hedge: the hedge takes it when set.
+        .with_retry_throttle(throttle.clone())
+        .with_hedge(hedge());
     // One buffer, the retry's, serves the hedge too.
     let client = stack.layer(http_client::<BufferedBody<Empty<Bytes>>>());
     let get = || {

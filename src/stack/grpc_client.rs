@@ -58,9 +58,9 @@
 //!   [`Unreachable`](crate::core::Unreachable);
 //! - the A6 [`RetryThrottle`]
 //!   ([`with_retry_throttle`](ClientStack::with_retry_throttle)) is one per
-//!   backend, shared by the retry and the hedge (build the hedge with
-//!   [`HedgeBuilder::throttle`](crate::hedge::HedgeBuilder::throttle) on the
-//!   same throttle): in an outage both stop once it is half drained;
+//!   backend, shared by the retry and the hedge (a hedge built without a
+//!   throttle of its own takes the stack's): in an outage both stop once it
+//!   is half drained;
 //! - the SRE adaptive throttle ([`ThrottleLayer`],
 //!   [`with_throttle`](ClientStack::with_throttle)) is closest to the
 //!   transport, so it counts every attempt and a refused attempt never
@@ -86,7 +86,7 @@ use tower_layer::{Identity, Layer};
 use tower_service::Service;
 
 use super::parts::{ClientHedgeLayer, ClientParts, ClientRetryLayer};
-use super::{HedgedRetrySlot, RetrySlot};
+use super::{HedgeSlot, HedgedRetrySlot, RetrySlot};
 use crate::remote::{GrpcErrors, GrpcErrorsLayer};
 
 /// The recommended tonic client stack for outgoing calls of the service
@@ -168,7 +168,6 @@ pub type Transport<S, T = Identity> = Heartbeat<<T as Layer<GrpcErrors<TonicBody
 ///     .with_hedge(HedgeLayer::builder()
 ///         .delay(atscale::hedge::Delay::fixed(Duration::from_millis(30)))
 ///         .non_idempotent(true)
-///         .throttle(throttle.clone()) // the retry's throttle
 ///         .build()?)
 ///     .with_retry_throttle(throttle)
 ///     .with_throttle(ThrottleLayer::new());
@@ -240,10 +239,10 @@ impl<R, H, Y, T> ClientStack<R, H, Y, T> {
     /// for methods that are safe to repeat, or nothing is hedged.
     ///
     /// With a retry too, the hedge sits inside it (a retry repeats a hedged
-    /// call whose copies all failed) and one body buffer serves both; build
-    /// it with
-    /// [`throttle`](crate::hedge::HedgeBuilder::throttle) on the stack's
-    /// [`RetryThrottle`] so that both stop together.
+    /// call whose copies all failed) and one body buffer serves both. A
+    /// hedge built without a [`throttle`](crate::hedge::HedgeBuilder::throttle)
+    /// consults the stack's [`RetryThrottle`], if one is set (before or
+    /// after), so that both stop together.
     pub fn with_hedge<C>(self, hedge: HedgeLayer<C>) -> ClientStack<R, GrpcHedgeLayer<C>, Y, T> {
         ClientStack {
             parts: self.parts.hedge(GrpcHedgeLayer {
@@ -290,15 +289,20 @@ impl<R, H, Y, T> ClientStack<R, H, Y, T> {
     }
 
     /// The A6 retry throttle (`retryThrottling`) of this backend: the
-    /// stack's retry consults it in place of its own; give the hedge the
-    /// same one ([`HedgeBuilder::throttle`](crate::hedge::HedgeBuilder::throttle)),
+    /// stack's retry consults it in place of its own, and so does the hedge
+    /// unless it was built with a throttle of its own
+    /// ([`HedgeLayer::adopt_throttle`](crate::hedge::HedgeLayer::adopt_throttle)),
     /// so that in an outage retries and hedges stop together once it holds
     /// half its tokens or fewer. A [service config](Self::with_service_config)
     /// keeps the throttle of its `retryThrottling`.
     #[must_use]
-    pub fn with_retry_throttle(mut self, throttle: RetryThrottle) -> Self {
-        self.parts.retry_throttle = Some(throttle);
-        self
+    pub fn with_retry_throttle(self, throttle: RetryThrottle) -> Self
+    where
+        H: HedgeSlot,
+    {
+        Self {
+            parts: self.parts.retry_throttle(throttle),
+        }
     }
 
     /// The A6 retry throttle set with

@@ -54,7 +54,7 @@ use atscale_retry::RetryLayer;
 use tower_layer::{Identity, Layer};
 
 use super::parts::{ClientHedgeLayer, ClientParts, ClientRetryLayer};
-use super::{DEADLINE_HEADER, HedgedRetrySlot, RetrySlot};
+use super::{DEADLINE_HEADER, HedgeSlot, HedgedRetrySlot, RetrySlot};
 use crate::remote::{HttpErrors, HttpErrorsLayer};
 
 /// The recommended HTTP client stack for outgoing calls of the service
@@ -219,9 +219,10 @@ impl<R, H, Y, T> HttpClientStack<R, H, Y, T> {
     /// [`with_hedge_and_buffer`](Self::with_hedge_and_buffer).
     ///
     /// With a retry too, the hedge sits inside it, and the retry's body
-    /// buffer serves both (this one is not used); build the hedge with
-    /// [`throttle`](crate::hedge::HedgeBuilder::throttle) on the stack's
-    /// [`RetryThrottle`] so that both stop together.
+    /// buffer serves both (this one is not used). A hedge built without a
+    /// [`throttle`](crate::hedge::HedgeBuilder::throttle) consults the
+    /// stack's [`RetryThrottle`], if one is set (before or after), so that
+    /// both stop together.
     pub fn with_hedge<C>(
         self,
         hedge: HedgeLayer<C>,
@@ -267,14 +268,19 @@ impl<R, H, Y, T> HttpClientStack<R, H, Y, T> {
     }
 
     /// The A6 retry throttle (`retryThrottling`) of this backend: the
-    /// stack's retry consults it in place of its own; give the hedge the
-    /// same one ([`HedgeBuilder::throttle`](crate::hedge::HedgeBuilder::throttle)),
+    /// stack's retry consults it in place of its own, and so does the hedge
+    /// unless it was built with a throttle of its own
+    /// ([`HedgeLayer::adopt_throttle`](crate::hedge::HedgeLayer::adopt_throttle)),
     /// so that in an outage retries and hedges stop together once it holds
     /// half its tokens or fewer.
     #[must_use]
-    pub fn with_retry_throttle(mut self, throttle: RetryThrottle) -> Self {
-        self.parts.retry_throttle = Some(throttle);
-        self
+    pub fn with_retry_throttle(self, throttle: RetryThrottle) -> Self
+    where
+        H: HedgeSlot,
+    {
+        Self {
+            parts: self.parts.retry_throttle(throttle),
+        }
     }
 
     /// The A6 retry throttle set with

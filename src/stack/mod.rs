@@ -110,6 +110,23 @@ mod sealed {
     impl Sealed for tower_layer::Identity {}
 }
 
+/// The hedge slot of a client stack: [`Identity`] (no hedge),
+/// [`GrpcHedgeLayer`] or [`HttpHedgeLayer`]. A hedge without a throttle of
+/// its own consults the stack's [`RetryThrottle`]
+/// ([`HedgeLayer::adopt_throttle`](crate::hedge::HedgeLayer::adopt_throttle)),
+/// so that in an outage the retries and the hedges to one backend stop
+/// together.
+///
+/// This trait is sealed: the stacks' own slots implement it.
+pub trait HedgeSlot: sealed::Sealed {
+    /// Has the hedge consult `throttle` unless it has a throttle already.
+    fn adopt_throttle(&self, throttle: &RetryThrottle);
+}
+
+impl HedgeSlot for Identity {
+    fn adopt_throttle(&self, _throttle: &RetryThrottle) {}
+}
+
 /// The retry slot of a client stack: [`Identity`] (no retry),
 /// [`GrpcRetryLayer`] or [`HttpRetryLayer`]. It wraps the stack's hedge
 /// slot `H` over `S`: with a retry and a hedge, one body buffer (the

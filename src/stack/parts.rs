@@ -14,7 +14,7 @@ use atscale_hedge::{BufferBody, BufferBodyLayer, Hedge, HedgeLayer};
 use atscale_retry::{Retry, RetryLayer};
 use tower_layer::{Identity, Layer};
 
-use super::{HedgedRetrySlot, RetrySlot};
+use super::{HedgeSlot, HedgedRetrySlot, RetrySlot};
 
 /// A client stack's layers, outermost first: ErrorEnrich, Deadline, the
 /// rate limit `R`, the retry slot `Y` around the hedge slot `H`, the
@@ -69,8 +69,12 @@ impl<E, R, H, Y, T> ClientParts<E, R, H, Y, T> {
         }
     }
 
-    /// The same parts with `hedge` in its slot.
-    pub(super) fn hedge<H2>(self, hedge: H2) -> ClientParts<E, R, H2, Y, T> {
+    /// The same parts with `hedge` in its slot, on the stack's retry
+    /// throttle if one is set and the hedge has none.
+    pub(super) fn hedge<H2: HedgeSlot>(self, hedge: H2) -> ClientParts<E, R, H2, Y, T> {
+        if let Some(throttle) = &self.retry_throttle {
+            hedge.adopt_throttle(throttle);
+        }
         ClientParts {
             enrich: self.enrich,
             deadline: self.deadline,
@@ -82,6 +86,17 @@ impl<E, R, H, Y, T> ClientParts<E, R, H, Y, T> {
             retry_throttle: self.retry_throttle,
             monitor: self.monitor,
         }
+    }
+
+    /// The same parts on `throttle`: the retry's, and the hedge's unless
+    /// the hedge has one.
+    pub(super) fn retry_throttle(mut self, throttle: RetryThrottle) -> Self
+    where
+        H: HedgeSlot,
+    {
+        self.hedge.adopt_throttle(&throttle);
+        self.retry_throttle = Some(throttle);
+        self
     }
 
     /// The same parts with `retry` in its slot.
@@ -151,6 +166,14 @@ impl<C> ClientHedgeLayer<C> {
     /// The hedge's counters (hedges sent, won, …).
     pub fn stats(&self) -> atscale_hedge::HedgeStats {
         self.hedge.stats()
+    }
+}
+
+impl<C> super::sealed::Sealed for ClientHedgeLayer<C> {}
+
+impl<C> HedgeSlot for ClientHedgeLayer<C> {
+    fn adopt_throttle(&self, throttle: &RetryThrottle) {
+        self.hedge.adopt_throttle(throttle);
     }
 }
 

@@ -362,7 +362,7 @@ where
     C: Classify<S::Response, S::Error>,
 {
     let verdict = this.classify.classify(out.as_ref());
-    if let Some(throttle) = this.shared.as_deref().and_then(|s| s.throttle.as_ref()) {
+    if let Some(throttle) = this.shared.as_deref().and_then(|s| s.throttle.get()) {
         match verdict {
             Verdict::NonFatal => {
                 throttle.failure();

@@ -1,6 +1,6 @@
 //! The layer and its builder.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tower::discover::Discover;
@@ -99,6 +99,29 @@ impl<C> HedgeLayer<C> {
         HedgeStats {
             shared: Arc::clone(&self.shared),
         }
+    }
+
+    /// Has the hedges of every service built from this layer (those built
+    /// already too) consult `throttle` (gRFC A6), as
+    /// [`HedgeBuilder::throttle`] would have, unless the layer has a
+    /// throttle already: `true` when it took this one. The client stacks
+    /// call it with their [`RetryThrottle`], so a hedge and the retries to
+    /// one backend stop together.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use atscale_core::RetryThrottle;
+    /// use atscale_hedge::HedgeLayer;
+    ///
+    /// let hedge = HedgeLayer::fixed(Duration::from_millis(20));
+    /// let throttle = RetryThrottle::new(10, 0.1)?;
+    /// assert!(hedge.adopt_throttle(&throttle));
+    /// // The first one stays.
+    /// assert!(!hedge.adopt_throttle(&RetryThrottle::new(100, 0.1)?));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn adopt_throttle(&self, throttle: &RetryThrottle) -> bool {
+        self.shared.throttle.set(throttle.clone()).is_ok()
     }
 
     /// Hedges across distinct replicas of one backend: a request's first
@@ -297,7 +320,7 @@ impl<C> HedgeBuilder<C> {
                 non_idempotent: self.non_idempotent,
                 counters: Counters::default(),
                 clock: self.clock,
-                throttle: self.throttle,
+                throttle: self.throttle.map_or_else(OnceLock::new, OnceLock::from),
             }),
             classify: self.classify,
         }

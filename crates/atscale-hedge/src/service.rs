@@ -211,7 +211,7 @@ where
             )),
             _ => None,
         };
-        let counted = armed.is_some() || shared.is_adaptive() || shared.throttle.is_some();
+        let counted = armed.is_some() || shared.is_adaptive() || shared.throttle.get().is_some();
         let shared = counted.then(|| Arc::clone(shared));
         ResponseFuture::new(primary, guard, now, armed, shared, self.classify.clone())
     }

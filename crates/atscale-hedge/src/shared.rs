@@ -1,5 +1,6 @@
 //! State shared by a layer and every service and clone built from it.
 
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -31,8 +32,9 @@ pub(crate) struct Shared {
     pub(crate) non_idempotent: bool,
     pub(crate) counters: Counters,
     pub(crate) clock: Clock,
-    /// The retry throttle hedges also consult (gRFC A6), if one is set.
-    pub(crate) throttle: Option<RetryThrottle>,
+    /// The retry throttle hedges also consult (gRFC A6), if one is set:
+    /// when built, or later by a stack ([`HedgeLayer::adopt_throttle`](crate::HedgeLayer::adopt_throttle)).
+    pub(crate) throttle: OnceLock<RetryThrottle>,
 }
 
 impl Shared {
@@ -105,7 +107,7 @@ impl Shared {
     /// (non-fatally), so it may take the budget's reserve as a straggler
     /// would.
     pub(crate) fn try_hedge(&self, position: u64, needed: bool) -> bool {
-        let throttled = self.throttle.as_ref().is_some_and(|t| !t.allows());
+        let throttled = self.throttle.get().is_some_and(|t| !t.allows());
         let granted = !throttled
             && self
                 .budget
