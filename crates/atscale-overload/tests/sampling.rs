@@ -80,6 +80,60 @@ where
     }
 }
 
+/// A request whose body is the signal its answer waits for.
+type Gated = http::Request<oneshot::Receiver<()>>;
+
+/// Answers a [`Gated`] request when its signal fires (or is dropped).
+fn gated() -> impl Service<
+    Gated,
+    Response = usize,
+    Error = BoxError,
+    Future = impl Future<Output = Result<usize, BoxError>> + Send,
+> + Clone
++ Send
++ 'static {
+    service_fn(|r: Gated| async move {
+        r.into_body().await.ok();
+        Ok::<_, BoxError>(0usize)
+    })
+}
+
+/// `n` gated requests one after another, each let go at once.
+async fn gated_one_by_one<S>(svc: &mut S, n: usize)
+where
+    S: Service<Gated, Response = usize, Error = BoxError>,
+{
+    for _ in 0..n {
+        let (tx, rx) = oneshot::channel();
+        let call = svc.ready().await.unwrap().call(http::Request::new(rx));
+        tx.send(()).unwrap();
+        call.await.unwrap();
+    }
+}
+
+/// `n` gated requests held in flight at once, then all let go and answered.
+async fn hold_then_answer<S>(svc: &mut S, n: usize)
+where
+    S: Service<Gated, Response = usize, Error = BoxError>,
+    S::Future: Send + 'static,
+{
+    let mut held = Vec::new();
+    for _ in 0..n {
+        let (tx, rx) = oneshot::channel();
+        let call = tokio::spawn(svc.ready().await.unwrap().call(http::Request::new(rx)));
+        held.push((tx, call));
+    }
+    settle().await;
+    for (tx, call) in held {
+        tx.send(()).unwrap();
+        timeout(Duration::from_secs(1), call)
+            .await
+            .expect("answered")
+            .unwrap()
+            .unwrap();
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn at_low_load_one_request_in_n_teaches_the_algorithm_after_the_warm_up() {
     let algo = Counting::default();
@@ -111,75 +165,29 @@ async fn at_low_load_one_request_in_n_teaches_the_algorithm_after_the_warm_up() 
 #[tokio::test(start_paused = true)]
 async fn every_request_is_timed_from_half_the_limit_up() {
     let algo = Counting::default();
-    let mut held = Vec::new();
-    let gated = service_fn(|r: http::Request<oneshot::Receiver<()>>| async move {
-        r.into_body().await.ok();
-        Ok::<_, BoxError>(0usize)
-    });
-    let mut svc = layer(algo.clone(), 80, 1_000_000).layer(gated);
+    let mut svc = layer(algo.clone(), 80, 1_000_000).layer(gated());
     // Past the warm-up, one at a time: untimed.
-    for _ in 0..WARM_UP + 100 {
-        let (tx, rx) = oneshot::channel();
-        let call = svc.ready().await.unwrap().call(http::Request::new(rx));
-        tx.send(()).unwrap();
-        call.await.unwrap();
-    }
+    gated_one_by_one(&mut svc, WARM_UP + 100).await;
     let base = algo.updates.load(Ordering::SeqCst);
     assert_eq!(base, WARM_UP, "one at a time, far under the limit: untimed");
     // 50 held: the 40th to the 50th are admitted with at least 80 / 2 in
     // flight (themselves included), and timed; from 80 / 8 to 80 / 2 one in
     // `sampling / 8` would be (none here).
-    for _ in 0..50 {
-        let (tx, rx) = oneshot::channel();
-        let call = tokio::spawn(svc.ready().await.unwrap().call(http::Request::new(rx)));
-        held.push((tx, call));
-    }
-    settle().await;
-    for (tx, call) in held {
-        tx.send(()).unwrap();
-        timeout(Duration::from_secs(1), call)
-            .await
-            .expect("answered")
-            .unwrap()
-            .unwrap();
-    }
+    hold_then_answer(&mut svc, 50).await;
     assert_eq!(algo.updates.load(Ordering::SeqCst) - base, 11);
 }
 
 #[tokio::test(start_paused = true)]
 async fn from_an_eighth_to_half_the_limit_one_in_sampling_over_8_is_timed() {
     let algo = Counting::default();
-    let gated = service_fn(|r: http::Request<oneshot::Receiver<()>>| async move {
-        r.into_body().await.ok();
-        Ok::<_, BoxError>(0usize)
-    });
-    let mut svc = layer(algo.clone(), 80, 64).layer(gated);
+    let mut svc = layer(algo.clone(), 80, 64).layer(gated());
     // The warm-up: its requests are all timed, one at a time.
-    for _ in 0..WARM_UP {
-        let (tx, rx) = oneshot::channel();
-        let call = svc.ready().await.unwrap().call(http::Request::new(rx));
-        tx.send(()).unwrap();
-        call.await.unwrap();
-    }
+    gated_one_by_one(&mut svc, WARM_UP).await;
     assert_eq!(algo.updates.load(Ordering::SeqCst), WARM_UP);
     // 39 held: the 1st to the 9th under 80 / 8 in flight count toward one
     // in 64 (none reached); from the 10th, one in 64 / 8 = 8 is timed (the
     // counter is then at 10): the 10th, 18th, 26th and 34th.
-    let mut held = Vec::new();
-    for _ in 0..39 {
-        let (tx, rx) = oneshot::channel();
-        let call = tokio::spawn(svc.ready().await.unwrap().call(http::Request::new(rx)));
-        held.push((tx, call));
-    }
-    settle().await;
-    for (tx, call) in held {
-        tx.send(()).unwrap();
-        timeout(Duration::from_secs(1), call)
-            .await
-            .expect("answered")
-            .unwrap()
-            .unwrap();
-    }
+    hold_then_answer(&mut svc, 39).await;
     assert_eq!(algo.updates.load(Ordering::SeqCst) - WARM_UP, 4);
 }
 
@@ -203,19 +211,10 @@ async fn an_untimed_drop_makes_the_next_requests_timed() {
 #[tokio::test(start_paused = true)]
 async fn a_slot_given_back_without_the_lock_reaches_a_waiter() {
     let algo = Counting::default();
-    let gated = service_fn(|r: http::Request<oneshot::Receiver<()>>| async move {
-        r.into_body().await.ok();
-        Ok::<_, BoxError>(0usize)
-    });
     let layer = layer(algo.clone(), 20, 1_000_000);
     let admission = layer.admission();
-    let mut svc = layer.layer(gated);
-    for _ in 0..WARM_UP + 10 {
-        let (tx, rx) = oneshot::channel();
-        let call = svc.ready().await.unwrap().call(http::Request::new(rx));
-        tx.send(()).unwrap();
-        call.await.unwrap();
-    }
+    let mut svc = layer.layer(gated());
+    gated_one_by_one(&mut svc, WARM_UP + 10).await;
     // Two untimed requests in flight...
     let mut untimed = Vec::new();
     for _ in 0..2 {
