@@ -104,7 +104,12 @@ async fn a_flood_of_distinct_keys_stays_within_the_documented_bound() -> Result<
     let bound = MAX_KEYS * (DOCUMENTED_BYTES_PER_KEY + key);
     let grown = full.saturating_sub(base);
     let after = end.saturating_sub(full);
-    let drift = end.saturating_sub(mid);
+    // Growth over the last waves beyond the highest mark before them: the
+    // allocator may give memory back after the table fills and take it
+    // again (a run measured RSS 1.8 MB lower at mid-run than when full,
+    // then back: +4.0 MB from mid, +2.2 MB from full); a leak raises the
+    // mark itself.
+    let drift = end.saturating_sub(mid.max(full));
     println!(
         "flood: {next} distinct keys, table {} of {MAX_KEYS}; RSS +{} KiB for a full table \
          ({} B/key; documented at most ~{} B/key + {key} B key), +{} KiB over 10 more \
