@@ -552,7 +552,7 @@ fn svg(rows: &[(String, Vec<f64>)]) -> String {
 // ---------------------------------------------------------------- overhead
 
 fn overhead() {
-    use support::{Case, case, compare, pending_once, print, ratio, runtimes};
+    use support::{Case, case, compare, pending_once, runtimes};
     println!("\n## Per-request overhead at low load (interleaved, 11 repetitions)\n");
     println!("load average at start (1, 5, 15 min): {}", support::load());
     let req = |_: u64| Request::new(());
@@ -571,15 +571,11 @@ fn overhead() {
             let cases: Vec<Case> = vec![
                 case("bare", inner, req),
                 case(
-                    "tower ConcurrencyLimit(1000)",
+                    TOWER,
                     move || tower::limit::ConcurrencyLimit::new(inner(), 1000),
                     req,
                 ),
-                case(
-                    "atscale OverloadLayer (default: Vegas)",
-                    move || OverloadLayer::new().layer(inner()),
-                    req,
-                ),
+                case(OURS, move || OverloadLayer::new().layer(inner()), req),
                 case(
                     "atscale OverloadLayer, none timed after the warm-up",
                     move || {
@@ -594,14 +590,7 @@ fn overhead() {
                 "{rt_name}, inner {}",
                 if pending { "pending once" } else { "ready" }
             );
-            print(&title, &rows);
-            let (m, lo, hi) = ratio(
-                &rows,
-                "atscale OverloadLayer (default: Vegas)",
-                "tower ConcurrencyLimit(1000)",
-            );
-            println!("\noverhead ratio ours / tower: {m:.2}x ({lo:.2}..{hi:.2})");
-            quartiles(&rows);
+            report(&title, &rows);
         }
     }
     in_flight();
@@ -615,7 +604,7 @@ fn overhead() {
 /// server stack's deadline layer puts there).
 fn in_flight() {
     use atscale::core::{Context as RequestContext, Origin};
-    use support::{Case, case_in_flight, compare, pending_once, print, ratio};
+    use support::{Case, case_in_flight, compare, pending_once};
     const TASKS: u64 = 16;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -640,13 +629,13 @@ fn in_flight() {
         let cases: Vec<Case> = vec![
             case_in_flight("bare", inner, req, TASKS),
             case_in_flight(
-                "tower ConcurrencyLimit(1000)",
+                TOWER,
                 move || tower::limit::ConcurrencyLimit::new(inner(), 1000),
                 req,
                 TASKS,
             ),
             case_in_flight(
-                "atscale OverloadLayer (default: Vegas)",
+                OURS,
                 move || OverloadLayer::new().layer(inner()),
                 req,
                 TASKS,
@@ -661,15 +650,21 @@ fn in_flight() {
                 "no deadline"
             }
         );
-        print(&title, &rows);
-        let (m, lo, hi) = ratio(
-            &rows,
-            "atscale OverloadLayer (default: Vegas)",
-            "tower ConcurrencyLimit(1000)",
-        );
-        println!("\noverhead ratio ours / tower: {m:.2}x ({lo:.2}..{hi:.2})");
-        quartiles(&rows);
+        report(&title, &rows);
     }
+}
+
+/// The overhead bench's anchor and the layer measured against it.
+const TOWER: &str = "tower ConcurrencyLimit(1000)";
+const OURS: &str = "atscale OverloadLayer (default: Vegas)";
+
+/// One comparison's table, the ratio of our overhead to tower's, and the
+/// quartiles.
+fn report(title: &str, rows: &[support::Row]) {
+    support::print(title, rows);
+    let (m, lo, hi) = support::ratio(rows, OURS, TOWER);
+    println!("\noverhead ratio ours / tower: {m:.2}x ({lo:.2}..{hi:.2})");
+    quartiles(rows);
 }
 
 /// Quartiles of each case's per-repetition overhead over bare, and of the

@@ -3,7 +3,11 @@
 //! calls a ready inner service `n` times through the layer, polling each
 //! response future once with a no-op waker; `fast_path <case> <n> tokio`
 //! runs the loop of the overhead bench instead (`ready().await` +
-//! `call(req).await` in a task on a current_thread runtime).
+//! `call(req).await` in a task on a current_thread runtime). In that mode
+//! `FAST_PATH_PENDING=1` makes the inner future wait once (a yield),
+//! `FAST_PATH_TASKS=k` runs k loops at once (k requests in flight), and
+//! `FAST_PATH_DEADLINE=1` gives every request a 30 s deadline context; the
+//! loop without a runtime needs an inner future that is ready at once.
 //!
 //! ```text
 //! cargo build --release -p atscale-overload --example fast_path

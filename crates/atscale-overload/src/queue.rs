@@ -36,6 +36,13 @@ pub(crate) struct Settings {
 /// flight is then still sampled.)
 const SAMPLE_UNDER: usize = 8;
 
+/// Whether `in_flight` (the request at hand included) is at least an eighth
+/// of `limit`: from there up a request's deadline is checked at admission
+/// and one in `sampling / SAMPLE_UNDER` requests is timed.
+fn from_an_eighth(in_flight: usize, limit: usize) -> bool {
+    in_flight * SAMPLE_UNDER >= limit
+}
+
 /// The first requests, all timed: they set the algorithm's minimum latency
 /// and the service-time estimate.
 const WARM_UP: u32 = 1000;
@@ -115,7 +122,7 @@ impl Counters {
     #[inline]
     fn timed(&self, in_flight: usize, limit: usize, sampling: u32) -> bool {
         let mut every = sampling;
-        if in_flight > 1 && in_flight * SAMPLE_UNDER >= limit {
+        if in_flight > 1 && from_an_eighth(in_flight, limit) {
             if in_flight * 2 >= limit {
                 return true;
             }
@@ -368,7 +375,7 @@ impl Shared {
         if self.settings.deadline_aware {
             let high = c.service_high.load(Ordering::Relaxed);
             let others = c.in_flight();
-            let busy = (others + 1) * SAMPLE_UNDER >= c.limit.load(Ordering::Relaxed);
+            let busy = from_an_eighth(others + 1, c.limit.load(Ordering::Relaxed));
             if high != u64::MAX && others > 0 && busy {
                 let d = deadline();
                 if d.is_some_and(|d| self.left_as_last_seen(d) < high) {
@@ -400,22 +407,23 @@ impl Shared {
         Permit::new(self.clone(), start, in_flight, limit, deadline)
     }
 
+    /// `at` (tokio's clock) in nanoseconds since the layer's `origin`.
+    fn since_origin(&self, at: Instant) -> u64 {
+        let nanos = at.saturating_duration_since(self.origin).as_nanos();
+        u64::try_from(nanos).unwrap_or(u64::MAX)
+    }
+
     /// Records `now` (tokio's clock) as the latest time seen.
     fn see(&self, now: Instant) {
-        let at = now.saturating_duration_since(self.origin).as_nanos();
-        let at = u64::try_from(at).unwrap_or(u64::MAX);
+        let at = self.since_origin(now);
         self.counters.seen.fetch_max(at, Ordering::Relaxed);
     }
 
     /// What is left of deadline `d` at the latest time seen: at least what
     /// is left of it now.
     fn left_as_last_seen(&self, d: Deadline) -> u64 {
-        let at = d
-            .instant()
-            .saturating_duration_since(self.origin)
-            .as_nanos();
-        let at = u64::try_from(at).unwrap_or(u64::MAX);
-        at.saturating_sub(self.counters.seen.load(Ordering::Relaxed))
+        let seen = self.counters.seen.load(Ordering::Relaxed);
+        self.since_origin(d.instant()).saturating_sub(seen)
     }
 
     /// A request arrives: admitted now, queued, or refused.
