@@ -1,13 +1,19 @@
 //! End to end: what a server pays for a middleware stack, per request, over
 //! real connections on loopback.
 //!
-//! Four server configurations: **bare**; **atscale**, the recommended server
-//! stack (`atscale::stack::server`: ErrorEnrich → Deadline → Overload →
-//! Heartbeat → RateLimit at a rate never reached; the overload layer on with
-//! its defaults); the same **without overload** (`.without_overload()`);
-//! and **peer**, the stack a user would
-//! assemble from tower-http and tower_governor (SetRequestId → Timeout →
-//! CatchPanic → Governor, global key, a rate never reached). Each serves an
+//! Four server configurations by default: **bare**; **atscale**, the
+//! recommended server stack (`atscale::stack::server`: ErrorEnrich →
+//! Deadline → ResponseDeadline → Overload → Heartbeat → RateLimit at a rate
+//! never reached; the overload layer on with its defaults); the same
+//! **without overload** (`.without_overload()`); and **peer**, the stack a
+//! user would assemble from tower-http and tower_governor (SetRequestId →
+//! Timeout → CatchPanic → Governor, global key, a rate never reached). Opt-in, a
+//! fifth: **floor**, six pass-through layers of the same shape as atscale's
+//! (one response future per layer, three response-body wrappers, the error
+//! made `Infallible` at the outermost) doing nothing else: the price of the
+//! layering itself (see the `floor` module). `E2E_CONFIGS` picks the
+//! configurations (names, comma-separated; bare is always measured;
+//! default `bare,atscale,atscale-no-overload,peer`). Each serves an
 //! axum "hello" route over HTTP/1.1 keep-alive (32 connections) and over
 //! HTTP/2 (one connection), and tonic-health's `Check` over gRPC (one HTTP/2
 //! connection).
@@ -36,13 +42,19 @@
 //! 0.40 with a stack, 0 for either with the generator awake) and that a
 //! server with remote clients does not pay. A window in which the server or
 //! the generator waited for its CPU (another process held it) for more than
-//! `E2E_MAX_DELAY_MS` (default 5) in all is measured again, at most 5 times;
-//! the report counts those windows (`E2E_VERBOSE=1` prints every window).
+//! `E2E_MAX_DELAY_MS` (default 5) in all is measured again, at most 5 times,
+//! and so is a window whose answers have not all come `E2E_DRAIN_SECS`
+//! (default 60) after its last request was sent (its server is killed and
+//! started again, so the requests still out cost the next window nothing);
+//! a window still disturbed after 5 tries is left out of its round. The
+//! report counts those windows (`E2E_VERBOSE=1` prints every window).
 //!
 //! ```text
 //! cargo bench --bench stack                        # http1, h2, grpc
 //! cargo bench --bench stack -- http1 grpc          # some protocols
 //! E2E_SECS=1 E2E_MAX_ROUNDS=10 cargo bench --bench stack
+//! # the floor too (floor / bare, atscale / floor in the report):
+//! E2E_CONFIGS=bare,atscale,atscale-no-overload,peer,floor cargo bench --bench stack
 //! # a profile of one server process under the same load (perf installed):
 //! E2E_PERF_OUT=/tmp/atscale.data cargo bench --bench stack -- profile atscale http1 10
 //! # any perf command instead of `record -g`:
@@ -97,9 +109,22 @@ enum Config {
     Atscale,
     AtscaleNoOverload,
     Peer,
+    /// Six pass-through layers of atscale's shape and nothing else: the
+    /// price of the layering itself (see [`floor`]). Opt-in (`E2E_CONFIGS`).
+    Floor,
 }
 
-const CONFIGS: [Config; 4] = [
+/// Every configuration; `E2E_CONFIGS` picks among them.
+const ALL_CONFIGS: [Config; 5] = [
+    Config::Bare,
+    Config::Atscale,
+    Config::AtscaleNoOverload,
+    Config::Peer,
+    Config::Floor,
+];
+
+/// What a run measures unless `E2E_CONFIGS` says otherwise.
+const DEFAULT_CONFIGS: [Config; 4] = [
     Config::Bare,
     Config::Atscale,
     Config::AtscaleNoOverload,
@@ -113,12 +138,33 @@ impl Config {
             Config::Atscale => "atscale",
             Config::AtscaleNoOverload => "atscale-no-overload",
             Config::Peer => "peer",
+            Config::Floor => "floor",
         }
     }
     fn parse(s: &str) -> Config {
-        *CONFIGS.iter().find(|c| c.name() == s).unwrap_or_else(|| {
-            panic!("unknown configuration {s} (bare, atscale, atscale-no-overload, peer)")
-        })
+        *ALL_CONFIGS
+            .iter()
+            .find(|c| c.name() == s)
+            .unwrap_or_else(|| {
+                panic!(
+                    "unknown configuration {s} (bare, atscale, atscale-no-overload, peer, floor)"
+                )
+            })
+    }
+    /// `E2E_CONFIGS` (comma-separated names; bare, the anchor, is always
+    /// measured and comes first), or the four of [`DEFAULT_CONFIGS`].
+    fn from_env() -> Vec<Config> {
+        let Ok(names) = std::env::var("E2E_CONFIGS") else {
+            return DEFAULT_CONFIGS.to_vec();
+        };
+        let mut configs = vec![Config::Bare];
+        for name in names.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            let config = Config::parse(name);
+            if !configs.contains(&config) {
+                configs.push(config);
+            }
+        }
+        configs
     }
     fn label(self) -> &'static str {
         match self {
@@ -128,6 +174,7 @@ impl Config {
                 "atscale `stack::server` (+ RateLimit) `.without_overload()`"
             }
             Config::Peer => "peer: SetRequestId + Timeout + CatchPanic + Governor",
+            Config::Floor => "floor: 6 pass-through layers of atscale's shape",
         }
     }
 }
@@ -207,6 +254,298 @@ macro_rules! peer_stack {
     }};
 }
 
+/// The floor stack, outermost first, one stand-in per layer of
+/// `atscale_stack!()`: ErrorEnrich ([`floor::Outer`]), Deadline
+/// ([`floor::Pass`]), ResponseDeadline ([`floor::Wrap`]), Overload (`Pass`),
+/// Heartbeat (`Wrap`), RateLimit (`Pass`).
+macro_rules! floor_stack {
+    () => {{
+        ServiceBuilder::new()
+            .layer_fn(floor::Outer::new)
+            .layer_fn(floor::Pass::new)
+            .layer_fn(floor::Wrap::new)
+            .layer_fn(floor::Pass::new)
+            .layer_fn(floor::Wrap::new)
+            .layer_fn(floor::Pass::new)
+    }};
+}
+
+/// Pass-through layers with the shape of atscale's and none of their work:
+/// what any stack of that many tower layers pays to be one (each layer's
+/// response future holds the inner one and is moved as it is returned; each
+/// body wrapper is polled on the way through). No clock, no context, no
+/// extensions, no allocation, no `catch_unwind`; the compiler inlines as it
+/// likes, as it may for the real layers.
+///
+/// - [`Pass`]: a response future (a pin-projected struct around the inner
+///   one), the error made a `BoxError` (as Deadline, Overload, RateLimit).
+/// - [`Wrap`]: the same, and the response body wrapped in a pin-projected
+///   struct that forwards `poll_frame`, `is_end_stream` and `size_hint`,
+///   its error made a `BoxError` (as ResponseDeadline and Heartbeat).
+/// - [`Outer`]: the error type `Infallible` (as ErrorEnrich in server mode):
+///   an error of the inner service, or of its readiness (kept until the
+///   next call, as ErrorEnrich does), is answered as an empty 500, so its
+///   future and its body are two-state enums. Never taken in this bench.
+mod floor {
+    use std::convert::Infallible;
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::task::{Context, Poll, ready};
+
+    use http::{Request, Response, StatusCode};
+    use http_body::{Body, Frame, SizeHint};
+    use pin_project_lite::pin_project;
+    use tower::{BoxError, Service};
+
+    #[derive(Clone)]
+    pub(crate) struct Pass<S> {
+        inner: S,
+    }
+
+    impl<S> Pass<S> {
+        pub(crate) fn new(inner: S) -> Self {
+            Pass { inner }
+        }
+    }
+
+    impl<S, R> Service<R> for Pass<S>
+    where
+        S: Service<R>,
+        S::Error: Into<BoxError>,
+    {
+        type Response = S::Response;
+        type Error = BoxError;
+        type Future = PassFuture<S::Future>;
+
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+            self.inner.poll_ready(cx).map_err(Into::into)
+        }
+
+        fn call(&mut self, req: R) -> Self::Future {
+            PassFuture {
+                inner: self.inner.call(req),
+            }
+        }
+    }
+
+    pin_project! {
+        pub(crate) struct PassFuture<F> {
+            #[pin]
+            inner: F,
+        }
+    }
+
+    impl<F, T, E> Future for PassFuture<F>
+    where
+        F: Future<Output = Result<T, E>>,
+        E: Into<BoxError>,
+    {
+        type Output = Result<T, BoxError>;
+
+        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+            self.project().inner.poll(cx).map_err(Into::into)
+        }
+    }
+
+    #[derive(Clone)]
+    pub(crate) struct Wrap<S> {
+        inner: S,
+    }
+
+    impl<S> Wrap<S> {
+        pub(crate) fn new(inner: S) -> Self {
+            Wrap { inner }
+        }
+    }
+
+    impl<S, ReqB, ResB> Service<Request<ReqB>> for Wrap<S>
+    where
+        S: Service<Request<ReqB>, Response = Response<ResB>>,
+        S::Error: Into<BoxError>,
+    {
+        type Response = Response<WrapBody<ResB>>;
+        type Error = BoxError;
+        type Future = WrapFuture<S::Future>;
+
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+            self.inner.poll_ready(cx).map_err(Into::into)
+        }
+
+        fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+            WrapFuture {
+                inner: self.inner.call(req),
+            }
+        }
+    }
+
+    pin_project! {
+        pub(crate) struct WrapFuture<F> {
+            #[pin]
+            inner: F,
+        }
+    }
+
+    impl<F, B, E> Future for WrapFuture<F>
+    where
+        F: Future<Output = Result<Response<B>, E>>,
+        E: Into<BoxError>,
+    {
+        type Output = Result<Response<WrapBody<B>>, BoxError>;
+
+        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+            let res = ready!(self.project().inner.poll(cx)).map_err(Into::into)?;
+            Poll::Ready(Ok(res.map(|inner| WrapBody { inner })))
+        }
+    }
+
+    pin_project! {
+        pub(crate) struct WrapBody<B> {
+            #[pin]
+            inner: B,
+        }
+    }
+
+    impl<B> Body for WrapBody<B>
+    where
+        B: Body,
+        B::Error: Into<BoxError>,
+    {
+        type Data = B::Data;
+        type Error = BoxError;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<B::Data>, BoxError>>> {
+            self.project().inner.poll_frame(cx).map_err(Into::into)
+        }
+
+        fn is_end_stream(&self) -> bool {
+            self.inner.is_end_stream()
+        }
+
+        fn size_hint(&self) -> SizeHint {
+            self.inner.size_hint()
+        }
+    }
+
+    pub(crate) struct Outer<S> {
+        inner: S,
+        not_ready: Option<BoxError>,
+    }
+
+    impl<S: Clone> Clone for Outer<S> {
+        fn clone(&self) -> Self {
+            Outer::new(self.inner.clone())
+        }
+    }
+
+    impl<S> Outer<S> {
+        pub(crate) fn new(inner: S) -> Self {
+            Outer {
+                inner,
+                not_ready: None,
+            }
+        }
+    }
+
+    impl<S, ReqB, ResB> Service<Request<ReqB>> for Outer<S>
+    where
+        S: Service<Request<ReqB>, Response = Response<ResB>>,
+        S::Error: Into<BoxError>,
+    {
+        type Response = Response<OuterBody<ResB>>;
+        type Error = Infallible;
+        type Future = OuterFuture<S::Future>;
+
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            if self.not_ready.is_some() {
+                return Poll::Ready(Ok(()));
+            }
+            if let Err(e) = ready!(self.inner.poll_ready(cx)) {
+                self.not_ready = Some(e.into());
+            }
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+            if self.not_ready.take().is_some() {
+                return OuterFuture::Failed;
+            }
+            OuterFuture::Running {
+                inner: self.inner.call(req),
+            }
+        }
+    }
+
+    pin_project! {
+        #[project = OuterFutureProj]
+        pub(crate) enum OuterFuture<F> {
+            Running { #[pin] inner: F },
+            Failed,
+        }
+    }
+
+    impl<F, B, E> Future for OuterFuture<F>
+    where
+        F: Future<Output = Result<Response<B>, E>>,
+    {
+        type Output = Result<Response<OuterBody<B>>, Infallible>;
+
+        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+            let res = match self.project() {
+                OuterFutureProj::Running { inner } => ready!(inner.poll(cx)).ok(),
+                OuterFutureProj::Failed => None,
+            };
+            Poll::Ready(Ok(match res {
+                Some(res) => res.map(|body| OuterBody::Inner { body }),
+                None => {
+                    let mut res = Response::new(OuterBody::Empty);
+                    *res.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                    res
+                }
+            }))
+        }
+    }
+
+    pin_project! {
+        #[project = OuterBodyProj]
+        pub(crate) enum OuterBody<B> {
+            Inner { #[pin] body: B },
+            Empty,
+        }
+    }
+
+    impl<B: Body> Body for OuterBody<B> {
+        type Data = B::Data;
+        type Error = B::Error;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+            match self.project() {
+                OuterBodyProj::Inner { body } => body.poll_frame(cx),
+                OuterBodyProj::Empty => Poll::Ready(None),
+            }
+        }
+
+        fn is_end_stream(&self) -> bool {
+            match self {
+                OuterBody::Inner { body } => body.is_end_stream(),
+                OuterBody::Empty => true,
+            }
+        }
+
+        fn size_hint(&self) -> SizeHint {
+            match self {
+                OuterBody::Inner { body } => body.size_hint(),
+                OuterBody::Empty => SizeHint::with_exact(0),
+            }
+        }
+    }
+}
+
 fn pin_to(cpu: usize) {
     if std::env::var("E2E_PIN").as_deref() == Ok("0") {
         return;
@@ -228,7 +567,12 @@ fn process_cpu_ns() -> u64 {
 /// `run_delay` in `/proc/self/task/*/schedstat`): time another process
 /// held the CPU they are pinned to.
 fn process_run_delay_ns() -> u64 {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+    run_delay_ns("/proc/self/task")
+}
+
+/// The same for the threads listed in `tasks` (`/proc/PID/task`).
+fn run_delay_ns(tasks: &str) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(tasks) else {
         return 0;
     };
     tasks
@@ -280,6 +624,7 @@ async fn serve_axum(listener: TcpListener, config: Config, h2: bool) {
         Config::Atscale => hello.layer(atscale_stack!()),
         Config::AtscaleNoOverload => hello.layer(atscale_stack!(without_overload)),
         Config::Peer => hello.layer(peer_stack!()),
+        Config::Floor => hello.layer(floor_stack!()),
     };
     // What `axum::serve` does: the routes (and the layers around them) are
     // built once, not per request.
@@ -335,6 +680,13 @@ async fn serve_grpc(listener: TcpListener, config: Config) {
         Config::Peer => {
             Server::builder()
                 .layer(peer_stack!())
+                .add_service(health)
+                .serve_with_incoming(incoming)
+                .await
+        }
+        Config::Floor => {
+            Server::builder()
+                .layer(floor_stack!())
                 .add_service(health)
                 .serve_with_incoming(incoming)
                 .await
@@ -417,6 +769,20 @@ impl Target {
             addr,
             client,
         }
+    }
+
+    /// A new server process and new connections in place of this one,
+    /// warmed up as at the start (see [`Sample::unanswered`]). The old
+    /// process is killed first: whatever it still had to do (requests it
+    /// read and did not answer, or has not read yet) dies with it, and it
+    /// takes no CPU from the new one.
+    async fn respawn(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let fresh = Target::spawn(self.config, self.proto).await;
+        // The old connections close with it (their tasks end on the reset).
+        drop(std::mem::replace(self, fresh));
+        capacity(self, 0.3).await;
     }
 
     /// The server process's CPU time so far and how long its threads
@@ -619,6 +985,55 @@ struct Sample {
     /// How long the server's and the generator's threads waited for their
     /// CPU during the window (another process held it).
     delayed_ns: u64,
+    /// `Some(n)`: `n` requests were still unanswered [`drain_bound`] after
+    /// the last was sent (seen once while another SCHED_FIFO process held
+    /// the CPUs). The window is not measured (no CPU figure) and counts as
+    /// disturbed: measured again like a window delayed past
+    /// `E2E_MAX_DELAY_MS`, at most as often, then left out of its round.
+    /// The requests still out are not awaited: their tasks are aborted and
+    /// the server process is killed and started again (with new
+    /// connections, warmed up), because a server still working on them, or
+    /// an HTTP/1.1 connection still queued behind one, would charge them
+    /// to the next window.
+    timed_out: Option<u64>,
+}
+
+impl Sample {
+    fn disturbed(&self, max_delay_ns: u64) -> bool {
+        self.timed_out.is_some() || self.delayed_ns > max_delay_ns
+    }
+}
+
+/// How long a window waits for its last answers once every request is
+/// sent: `E2E_DRAIN_SECS` (default 60 s; a tiny value exercises the
+/// unanswered-window path, see [`Sample::timed_out`]).
+fn drain_bound() -> Duration {
+    static BOUND: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *BOUND.get_or_init(|| Duration::from_secs_f64(env_f64("E2E_DRAIN_SECS", 60.0)))
+}
+
+/// Joins `tasks` (a window's requests, or its HTTP/1.1 connections'
+/// workers), handing each result to `each`: `true` when all are joined,
+/// `false` when [`drain_bound`] passed with some still running (those are
+/// aborted). Finished tasks are always joined first, so the bound only
+/// ends a wait for one still running. A task that panicked (a wrong
+/// answer, a broken connection) panics here.
+async fn drain<T: 'static>(tasks: &mut tokio::task::JoinSet<T>, mut each: impl FnMut(T)) -> bool {
+    let bound = tokio::time::sleep(drain_bound());
+    tokio::pin!(bound);
+    loop {
+        tokio::select! {
+            biased;
+            done = tasks.join_next() => match done {
+                Some(done) => each(done.expect("request task")),
+                None => return true,
+            },
+            () = &mut bound => {
+                tasks.abort_all();
+                return false;
+            }
+        }
+    }
 }
 
 /// Sends `rate` requests per second for `secs` on schedule, whatever the
@@ -634,23 +1049,26 @@ async fn open_loop(target: &mut Target, rate: f64, secs: f64) -> Sample {
     let schedule = move |i: u64| start + Duration::from_secs_f64(i as f64 / rate);
     let mut latencies_us = Vec::with_capacity(total as usize);
     let mut refused = 0u64;
+    let answered = Arc::new(AtomicU64::new(0));
     let drained = match &mut target.client {
         Client::H1(conns) => {
             let mut queues = Vec::new();
-            let mut workers = Vec::new();
+            let mut workers = tokio::task::JoinSet::new();
             for mut conn in std::mem::take(conns) {
                 let (tx, mut rx) = mpsc::unbounded_channel::<Instant>();
                 queues.push(tx);
                 let awake = awake.clone();
-                workers.push(tokio::spawn(async move {
+                let answered = answered.clone();
+                workers.spawn(async move {
                     let (mut lat, mut refused) = (Vec::new(), 0u64);
                     while let Some(at) = rx.recv().await {
                         refused += u64::from(!one_h1(&mut conn, proto, addr).await);
+                        answered.fetch_add(1, Ordering::Relaxed);
                         Awake::answered(&awake);
                         lat.push(at.elapsed().as_micros() as u32);
                     }
                     (conn, lat, refused)
-                }));
+                });
             }
             for i in 0..total {
                 let at = schedule(i);
@@ -661,13 +1079,10 @@ async fn open_loop(target: &mut Target, rate: f64, secs: f64) -> Sample {
                 queues[i as usize % queues.len()].send(at).expect("worker");
             }
             drop(queues);
-            tokio::time::timeout(Duration::from_secs(60), async {
-                for worker in workers {
-                    let (conn, lat, no) = worker.await.expect("worker");
-                    conns.push(conn);
-                    latencies_us.extend(lat);
-                    refused += no;
-                }
+            drain(&mut workers, |(conn, lat, no)| {
+                conns.push(conn);
+                latencies_us.extend(lat);
+                refused += no;
             })
             .await
         }
@@ -681,23 +1096,47 @@ async fn open_loop(target: &mut Target, rate: f64, secs: f64) -> Sample {
                 let send = send.clone();
                 Awake::sent(&awake);
                 let awake = awake.clone();
+                let answered = answered.clone();
                 tasks.spawn(async move {
                     let ok = one_h2(send, proto, addr).await;
+                    answered.fetch_add(1, Ordering::Relaxed);
                     Awake::answered(&awake);
                     (at.elapsed().as_micros() as u32, ok)
                 });
             }
-            tokio::time::timeout(Duration::from_secs(60), async {
-                while let Some(done) = tasks.join_next().await {
-                    let (lat, ok) = done.expect("request task");
-                    latencies_us.push(lat);
-                    refused += u64::from(!ok);
-                }
+            drain(&mut tasks, |(lat, ok)| {
+                latencies_us.push(lat);
+                refused += u64::from(!ok);
             })
             .await
         }
     };
-    drained.expect("all responses within 60 s");
+    if !drained {
+        Awake::stop(awake);
+        let unanswered = total - answered.load(Ordering::Relaxed);
+        // The server's wait read from here: it may be the one that cannot run.
+        let server_delay = run_delay_ns(&format!("/proc/{}/task", target.child.id()));
+        let delayed_ns = server_delay.saturating_sub(server_delay_before)
+            + (process_run_delay_ns() - delay_before);
+        eprintln!(
+            "{} {}: {unanswered} of {total} requests unanswered {:.3} s after the last was sent \
+             (server and generator waited {:.1} ms for their CPU): window not measured, \
+             server process started again",
+            target.config.name(),
+            target.proto.name(),
+            drain_bound().as_secs_f64(),
+            delayed_ns as f64 / 1e6
+        );
+        target.respawn().await;
+        return Sample {
+            cpu_per_request_ns: f64::NAN,
+            latencies_us: Vec::new(),
+            achieved_rate: f64::NAN,
+            refused,
+            delayed_ns,
+            timed_out: Some(unanswered),
+        };
+    }
     let elapsed = start.elapsed().as_secs_f64();
     let (cpu, server_delay) = target.cpu_ns();
     let delayed_ns = (server_delay - server_delay_before) + (process_run_delay_ns() - delay_before);
@@ -708,6 +1147,7 @@ async fn open_loop(target: &mut Target, rate: f64, secs: f64) -> Sample {
         achieved_rate: total as f64 / elapsed,
         refused,
         delayed_ns,
+        timed_out: None,
     }
 }
 
@@ -774,10 +1214,13 @@ struct Series {
     rates: Vec<f64>,
     refused: u64,
     /// Windows measured again: the server or the generator waited for its
-    /// CPU for longer than `E2E_MAX_DELAY_MS`.
+    /// CPU for longer than `E2E_MAX_DELAY_MS`, or answers were missing
+    /// after `E2E_DRAIN_SECS`.
     redone: u64,
     /// Windows left out after 5 tries.
     dropped: u64,
+    /// Of the windows redone or left out, those with answers missing.
+    unanswered: u64,
     /// Per kept window: how long they waited, ms.
     delayed_ms: Vec<f64>,
 }
@@ -790,6 +1233,7 @@ fn run(protos: Vec<Proto>) {
     let min_rounds = 5.min(max_rounds);
     let max_delay_ns = (env_f64("E2E_MAX_DELAY_MS", 5.0) * 1e6) as u64;
     let verbose = std::env::var("E2E_VERBOSE").is_ok_and(|v| v != "0");
+    let configs = Config::from_env();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -799,7 +1243,7 @@ fn run(protos: Vec<Proto>) {
         let mut rates = Vec::new();
         for &proto in &protos {
             let mut row = Vec::new();
-            for config in CONFIGS {
+            for &config in &configs {
                 let mut target = Target::spawn(config, proto).await;
                 // warm-up, and a check that every configuration answers
                 capacity(&mut target, 0.3).await;
@@ -820,7 +1264,7 @@ fn run(protos: Vec<Proto>) {
         let mut series: Vec<Vec<Series>> = protos
             .iter()
             .map(|_| {
-                CONFIGS
+                configs
                     .iter()
                     .map(|_| Series {
                         cpu: Vec::new(),
@@ -829,6 +1273,7 @@ fn run(protos: Vec<Proto>) {
                         refused: 0,
                         redone: 0,
                         dropped: 0,
+                        unanswered: 0,
                         delayed_ms: Vec::new(),
                     })
                     .collect()
@@ -840,33 +1285,41 @@ fn run(protos: Vec<Proto>) {
         // Round 0 is the warm-up.
         for round in 0..=max_rounds {
             for (p, row) in targets.iter_mut().enumerate() {
-                for k in 0..CONFIGS.len() {
-                    let c = (k + round) % CONFIGS.len();
+                for k in 0..configs.len() {
+                    let c = (k + round) % configs.len();
                     let mut sample = open_loop(&mut row[c], rates[p].1, secs).await;
                     // A window in which another process kept the server or
                     // the generator off its CPU for longer than
-                    // `E2E_MAX_DELAY_MS` is measured again (at most 5 times;
-                    // then it is left out: the round has no ratio for it).
+                    // `E2E_MAX_DELAY_MS`, or whose answers did not all come
+                    // within `E2E_DRAIN_SECS` (`Sample::timed_out`), is
+                    // measured again (at most 5 times; then it is left out:
+                    // the round has no ratio for it).
                     let mut tries = 1;
-                    while sample.delayed_ns > max_delay_ns && tries < 5 {
+                    while sample.disturbed(max_delay_ns) && tries < 5 {
                         if round > 0 {
                             series[p][c].redone += 1;
+                            series[p][c].unanswered += u64::from(sample.timed_out.is_some());
                         }
                         sample = open_loop(&mut row[c], rates[p].1, secs).await;
                         tries += 1;
                     }
                     if verbose {
                         eprintln!(
-                            "  {} {}: {:.3} µs/request, waited for CPU {:.2} ms",
+                            "  {} {}: {:.3} µs/request, waited for CPU {:.2} ms{}",
                             protos[p].name(),
-                            CONFIGS[c].name(),
+                            configs[c].name(),
                             sample.cpu_per_request_ns / 1000.0,
-                            sample.delayed_ns as f64 / 1e6
+                            sample.delayed_ns as f64 / 1e6,
+                            match sample.timed_out {
+                                Some(n) => format!(", {n} unanswered"),
+                                None => String::new(),
+                            }
                         );
                     }
-                    if round > 0 && sample.delayed_ns > max_delay_ns {
+                    if round > 0 && sample.disturbed(max_delay_ns) {
                         series[p][c].cpu.push(None);
                         series[p][c].dropped += 1;
+                        series[p][c].unanswered += u64::from(sample.timed_out.is_some());
                     } else if round > 0 {
                         let s = &mut series[p][c];
                         s.delayed_ms.push(sample.delayed_ns as f64 / 1e6);
@@ -929,7 +1382,7 @@ fn report(
             let (mean, half) = mean_ci(&paired(&s.cpu, &bare));
             s.latencies.sort_unstable();
             println!(
-                "| {} | {:.2} µs | {} | {:.0} µs | {:.0} µs | {:.0} | {} | {} / {} | {:.2} ms, {:.2} ms |",
+                "| {} | {:.2} µs | {} | {:.0} µs | {:.0} µs | {:.0} | {} | {} / {}{} | {:.2} ms, {:.2} ms |",
                 targets[p][c].config.label(),
                 median(s.cpu.iter().flatten().copied().collect()) / 1000.0,
                 if c == 0 {
@@ -943,13 +1396,33 @@ fn report(
                 s.refused,
                 s.redone,
                 s.dropped,
+                if s.unanswered > 0 {
+                    format!(" ({} unanswered)", s.unanswered)
+                } else {
+                    String::new()
+                },
                 median(s.delayed_ms.clone()),
                 s.delayed_ms.iter().copied().fold(0.0, f64::max),
             );
         }
-        for (c, name) in [(1, "atscale"), (2, "atscale without overload")] {
-            let (mean, half) = mean_ci(&paired(&series[p][c].cpu, &series[p][3].cpu));
-            println!("\n{name} / peer: **{mean:.4}** ± {half:.4}");
+        // The other ratios, per round, of the configurations measured.
+        let at = |config: Config| targets[p].iter().position(|t| t.config == config);
+        println!();
+        for (a, b) in [
+            (Config::Atscale, Config::Peer),
+            (Config::AtscaleNoOverload, Config::Peer),
+            (Config::Atscale, Config::Floor),
+            (Config::AtscaleNoOverload, Config::Floor),
+            (Config::Peer, Config::Floor),
+        ] {
+            if let (Some(a), Some(b)) = (at(a), at(b)) {
+                let (mean, half) = mean_ci(&paired(&series[p][a].cpu, &series[p][b].cpu));
+                println!(
+                    "{} / {}: **{mean:.4}** ± {half:.4}",
+                    targets[p][a].config.name(),
+                    targets[p][b].config.name()
+                );
+            }
         }
         println!();
     }
@@ -1013,7 +1486,7 @@ async fn future_size<S: tower::Service<R>, R>(svc: &mut S, req: R) -> usize {
 /// `sizes`: the size in bytes of the future each layer of the server stack
 /// returns around axum's `Router` and tonic's `Routes`, innermost first
 /// (each layer's future holds its inner one and is moved at least once,
-/// when its `call` returns it), and the peer stack's for comparison.
+/// when its `call` returns it), and the peer and floor stacks' for comparison.
 fn sizes() {
     use atscale::deadline::{BodyDeadlineLayer, DeadlineLayer};
     use atscale::error::ErrorEnrichLayer;
@@ -1052,8 +1525,10 @@ fn sizes() {
             ));
             let mut svc = atscale_stack!(without_overload).layer(inner.clone());
             out.push(("... .without_overload()", future_size(&mut svc, $req).await));
-            let mut svc = peer_stack!().service(inner);
+            let mut svc = peer_stack!().service(inner.clone());
             out.push(("peer stack", future_size(&mut svc, $req).await));
+            let mut svc = floor_stack!().service(inner);
+            out.push(("floor stack", future_size(&mut svc, $req).await));
             out
         }};
     }
@@ -1077,12 +1552,13 @@ fn sizes() {
 
 /// `micro [grpc] [N]`: in one process, axum's `Router` (or, with `grpc`,
 /// tonic-health's `Routes` answering `Check`) bare, under the server stack,
-/// under the stack `.without_overload()`, and under the peer stack, each
+/// under the stack `.without_overload()`, under the peer stack and under
+/// the floor stack (six pass-through layers, [`floor`]), each
 /// request a clone of the service called once (as hyper does), its body
 /// read to its end (trailers included); interleaved, 11 repetitions of
 /// 50 000 requests, ns per request (median, min..max of the difference to
 /// bare in the same repetition). `micro [grpc] N` runs configuration N
-/// alone (0 bare, 1 stack, 2 without overload, 3 peer), for perf or
+/// alone (0 bare, 1 stack, 2 without overload, 3 peer, 4 floor), for perf or
 /// valgrind (`E2E_MICRO_N` thousand requests, default 2 000).
 fn micro(grpc: bool, only: Option<usize>) {
     use tower::Layer;
@@ -1112,7 +1588,8 @@ fn micro(grpc: bool, only: Option<usize>) {
             let bare = inner.clone();
             let stack = atscale_stack!().layer(inner.clone());
             let no_overload = atscale_stack!(without_overload).layer(inner.clone());
-            let peer = peer_stack!().service(inner);
+            let peer = peer_stack!().service(inner.clone());
+            let floor = floor_stack!().service(inner);
             macro_rules! each {
                 ($n:expr) => {{
                     [
@@ -1120,6 +1597,7 @@ fn micro(grpc: bool, only: Option<usize>) {
                         per_request(&stack, make, $n).await,
                         per_request(&no_overload, make, $n).await,
                         per_request(&peer, make, $n).await,
+                        per_request(&floor, make, $n).await,
                     ]
                 }};
             }
@@ -1131,7 +1609,8 @@ fn micro(grpc: bool, only: Option<usize>) {
                         0 => per_request(&bare, make, 1000).await,
                         1 => per_request(&stack, make, 1000).await,
                         2 => per_request(&no_overload, make, 1000).await,
-                        _ => per_request(&peer, make, 1000).await,
+                        3 => per_request(&peer, make, 1000).await,
+                        _ => per_request(&floor, make, 1000).await,
                     };
                 }
                 return Vec::new();
@@ -1173,6 +1652,7 @@ fn micro(grpc: bool, only: Option<usize>) {
         "stack::server",
         "stack::server without overload",
         "peer",
+        "floor",
     ]
     .iter()
     .enumerate()
@@ -1203,7 +1683,7 @@ fn main() {
         Some("micro") => {
             let grpc = args.get(1).is_some_and(|a| a == "grpc");
             let only = args.get(1 + usize::from(grpc));
-            micro(grpc, only.map(|n| n.parse().expect("0..=3")))
+            micro(grpc, only.map(|n| n.parse().expect("0..=4")))
         }
         Some("profile") => profile(
             Config::parse(&args[1]),
