@@ -1476,11 +1476,13 @@ fn profile(config: Config, proto: Proto, secs: f64) {
     });
 }
 
-/// The size of the future `svc` returns for `req` (made once, dropped unpolled).
-async fn future_size<S: tower::Service<R>, R>(svc: &mut S, req: R) -> usize {
+/// The size of `svc` (what hyper and tonic clone and move per request) and
+/// of the future it returns for `req` (made once, dropped unpolled).
+async fn future_size<S: tower::Service<R>, R>(svc: &mut S, req: R) -> (usize, usize) {
+    let service = std::mem::size_of_val(svc);
     let svc = ServiceExt::<R>::ready(svc).await.ok().expect("ready");
     let future = svc.call(req);
-    std::mem::size_of_val(&future)
+    (service, std::mem::size_of_val(&future))
 }
 
 /// `sizes`: the size in bytes of the future each layer of the server stack
@@ -1542,10 +1544,10 @@ fn sizes() {
         let (_, health) = tonic_health::server::health_reporter();
         let routes = tonic::service::Routes::new(health);
         let grpc = layers!(routes, Request::new(tonic::body::Body::empty()));
-        println!("| future | axum `Router` | tonic `Routes` |");
+        println!("| service (future) | axum `Router` | tonic `Routes` |");
         println!("| --- | ---: | ---: |");
-        for ((name, h), (_, g)) in http.iter().zip(&grpc) {
-            println!("| {name} | {h} B | {g} B |");
+        for ((name, (hs, hf)), (_, (gs, gf))) in http.iter().zip(&grpc) {
+            println!("| {name} | {hs} B ({hf} B) | {gs} B ({gf} B) |");
         }
     });
 }

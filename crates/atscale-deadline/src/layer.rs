@@ -1,3 +1,4 @@
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::HeaderName;
@@ -140,6 +141,6 @@ impl<S, L: Layer<S>> Layer<S> for DeadlineLayer<L> {
     type Service = Deadline<L::Service>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Deadline::new(self.inner.layer(inner), self.config.clone())
+        Deadline::new(self.inner.layer(inner), Arc::new(self.config.clone()))
     }
 }

@@ -1,3 +1,4 @@
+use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 
 use atscale_core::{
@@ -26,11 +27,13 @@ use crate::metrics::{self, Stage};
 #[derive(Clone, Debug)]
 pub struct Deadline<S> {
     inner: S,
-    config: Config,
+    // Shared: hyper and tonic clone the service per request, and a clone is
+    // then one reference count, not the settings (and a header name) copied.
+    config: Arc<Config>,
 }
 
 impl<S> Deadline<S> {
-    pub(crate) const fn new(inner: S, config: Config) -> Self {
+    pub(crate) const fn new(inner: S, config: Arc<Config>) -> Self {
         Deadline { inner, config }
     }
 

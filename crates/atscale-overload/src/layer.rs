@@ -23,14 +23,13 @@ use crate::service::Overload;
 #[derive(Clone)]
 pub struct OverloadLayer {
     shared: Arc<Shared>,
-    header: HeaderName,
 }
 
 impl fmt::Debug for OverloadLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("OverloadLayer")
             .field("admission", &self.admission())
-            .field("header", &self.header)
+            .field("header", &self.shared.header)
             .finish()
     }
 }
@@ -66,7 +65,7 @@ impl<S> Layer<S> for OverloadLayer {
     type Service = Overload<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Overload::new(inner, self.shared.clone(), self.header.clone())
+        Overload::new(inner, self.shared.clone())
     }
 }
 
@@ -269,8 +268,8 @@ impl Builder {
                 settings,
                 self.codel,
                 self.clock,
+                self.header,
             )),
-            header: self.header,
         })
     }
 }

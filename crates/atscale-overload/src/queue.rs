@@ -8,6 +8,7 @@ use std::task::{Context as TaskContext, Poll, Waker};
 use std::time::Duration;
 
 use atscale_core::{Clock, Deadline, Overloaded};
+use http::HeaderName;
 use tokio::time::Instant;
 
 use crate::codel::{Codel, Head};
@@ -56,6 +57,9 @@ pub(crate) struct Shared {
     counters: Counters,
     /// The epoch of `Counters::seen`, on tokio's clock (a deadline's).
     origin: Instant,
+    /// The header holding a request's criticality. Here rather than in each
+    /// service: tonic and hyper clone the service per request.
+    pub(crate) header: HeaderName,
 }
 
 /// What the admission fast path reads without the lock. `in_flight` is the
@@ -284,6 +288,7 @@ impl Shared {
         settings: Settings,
         codel: crate::CoDel,
         clock: Clock,
+        header: HeaderName,
     ) -> Self {
         let initial = settings.initial;
         metrics::limit(initial);
@@ -312,6 +317,7 @@ impl Shared {
                 seen: AtomicU64::new(0),
             },
             origin: Instant::now(),
+            header,
         }
     }
 

@@ -2,7 +2,6 @@ use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 
 use atscale_core::{BoxError, Carrier, Context, Deadline};
-use http::HeaderName;
 use tower_service::Service;
 
 use crate::criticality::Prioritized;
@@ -27,16 +26,11 @@ use crate::queue::{Arrival, Shared};
 pub struct Overload<S> {
     inner: S,
     shared: Arc<Shared>,
-    header: HeaderName,
 }
 
 impl<S> Overload<S> {
-    pub(crate) const fn new(inner: S, shared: Arc<Shared>, header: HeaderName) -> Self {
-        Overload {
-            inner,
-            shared,
-            header,
-        }
+    pub(crate) const fn new(inner: S, shared: Arc<Shared>) -> Self {
+        Overload { inner, shared }
     }
 
     /// The shared state: the current limit, in flight, queue depth.
@@ -94,7 +88,7 @@ impl<S> Overload<S> {
     #[cold]
     #[inline(never)]
     fn arrive<Req: Carrier + Prioritized>(&self, req: &Req) -> Arrival {
-        let criticality = req.criticality(&self.header);
+        let criticality = req.criticality(&self.shared.header);
         self.shared.arrive(criticality, deadline_of(req))
     }
 
