@@ -11,7 +11,10 @@
 //! fifth: **floor**, six pass-through layers of the same shape as atscale's
 //! (one response future per layer, three response-body wrappers, the error
 //! made `Infallible` at the outermost) doing nothing else: the price of the
-//! layering itself (see the `floor` module). `E2E_CONFIGS` picks the
+//! layering itself (see the `floor` module). Opt-in too, atscale's stack
+//! one layer at a time in its order, to price each layer's step:
+//! `upto-enrich`, `upto-deadline`, `upto-bodies`, `upto-overload`,
+//! `upto-heartbeat` (+ RateLimit is `atscale`). `E2E_CONFIGS` picks the
 //! configurations (names, comma-separated; bare is always measured;
 //! default `bare,atscale,atscale-no-overload,peer`). Each serves an
 //! axum "hello" route over HTTP/1.1 keep-alive (32 connections) and over
@@ -112,15 +115,41 @@ enum Config {
     /// Six pass-through layers of atscale's shape and nothing else: the
     /// price of the layering itself (see [`floor`]). Opt-in (`E2E_CONFIGS`).
     Floor,
+    /// atscale's stack built up one layer at a time, in its order (opt-in):
+    /// ErrorEnrich alone, then with Deadline, the response-body deadline,
+    /// Overload and Heartbeat added in turn; with RateLimit too it is
+    /// `atscale`. The report gives each layer's step as the ratio of one to
+    /// the one before, per round.
+    UptoEnrich,
+    UptoDeadline,
+    UptoBodies,
+    UptoOverload,
+    UptoHeartbeat,
 }
 
 /// Every configuration; `E2E_CONFIGS` picks among them.
-const ALL_CONFIGS: [Config; 5] = [
+const ALL_CONFIGS: [Config; 10] = [
     Config::Bare,
     Config::Atscale,
     Config::AtscaleNoOverload,
     Config::Peer,
     Config::Floor,
+    Config::UptoEnrich,
+    Config::UptoDeadline,
+    Config::UptoBodies,
+    Config::UptoOverload,
+    Config::UptoHeartbeat,
+];
+
+/// The steps of atscale's stack, one layer more each, ending with the stack
+/// itself: the pairs the report divides to price each layer.
+const STEPS: [(Config, Config); 6] = [
+    (Config::UptoEnrich, Config::Bare),
+    (Config::UptoDeadline, Config::UptoEnrich),
+    (Config::UptoBodies, Config::UptoDeadline),
+    (Config::UptoOverload, Config::UptoBodies),
+    (Config::UptoHeartbeat, Config::UptoOverload),
+    (Config::Atscale, Config::UptoHeartbeat),
 ];
 
 /// What a run measures unless `E2E_CONFIGS` says otherwise.
@@ -139,6 +168,11 @@ impl Config {
             Config::AtscaleNoOverload => "atscale-no-overload",
             Config::Peer => "peer",
             Config::Floor => "floor",
+            Config::UptoEnrich => "upto-enrich",
+            Config::UptoDeadline => "upto-deadline",
+            Config::UptoBodies => "upto-bodies",
+            Config::UptoOverload => "upto-overload",
+            Config::UptoHeartbeat => "upto-heartbeat",
         }
     }
     fn parse(s: &str) -> Config {
@@ -147,7 +181,7 @@ impl Config {
             .find(|c| c.name() == s)
             .unwrap_or_else(|| {
                 panic!(
-                    "unknown configuration {s} (bare, atscale, atscale-no-overload, peer, floor)"
+                    "unknown configuration {s} (bare, atscale, atscale-no-overload, peer, floor, upto-enrich, upto-deadline, upto-bodies, upto-overload, upto-heartbeat)"
                 )
             })
     }
@@ -175,6 +209,11 @@ impl Config {
             }
             Config::Peer => "peer: SetRequestId + Timeout + CatchPanic + Governor",
             Config::Floor => "floor: 6 pass-through layers of atscale's shape",
+            Config::UptoEnrich => "atscale's ErrorEnrich alone",
+            Config::UptoDeadline => "... + Deadline",
+            Config::UptoBodies => "... + response-body deadline",
+            Config::UptoOverload => "... + Overload",
+            Config::UptoHeartbeat => "... + Heartbeat (atscale but its RateLimit)",
         }
     }
 }
@@ -258,6 +297,21 @@ macro_rules! peer_stack {
 /// `atscale_stack!()`: ErrorEnrich ([`floor::Outer`]), Deadline
 /// ([`floor::Pass`]), ResponseDeadline ([`floor::Wrap`]), Overload (`Pass`),
 /// Heartbeat (`Wrap`), RateLimit (`Pass`).
+/// atscale's server stack up to (and with) one of its layers, built from
+/// the layers as `stack::server` builds them (its order, its settings).
+macro_rules! upto_stack {
+    (enrich) => {{ ServiceBuilder::new().layer(atscale::error::ErrorEnrichLayer::new("e2e")) }};
+    (deadline) => {{
+        upto_stack!(enrich).layer(
+            atscale::deadline::DeadlineLayer::server(BUDGET)
+                .with_header(atscale::stack::DEADLINE_HEADER),
+        )
+    }};
+    (bodies) => {{ upto_stack!(deadline).layer(atscale::deadline::BodyDeadlineLayer::grpc().responses_only()) }};
+    (overload) => {{ upto_stack!(bodies).layer(atscale::overload::OverloadLayer::new()) }};
+    (heartbeat) => {{ upto_stack!(overload).layer(atscale::heartbeat::Monitor::new().layer()) }};
+}
+
 macro_rules! floor_stack {
     () => {{
         ServiceBuilder::new()
@@ -625,6 +679,11 @@ async fn serve_axum(listener: TcpListener, config: Config, h2: bool) {
         Config::AtscaleNoOverload => hello.layer(atscale_stack!(without_overload)),
         Config::Peer => hello.layer(peer_stack!()),
         Config::Floor => hello.layer(floor_stack!()),
+        Config::UptoEnrich => hello.layer(upto_stack!(enrich)),
+        Config::UptoDeadline => hello.layer(upto_stack!(deadline)),
+        Config::UptoBodies => hello.layer(upto_stack!(bodies)),
+        Config::UptoOverload => hello.layer(upto_stack!(overload)),
+        Config::UptoHeartbeat => hello.layer(upto_stack!(heartbeat)),
     };
     // What `axum::serve` does: the routes (and the layers around them) are
     // built once, not per request.
@@ -656,6 +715,15 @@ async fn serve_grpc(listener: TcpListener, config: Config) {
         .set_service_status("", ServingStatus::Serving)
         .await;
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    macro_rules! grpc_with {
+        ($layer:expr) => {
+            Server::builder()
+                .layer($layer)
+                .add_service(health)
+                .serve_with_incoming(incoming)
+                .await
+        };
+    }
     match config {
         Config::Bare => {
             Server::builder()
@@ -663,34 +731,15 @@ async fn serve_grpc(listener: TcpListener, config: Config) {
                 .serve_with_incoming(incoming)
                 .await
         }
-        Config::Atscale => {
-            Server::builder()
-                .layer(atscale_stack!())
-                .add_service(health)
-                .serve_with_incoming(incoming)
-                .await
-        }
-        Config::AtscaleNoOverload => {
-            Server::builder()
-                .layer(atscale_stack!(without_overload))
-                .add_service(health)
-                .serve_with_incoming(incoming)
-                .await
-        }
-        Config::Peer => {
-            Server::builder()
-                .layer(peer_stack!())
-                .add_service(health)
-                .serve_with_incoming(incoming)
-                .await
-        }
-        Config::Floor => {
-            Server::builder()
-                .layer(floor_stack!())
-                .add_service(health)
-                .serve_with_incoming(incoming)
-                .await
-        }
+        Config::Atscale => grpc_with!(atscale_stack!()),
+        Config::AtscaleNoOverload => grpc_with!(atscale_stack!(without_overload)),
+        Config::Peer => grpc_with!(peer_stack!()),
+        Config::Floor => grpc_with!(floor_stack!()),
+        Config::UptoEnrich => grpc_with!(upto_stack!(enrich)),
+        Config::UptoDeadline => grpc_with!(upto_stack!(deadline)),
+        Config::UptoBodies => grpc_with!(upto_stack!(bodies)),
+        Config::UptoOverload => grpc_with!(upto_stack!(overload)),
+        Config::UptoHeartbeat => grpc_with!(upto_stack!(heartbeat)),
     }
     .expect("grpc server");
 }
@@ -1414,7 +1463,10 @@ fn report(
             (Config::Atscale, Config::Floor),
             (Config::AtscaleNoOverload, Config::Floor),
             (Config::Peer, Config::Floor),
-        ] {
+        ]
+        .into_iter()
+        .chain(STEPS)
+        {
             if let (Some(a), Some(b)) = (at(a), at(b)) {
                 let (mean, half) = mean_ci(&paired(&series[p][a].cpu, &series[p][b].cpu));
                 println!(
