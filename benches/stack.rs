@@ -125,10 +125,18 @@ enum Config {
     UptoBodies,
     UptoOverload,
     UptoHeartbeat,
+    /// A configuration served by another build of this bench (opt-in):
+    /// `E2E_OTHER` names its executable, `E2E_OTHER_CONFIG` the
+    /// configuration it serves (default `atscale`). Two builds of a layer
+    /// compared in the same run, interleaved, as the configurations are:
+    /// separate runs of the same code differ by more than a change of 1–3%
+    /// (atscale / peer on gRPC 1.028 ± 0.021 and 1.070 ± 0.021, 18 minutes
+    /// apart).
+    Other,
 }
 
 /// Every configuration; `E2E_CONFIGS` picks among them.
-const ALL_CONFIGS: [Config; 10] = [
+const ALL_CONFIGS: [Config; 11] = [
     Config::Bare,
     Config::Atscale,
     Config::AtscaleNoOverload,
@@ -139,6 +147,7 @@ const ALL_CONFIGS: [Config; 10] = [
     Config::UptoBodies,
     Config::UptoOverload,
     Config::UptoHeartbeat,
+    Config::Other,
 ];
 
 /// The steps of atscale's stack, one layer more each, ending with the stack
@@ -173,6 +182,7 @@ impl Config {
             Config::UptoBodies => "upto-bodies",
             Config::UptoOverload => "upto-overload",
             Config::UptoHeartbeat => "upto-heartbeat",
+            Config::Other => "other",
         }
     }
     fn parse(s: &str) -> Config {
@@ -181,9 +191,17 @@ impl Config {
             .find(|c| c.name() == s)
             .unwrap_or_else(|| {
                 panic!(
-                    "unknown configuration {s} (bare, atscale, atscale-no-overload, peer, floor, upto-enrich, upto-deadline, upto-bodies, upto-overload, upto-heartbeat)"
+                    "unknown configuration {s} (bare, atscale, atscale-no-overload, peer, floor, upto-enrich, upto-deadline, upto-bodies, upto-overload, upto-heartbeat, other)"
                 )
             })
+    }
+    /// What [`Config::Other`] serves: `E2E_OTHER_CONFIG`, default atscale.
+    fn other_serves() -> Config {
+        let name = std::env::var("E2E_OTHER_CONFIG").unwrap_or_else(|_| "atscale".into());
+        match Config::parse(&name) {
+            Config::Other => panic!("E2E_OTHER_CONFIG cannot be `other`"),
+            served => served,
+        }
     }
     /// `E2E_CONFIGS` (comma-separated names; bare, the anchor, is always
     /// measured and comes first), or the four of [`DEFAULT_CONFIGS`].
@@ -214,6 +232,7 @@ impl Config {
             Config::UptoBodies => "... + response-body deadline",
             Config::UptoOverload => "... + Overload",
             Config::UptoHeartbeat => "... + Heartbeat (atscale but its RateLimit)",
+            Config::Other => "other: `E2E_OTHER_CONFIG` served by the `E2E_OTHER` build",
         }
     }
 }
@@ -684,6 +703,7 @@ async fn serve_axum(listener: TcpListener, config: Config, h2: bool) {
         Config::UptoBodies => hello.layer(upto_stack!(bodies)),
         Config::UptoOverload => hello.layer(upto_stack!(overload)),
         Config::UptoHeartbeat => hello.layer(upto_stack!(heartbeat)),
+        Config::Other => unreachable!("spawned as the configuration it serves"),
     };
     // What `axum::serve` does: the routes (and the layers around them) are
     // built once, not per request.
@@ -740,6 +760,7 @@ async fn serve_grpc(listener: TcpListener, config: Config) {
         Config::UptoBodies => grpc_with!(upto_stack!(bodies)),
         Config::UptoOverload => grpc_with!(upto_stack!(overload)),
         Config::UptoHeartbeat => grpc_with!(upto_stack!(heartbeat)),
+        Config::Other => unreachable!("spawned as the configuration it serves"),
     }
     .expect("grpc server");
 }
@@ -769,9 +790,17 @@ type H2Sender = hyper::client::conn::http2::SendRequest<Full<Bytes>>;
 
 impl Target {
     async fn spawn(config: Config, proto: Proto) -> Target {
-        let exe = std::env::current_exe().expect("current_exe");
+        let (exe, served) = match config {
+            Config::Other => (
+                std::env::var_os("E2E_OTHER")
+                    .expect("E2E_OTHER: the other build's executable")
+                    .into(),
+                Config::other_serves().name(),
+            ),
+            _ => (std::env::current_exe().expect("current_exe"), config.name()),
+        };
         let mut child = Command::new(exe)
-            .args(["serve", config.name(), proto.name()])
+            .args(["serve", served, proto.name()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -1466,6 +1495,7 @@ fn report(
         ]
         .into_iter()
         .chain(STEPS)
+        .chain([(Config::Other, Config::other_serves())])
         {
             if let (Some(a), Some(b)) = (at(a), at(b)) {
                 let (mean, half) = mean_ci(&paired(&series[p][a].cpu, &series[p][b].cpu));
