@@ -980,14 +980,27 @@ async fn capacity(target: &mut Target, secs: f64) -> f64 {
             }
         }
     }
+    // Bounded: a server that stops answering here (the capacity run, or the
+    // warm-up of a respawned server) would otherwise hang the whole bench.
+    // Nothing is measured yet, so it is a failure, not a window to redo.
+    let bound = Duration::from_secs_f64(secs) + drain_bound().max(Duration::from_secs(10));
     let mut done = 0;
-    while let Some(worker) = workers.join_next().await {
-        let (n, conn) = worker.expect("worker");
-        done += n;
-        if let (Some(conn), Client::H1(conns)) = (conn, &mut target.client) {
-            conns.push(conn);
+    let joined = tokio::time::timeout(bound, async {
+        while let Some(worker) = workers.join_next().await {
+            let (n, conn) = worker.expect("worker");
+            done += n;
+            if let (Some(conn), Client::H1(conns)) = (conn, &mut target.client) {
+                conns.push(conn);
+            }
         }
-    }
+    })
+    .await;
+    assert!(
+        joined.is_ok(),
+        "the {} server ({}) left requests of its capacity run unanswered for {bound:?}",
+        target.config.name(),
+        proto.name()
+    );
     done as f64 / start.elapsed().as_secs_f64()
 }
 
