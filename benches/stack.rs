@@ -1321,7 +1321,12 @@ fn run(protos: Vec<Proto>) {
     let secs = env_f64("E2E_SECS", 2.0);
     let ci_goal = env_f64("E2E_CI", 2.0) / 100.0;
     let max_rounds = env_f64("E2E_MAX_ROUNDS", 40.0) as usize;
-    let min_rounds = 5.min(max_rounds);
+    // Enough rounds that several server processes (see `respawn_every`)
+    // are in every ratio before its interval may stop the run.
+    let min_rounds = 10.min(max_rounds);
+    // `E2E_RESPAWN_EVERY` rounds (default 1; 0: never) every server process
+    // is started again, between rounds.
+    let respawn_every = env_f64("E2E_RESPAWN_EVERY", 1.0) as usize;
     let max_delay_ns = (env_f64("E2E_MAX_DELAY_MS", 5.0) * 1e6) as u64;
     let verbose = std::env::var("E2E_VERBOSE").is_ok_and(|v| v != "0");
     let configs = Config::from_env();
@@ -1375,6 +1380,19 @@ fn run(protos: Vec<Proto>) {
         let mut rounds = 0;
         // Round 0 is the warm-up.
         for round in 0..=max_rounds {
+            // Every server process is started anew every `respawn_every`
+            // rounds: a process keeps its own memory layout (ASLR, the
+            // allocator's pages) for all its windows, and that layout alone
+            // moved a configuration's CPU per request by 1-4% from one run
+            // to the next. Fresh processes put that spread into the rounds,
+            // where the confidence interval sees it.
+            if round > 1 && respawn_every > 0 && (round - 1) % respawn_every == 0 {
+                for row in targets.iter_mut() {
+                    for target in row.iter_mut() {
+                        target.respawn().await;
+                    }
+                }
+            }
             for (p, row) in targets.iter_mut().enumerate() {
                 for k in 0..configs.len() {
                     let c = (k + round) % configs.len();
