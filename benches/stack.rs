@@ -11,7 +11,11 @@
 //! fifth: **floor**, six pass-through layers of the same shape as atscale's
 //! (one response future per layer, three response-body wrappers, the error
 //! made `Infallible` at the outermost) doing nothing else: the price of the
-//! layering itself (see the `floor` module). Opt-in too, atscale's stack
+//! layering itself (see the `floor` module). Opt-in too, **essentials**:
+//! what atscale's stack does per request, each thing done once, in one
+//! layer with one response future and one body wrapper (see the
+//! `essentials` module): a lower bound on what a stack with its features
+//! costs. And atscale's stack
 //! one layer at a time in its order, to price each layer's step:
 //! `upto-enrich`, `upto-deadline`, `upto-bodies`, `upto-overload`,
 //! `upto-heartbeat` (+ RateLimit is `atscale`). `E2E_CONFIGS` picks the
@@ -115,6 +119,10 @@ enum Config {
     /// Six pass-through layers of atscale's shape and nothing else: the
     /// price of the layering itself (see [`floor`]). Opt-in (`E2E_CONFIGS`).
     Floor,
+    /// atscale's stack reduced to its essentials, each done once, in one
+    /// layer (see [`essentials`]): a lower bound on what a stack with its
+    /// features costs. Opt-in.
+    Essentials,
     /// atscale's stack built up one layer at a time, in its order (opt-in):
     /// ErrorEnrich alone, then with Deadline, the response-body deadline,
     /// Overload and Heartbeat added in turn; with RateLimit too it is
@@ -136,12 +144,13 @@ enum Config {
 }
 
 /// Every configuration; `E2E_CONFIGS` picks among them.
-const ALL_CONFIGS: [Config; 11] = [
+const ALL_CONFIGS: [Config; 12] = [
     Config::Bare,
     Config::Atscale,
     Config::AtscaleNoOverload,
     Config::Peer,
     Config::Floor,
+    Config::Essentials,
     Config::UptoEnrich,
     Config::UptoDeadline,
     Config::UptoBodies,
@@ -177,6 +186,7 @@ impl Config {
             Config::AtscaleNoOverload => "atscale-no-overload",
             Config::Peer => "peer",
             Config::Floor => "floor",
+            Config::Essentials => "essentials",
             Config::UptoEnrich => "upto-enrich",
             Config::UptoDeadline => "upto-deadline",
             Config::UptoBodies => "upto-bodies",
@@ -191,7 +201,7 @@ impl Config {
             .find(|c| c.name() == s)
             .unwrap_or_else(|| {
                 panic!(
-                    "unknown configuration {s} (bare, atscale, atscale-no-overload, peer, floor, upto-enrich, upto-deadline, upto-bodies, upto-overload, upto-heartbeat, other)"
+                    "unknown configuration {s} (bare, atscale, atscale-no-overload, peer, floor, essentials, upto-enrich, upto-deadline, upto-bodies, upto-overload, upto-heartbeat, other)"
                 )
             })
     }
@@ -227,6 +237,7 @@ impl Config {
             }
             Config::Peer => "peer: SetRequestId + Timeout + CatchPanic + Governor",
             Config::Floor => "floor: 6 pass-through layers of atscale's shape",
+            Config::Essentials => "essentials: atscale's work done once, in one layer",
             Config::UptoEnrich => "atscale's ErrorEnrich alone",
             Config::UptoDeadline => "... + Deadline",
             Config::UptoBodies => "... + response-body deadline",
@@ -619,6 +630,445 @@ mod floor {
     }
 }
 
+/// atscale's server stack reduced to its essentials, each done once, in one
+/// tower layer with one response future and one body wrapper: a lower
+/// bound on what a stack with these features can cost (opt-in,
+/// `essentials`). Per request, what `stack::server` does and cannot do
+/// without:
+///
+/// - **ErrorEnrich**: `catch_unwind` around the inner `call` and every poll;
+///   the request's method, path and gRPC-ness kept for the answer; an error
+///   or a panic answered (500 / gRPC `INTERNAL`, `UNKNOWN` here), never
+///   failed.
+/// - **Deadline**: one clock reading; `grpc-timeout` and `x-deadline-ms`
+///   looked up (and parsed when present, a malformed one answered 400 /
+///   `INVALID_ARGUMENT`), the earliest with the budget; a [`Context`] with
+///   that deadline in the request's extensions and current (task-local)
+///   while the inner service is called and polled; a timer armed only when
+///   the inner future is pending (answered 504 / `DEADLINE_EXCEEDED` when it
+///   fires).
+/// - **Response-body deadline** (gRPC): the body cut with
+///   `DEADLINE_EXCEEDED` trailers and the context cancelled if the deadline
+///   passes while it is pending (its timer armed only then).
+/// - **Overload**: a count of requests in service against a fixed limit
+///   (503 / `UNAVAILABLE` past it), given back at the response head.
+/// - **Heartbeat**: started and finished counts (finished when the body is
+///   dropped, its end or not).
+/// - **RateLimit**: GCRA on one atomic (at a rate never reached), from the
+///   same clock reading.
+///
+/// Left out, so that this is a lower bound: the adaptive limit and its
+/// queue, the monitor's per-request slot (which request is idle), pulses,
+/// metrics, spans, logs, error ids and problem+json bodies.
+mod essentials {
+    use std::convert::Infallible;
+    use std::future::Future;
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+    use std::pin::Pin;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::task::{Context as TaskContext, Poll};
+    use std::time::Duration;
+
+    use atscale::core::{Carrier, Context, Deadline, Origin, Scoped};
+    use bytes::Bytes;
+    use http::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+    use http::uri::PathAndQuery;
+    use http::{Method, Request, Response, StatusCode};
+    use http_body::{Body, Frame, SizeHint};
+    use pin_project_lite::pin_project;
+    use tokio::time::{Instant, Sleep};
+    use tower::{BoxError, Service};
+
+    /// Requests in service at once past which one is refused.
+    const LIMIT: u64 = 1_000;
+    /// The rate limit's emission interval and burst, in nanoseconds: 10⁹/s.
+    const EMISSION_NS: u64 = 1;
+    const BURST_NS: u64 = 1 << 30;
+    const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+    const DEADLINE_MS: HeaderName = HeaderName::from_static("x-deadline-ms");
+    const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+
+    /// What the requests share: the overload count, the monitor's counts,
+    /// the rate limit's state.
+    struct Shared {
+        in_service: AtomicU64,
+        started: AtomicU64,
+        finished: AtomicU64,
+        /// GCRA's theoretical arrival time, nanoseconds since `epoch`.
+        tat: AtomicU64,
+        epoch: Instant,
+    }
+
+    impl Shared {
+        fn admit_rate(&self, now: Instant) -> bool {
+            let now = u64::try_from(now.duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX);
+            let mut tat = self.tat.load(Ordering::Relaxed);
+            loop {
+                let next = tat.max(now) + EMISSION_NS;
+                if next - now > BURST_NS {
+                    return false;
+                }
+                match self.tat.compare_exchange_weak(
+                    tat,
+                    next,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                ) {
+                    Ok(_) => return true,
+                    Err(seen) => tat = seen,
+                }
+            }
+        }
+    }
+
+    /// The one layer; `layer()` makes it for a server.
+    #[derive(Clone)]
+    pub(crate) struct Essentials<S> {
+        inner: S,
+        shared: Arc<Shared>,
+        budget: Duration,
+        /// The inner service failed to get ready: the next call answers 500.
+        not_ready: bool,
+    }
+
+    /// A layer of [`Essentials`] sharing one state, with `budget` per request.
+    pub(crate) fn layer<S>(
+        budget: Duration,
+    ) -> impl tower::Layer<S, Service = Essentials<S>> + Clone {
+        let shared = Arc::new(Shared {
+            in_service: AtomicU64::new(0),
+            started: AtomicU64::new(0),
+            finished: AtomicU64::new(0),
+            tat: AtomicU64::new(0),
+            epoch: Instant::now(),
+        });
+        tower::layer::layer_fn(move |inner| Essentials {
+            inner,
+            shared: shared.clone(),
+            budget,
+            not_ready: false,
+        })
+    }
+
+    /// What an answer of this layer's own says about the request.
+    struct Meta {
+        method: Method,
+        path: Option<PathAndQuery>,
+        grpc: bool,
+    }
+
+    fn is_grpc(headers: &HeaderMap) -> bool {
+        headers
+            .get(CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+    }
+
+    /// The budget the caller gives on the wire, `Err` when malformed.
+    fn wire_budget(headers: &HeaderMap) -> Result<Option<Duration>, ()> {
+        let mut budget = None::<Duration>;
+        if let Some(v) = headers.get(GRPC_TIMEOUT) {
+            let v = v.as_bytes();
+            let (digits, unit) = v.split_at(v.len().saturating_sub(1));
+            if digits.is_empty() || digits.len() > 8 {
+                return Err(());
+            }
+            let n: u64 = std::str::from_utf8(digits)
+                .map_err(drop)?
+                .parse()
+                .map_err(drop)?;
+            let d = match unit {
+                b"H" => Duration::from_secs(n * 3600),
+                b"M" => Duration::from_secs(n * 60),
+                b"S" => Duration::from_secs(n),
+                b"m" => Duration::from_millis(n),
+                b"u" => Duration::from_micros(n),
+                b"n" => Duration::from_nanos(n),
+                _ => return Err(()),
+            };
+            budget = Some(d);
+        }
+        if let Some(v) = headers.get(DEADLINE_MS) {
+            let n: u64 = v.to_str().map_err(drop)?.parse().map_err(drop)?;
+            let d = Duration::from_millis(n);
+            budget = Some(budget.map_or(d, |b| b.min(d)));
+        }
+        Ok(budget)
+    }
+
+    /// This layer's own answer: `status` for HTTP, `grpc` as a trailers-only
+    /// gRPC response.
+    fn answer<B>(meta: &Meta, status: StatusCode, grpc: u8) -> Response<EssentialsBody<B>> {
+        let mut res = Response::new(EssentialsBody::Empty);
+        if meta.grpc {
+            res.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+            res.headers_mut()
+                .insert(GRPC_STATUS, HeaderValue::from(u16::from(grpc)));
+        } else {
+            *res.status_mut() = status;
+        }
+        // What an error answer would name (and log): here, only kept.
+        std::hint::black_box((&meta.method, &meta.path));
+        res
+    }
+
+    impl<S, ReqB, ResB> Service<Request<ReqB>> for Essentials<S>
+    where
+        S: Service<Request<ReqB>, Response = Response<ResB>>,
+        S::Error: Into<BoxError>,
+    {
+        type Response = Response<EssentialsBody<ResB>>;
+        type Error = Infallible;
+        type Future = EssentialsFuture<S::Future>;
+
+        fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), Infallible>> {
+            // As ErrorEnrich: a readiness error is answered by the next call.
+            if let Poll::Ready(Err(_)) = self.inner.poll_ready(cx) {
+                self.not_ready = true;
+            }
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, mut req: Request<ReqB>) -> Self::Future {
+            let now = Instant::now();
+            let meta = Meta {
+                method: req.method().clone(),
+                path: req.uri().path_and_query().cloned(),
+                grpc: is_grpc(req.headers()),
+            };
+            let shared = self.shared.clone();
+            if std::mem::take(&mut self.not_ready) {
+                return EssentialsFuture::answered(
+                    meta,
+                    shared,
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    13,
+                );
+            }
+            let budget = match wire_budget(req.headers()) {
+                Ok(wire) => wire.map_or(self.budget, |w| w.min(self.budget)),
+                Err(()) => {
+                    return EssentialsFuture::answered(meta, shared, StatusCode::BAD_REQUEST, 3);
+                }
+            };
+            let deadline = Deadline::after(now, budget, Origin::Local);
+            if shared.in_service.fetch_add(1, Ordering::Relaxed) >= LIMIT {
+                shared.in_service.fetch_sub(1, Ordering::Relaxed);
+                return EssentialsFuture::answered(
+                    meta,
+                    shared,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    14,
+                );
+            }
+            if !shared.admit_rate(now) {
+                shared.in_service.fetch_sub(1, Ordering::Relaxed);
+                return EssentialsFuture::answered(meta, shared, StatusCode::TOO_MANY_REQUESTS, 8);
+            }
+            shared.started.fetch_add(1, Ordering::Relaxed);
+            let cx = deadline.map_or_else(Context::new, Context::until);
+            req.set_context(cx.clone());
+            let inner = &mut self.inner;
+            match catch_unwind(AssertUnwindSafe(|| cx.scope_with(|| inner.call(req)))) {
+                Ok(future) => EssentialsFuture {
+                    state: State::Running { future },
+                    meta,
+                    shared,
+                    deadline,
+                    timer: None,
+                },
+                Err(_panic) => {
+                    shared.in_service.fetch_sub(1, Ordering::Relaxed);
+                    shared.finished.fetch_add(1, Ordering::Relaxed);
+                    EssentialsFuture::answered(meta, shared, StatusCode::INTERNAL_SERVER_ERROR, 2)
+                }
+            }
+        }
+    }
+
+    pin_project! {
+        #[project = StateProj]
+        enum State<F> {
+            Running { #[pin] future: Scoped<F> },
+            Answered { status: StatusCode, grpc: u8 },
+            Done,
+        }
+    }
+
+    pin_project! {
+        /// The one response future.
+        pub(crate) struct EssentialsFuture<F> {
+            #[pin]
+            state: State<F>,
+            meta: Meta,
+            shared: Arc<Shared>,
+            deadline: Option<Deadline>,
+            // Made only when the inner future is pending.
+            timer: Option<Pin<Box<Sleep>>>,
+        }
+    }
+
+    impl<F> EssentialsFuture<F> {
+        fn answered(meta: Meta, shared: Arc<Shared>, status: StatusCode, grpc: u8) -> Self {
+            EssentialsFuture {
+                state: State::Answered { status, grpc },
+                meta,
+                shared,
+                deadline: None,
+                timer: None,
+            }
+        }
+    }
+
+    impl<F, B, E> Future for EssentialsFuture<F>
+    where
+        F: Future<Output = Result<Response<B>, E>>,
+        E: Into<BoxError>,
+    {
+        type Output = Result<Response<EssentialsBody<B>>, Infallible>;
+
+        fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
+            let mut this = self.project();
+            let (status, grpc) = match this.state.as_mut().project() {
+                StateProj::Running { mut future } => {
+                    match catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(cx))) {
+                        Ok(Poll::Ready(Ok(res))) => {
+                            let cut = match *this.deadline {
+                                Some(deadline) if this.meta.grpc => {
+                                    Some((future.context().clone(), deadline))
+                                }
+                                _ => None,
+                            };
+                            this.state.set(State::Done);
+                            this.shared.in_service.fetch_sub(1, Ordering::Relaxed);
+                            let finished = Finished(this.shared.clone());
+                            return Poll::Ready(Ok(res.map(|body| EssentialsBody::Inner {
+                                body,
+                                cut,
+                                timer: None,
+                                ended: false,
+                                finished,
+                            })));
+                        }
+                        Ok(Poll::Ready(Err(_))) | Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, 2),
+                        Ok(Poll::Pending) => {
+                            let Some(deadline) = *this.deadline else {
+                                return Poll::Pending;
+                            };
+                            let timer = this.timer.get_or_insert_with(|| {
+                                Box::pin(tokio::time::sleep_until(deadline.instant()))
+                            });
+                            if timer.as_mut().poll(cx).is_pending() {
+                                return Poll::Pending;
+                            }
+                            future.context().cancel();
+                            (StatusCode::GATEWAY_TIMEOUT, 4)
+                        }
+                    }
+                }
+                StateProj::Answered { status, grpc } => {
+                    let answered = (*status, *grpc);
+                    this.state.set(State::Done);
+                    return Poll::Ready(Ok(answer(this.meta, answered.0, answered.1)));
+                }
+                StateProj::Done => panic!("polled after completion"),
+            };
+            // The inner future failed, panicked or ran out of time: dropped
+            // before answering.
+            this.state.set(State::Done);
+            this.shared.in_service.fetch_sub(1, Ordering::Relaxed);
+            this.shared.finished.fetch_add(1, Ordering::Relaxed);
+            Poll::Ready(Ok(answer(this.meta, status, grpc)))
+        }
+    }
+
+    /// Counts a request finished when its body is dropped.
+    struct Finished(Arc<Shared>);
+
+    impl Drop for Finished {
+        fn drop(&mut self) {
+            self.0.finished.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pin_project! {
+        /// The one body wrapper.
+        #[project = BodyProj]
+        pub(crate) enum EssentialsBody<B> {
+            Inner {
+                #[pin]
+                body: B,
+                // A gRPC body's context and deadline: cut when it passes.
+                cut: Option<(Context, Deadline)>,
+                timer: Option<Pin<Box<Sleep>>>,
+                // Cut: nothing more comes.
+                ended: bool,
+                finished: Finished,
+            },
+            Empty,
+        }
+    }
+
+    impl<B> Body for EssentialsBody<B>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: Into<BoxError>,
+    {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            cx: &mut TaskContext<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            match self.project() {
+                BodyProj::Inner {
+                    body,
+                    cut,
+                    timer,
+                    ended,
+                    ..
+                } => {
+                    if *ended {
+                        return Poll::Ready(None);
+                    }
+                    let polled = body.poll_frame(cx).map_err(Into::into);
+                    let (Poll::Pending, Some((context, deadline))) = (&polled, &*cut) else {
+                        return polled;
+                    };
+                    let timer = timer.get_or_insert_with(|| {
+                        Box::pin(tokio::time::sleep_until(deadline.instant()))
+                    });
+                    if timer.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    context.cancel();
+                    let mut trailers = HeaderMap::new();
+                    trailers.insert(GRPC_STATUS, HeaderValue::from_static("4"));
+                    *ended = true;
+                    Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+                }
+                BodyProj::Empty => Poll::Ready(None),
+            }
+        }
+
+        fn is_end_stream(&self) -> bool {
+            match self {
+                EssentialsBody::Inner { body, ended, .. } => *ended || body.is_end_stream(),
+                EssentialsBody::Empty => true,
+            }
+        }
+
+        fn size_hint(&self) -> SizeHint {
+            match self {
+                EssentialsBody::Inner { body, .. } => body.size_hint(),
+                EssentialsBody::Empty => SizeHint::with_exact(0),
+            }
+        }
+    }
+}
+
 fn pin_to(cpu: usize) {
     if std::env::var("E2E_PIN").as_deref() == Ok("0") {
         return;
@@ -698,6 +1148,7 @@ async fn serve_axum(listener: TcpListener, config: Config, h2: bool) {
         Config::AtscaleNoOverload => hello.layer(atscale_stack!(without_overload)),
         Config::Peer => hello.layer(peer_stack!()),
         Config::Floor => hello.layer(floor_stack!()),
+        Config::Essentials => hello.layer(essentials::layer(BUDGET)),
         Config::UptoEnrich => hello.layer(upto_stack!(enrich)),
         Config::UptoDeadline => hello.layer(upto_stack!(deadline)),
         Config::UptoBodies => hello.layer(upto_stack!(bodies)),
@@ -755,6 +1206,7 @@ async fn serve_grpc(listener: TcpListener, config: Config) {
         Config::AtscaleNoOverload => grpc_with!(atscale_stack!(without_overload)),
         Config::Peer => grpc_with!(peer_stack!()),
         Config::Floor => grpc_with!(floor_stack!()),
+        Config::Essentials => grpc_with!(essentials::layer(BUDGET)),
         Config::UptoEnrich => grpc_with!(upto_stack!(enrich)),
         Config::UptoDeadline => grpc_with!(upto_stack!(deadline)),
         Config::UptoBodies => grpc_with!(upto_stack!(bodies)),
@@ -1523,6 +1975,8 @@ fn report(
             (Config::Atscale, Config::Floor),
             (Config::AtscaleNoOverload, Config::Floor),
             (Config::Peer, Config::Floor),
+            (Config::Atscale, Config::Essentials),
+            (Config::Essentials, Config::Peer),
         ]
         .into_iter()
         .chain(STEPS)
@@ -1642,8 +2096,10 @@ fn sizes() {
             out.push(("... .without_overload()", future_size(&mut svc, $req).await));
             let mut svc = peer_stack!().service(inner.clone());
             out.push(("peer stack", future_size(&mut svc, $req).await));
-            let mut svc = floor_stack!().service(inner);
+            let mut svc = floor_stack!().service(inner.clone());
             out.push(("floor stack", future_size(&mut svc, $req).await));
+            let mut svc = essentials::layer(BUDGET).layer(inner);
+            out.push(("essentials", future_size(&mut svc, $req).await));
             out
         }};
     }
@@ -1668,12 +2124,14 @@ fn sizes() {
 /// `micro [grpc] [N]`: in one process, axum's `Router` (or, with `grpc`,
 /// tonic-health's `Routes` answering `Check`) bare, under the server stack,
 /// under the stack `.without_overload()`, under the peer stack and under
-/// the floor stack (six pass-through layers, [`floor`]), each
+/// the floor stack (six pass-through layers, [`floor`]) and the
+/// essentials (atscale's work done once, in one layer, [`essentials`]), each
 /// request a clone of the service called once (as hyper does), its body
 /// read to its end (trailers included); interleaved, 11 repetitions of
 /// 50 000 requests, ns per request (median, min..max of the difference to
 /// bare in the same repetition). `micro [grpc] N` runs configuration N
-/// alone (0 bare, 1 stack, 2 without overload, 3 peer, 4 floor), for perf or
+/// alone (0 bare, 1 stack, 2 without overload, 3 peer, 4 floor, 5
+/// essentials), for perf or
 /// valgrind (`E2E_MICRO_N` thousand requests, default 2 000).
 fn micro(grpc: bool, only: Option<usize>) {
     use tower::Layer;
@@ -1704,7 +2162,8 @@ fn micro(grpc: bool, only: Option<usize>) {
             let stack = atscale_stack!().layer(inner.clone());
             let no_overload = atscale_stack!(without_overload).layer(inner.clone());
             let peer = peer_stack!().service(inner.clone());
-            let floor = floor_stack!().service(inner);
+            let floor = floor_stack!().service(inner.clone());
+            let essentials = essentials::layer(BUDGET).layer(inner);
             macro_rules! each {
                 ($n:expr) => {{
                     [
@@ -1713,6 +2172,7 @@ fn micro(grpc: bool, only: Option<usize>) {
                         per_request(&no_overload, make, $n).await,
                         per_request(&peer, make, $n).await,
                         per_request(&floor, make, $n).await,
+                        per_request(&essentials, make, $n).await,
                     ]
                 }};
             }
@@ -1725,7 +2185,8 @@ fn micro(grpc: bool, only: Option<usize>) {
                         1 => per_request(&stack, make, 1000).await,
                         2 => per_request(&no_overload, make, 1000).await,
                         3 => per_request(&peer, make, 1000).await,
-                        _ => per_request(&floor, make, 1000).await,
+                        4 => per_request(&floor, make, 1000).await,
+                        _ => per_request(&essentials, make, 1000).await,
                     };
                 }
                 return Vec::new();
@@ -1768,6 +2229,7 @@ fn micro(grpc: bool, only: Option<usize>) {
         "stack::server without overload",
         "peer",
         "floor",
+        "essentials",
     ]
     .iter()
     .enumerate()
@@ -1798,7 +2260,7 @@ fn main() {
         Some("micro") => {
             let grpc = args.get(1).is_some_and(|a| a == "grpc");
             let only = args.get(1 + usize::from(grpc));
-            micro(grpc, only.map(|n| n.parse().expect("0..=4")))
+            micro(grpc, only.map(|n| n.parse().expect("0..=5")))
         }
         Some("profile") => profile(
             Config::parse(&args[1]),
