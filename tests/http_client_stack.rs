@@ -209,7 +209,9 @@ async fn a_backend_429_is_a_gateway_429_with_the_same_retry_after() {
         failure.starts_with("rate_limited Some(\"backend\") Some(\""),
         "{failure}"
     );
-    assert_eq!(gateway.client_monitor.counts().error(), 1);
+    // A backend's 429 is a refusal by the backend, not its failure.
+    let counts = gateway.client_monitor.counts();
+    assert_eq!((counts.refused(), counts.error()), (1, 0));
 }
 
 #[tokio::test]

@@ -96,3 +96,53 @@ async fn clients_are_limited_by_peer_address_over_real_connections() -> Result<(
     assert_eq!(per_ip.len(), 2);
     Ok(())
 }
+
+/// The recommended server stack's monitor tells a service that fails from
+/// one whose rate limit refuses: 429s are counted as refused and leave its
+/// health alone; a handler's 500s make it "not serving".
+#[tokio::test]
+async fn a_rate_limit_refusing_leaves_the_stacks_health_alone_a_failing_handler_does_not()
+-> Result<(), BoxError> {
+    use atscale::ratelimit::Limiter;
+    use axum::http::{Request, StatusCode};
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    let limited = atscale::stack::server("health", Duration::from_secs(5))
+        .with_rate_limit(RateLimitLayer::reject(Limiter::new(Limit::per_minute(2)?)));
+    let monitor = limited.monitor().clone();
+    let app = Router::new()
+        .route("/", get(|| async { "ok" }))
+        .layer(limited);
+    for expected in [200, 200, 429, 429, 429, 429] {
+        let res = app
+            .clone()
+            .oneshot(Request::get("/").body(String::new())?)
+            .await?;
+        assert_eq!(res.status(), expected);
+        res.into_body().collect().await?;
+    }
+    let counts = monitor.counts();
+    assert_eq!((counts.ok(), counts.refused(), counts.error()), (2, 4, 0));
+    assert!(monitor.health().is_serving(), "{}", monitor.health());
+
+    let plain = atscale::stack::server("health", Duration::from_secs(5));
+    let monitor = plain.monitor().clone();
+    let app = Router::new()
+        .route("/boom", get(|| async { StatusCode::INTERNAL_SERVER_ERROR }))
+        .layer(plain);
+    for _ in 0..3 {
+        let res = app
+            .clone()
+            .oneshot(Request::get("/boom").body(String::new())?)
+            .await?;
+        assert_eq!(res.status(), 500);
+        res.into_body().collect().await?;
+    }
+    assert_eq!(monitor.counts().error(), 3);
+    assert_eq!(
+        monitor.health().to_string(),
+        "not serving: 3 failures in a row"
+    );
+    Ok(())
+}

@@ -92,9 +92,11 @@ async fn axum_router_layer_takes_the_server_stack() {
         limited.headers()["content-type"],
         "application/problem+json"
     );
-    // The heartbeat sits outside the rate limit: it saw both requests.
+    // The heartbeat sits outside the rate limit: it saw both requests, the
+    // second refused (not a failure of the service).
     monitor.wait_finished(2).await;
-    assert_eq!(monitor.counts().error(), 1);
+    let counts = monitor.counts();
+    assert_eq!((counts.ok(), counts.refused(), counts.error()), (1, 1, 0));
 }
 
 #[tokio::test]
@@ -251,7 +253,9 @@ async fn a_downstream_failure_comes_back_as_its_status_and_its_kind() {
     assert_eq!(remote.error_id().map(str::len), Some(32));
     let limited = atscale::core::find::<atscale::core::RateLimited>(chain).unwrap();
     assert!(limited.retry_after() > Duration::from_secs(1));
-    assert_eq!(client.monitor().counts().error(), 1);
+    // The backend refused the call: a refusal, not a failure.
+    let counts = client.monitor().counts();
+    assert_eq!((counts.refused(), counts.error()), (1, 0));
 }
 
 #[tokio::test]

@@ -27,6 +27,13 @@ pin_project! {
     /// trailers carrying `grpc-status: 14` (`UNAVAILABLE`, the code of
     /// [`Kind::Stalled`]) and the stall as `grpc-message`, so the client sees
     /// a proper status rather than a broken stream.
+    ///
+    /// The request ends as its answer says: a 5xx head (but 501 and 505) or
+    /// a `grpc-status` a server gives when it cannot serve (`UNKNOWN`,
+    /// `DEADLINE_EXCEEDED`, `INTERNAL`, `UNAVAILABLE`, `DATA_LOSS`), in the
+    /// trailers or in a trailers-only head, is [`Outcome::Error`]; a 429 or
+    /// `RESOURCE_EXHAUSTED` is [`Outcome::Refused`]; anything else delivered
+    /// is [`Outcome::Ok`].
     #[derive(Debug)]
     pub struct TrackedBody<B> {
         #[pin]
@@ -36,19 +43,23 @@ pin_project! {
         timer: Option<Pin<Box<Sleep>>>,
         ticket: Option<Ticket>,
         grpc: bool,
+        // How the request ends when the body does: from the head, then
+        // from the trailers' `grpc-status`.
+        outcome: Outcome,
     }
 }
 
 impl<B: Body> TrackedBody<B> {
-    pub(crate) fn new(inner: B, mut ticket: Ticket, grpc: bool) -> Self {
+    pub(crate) fn new(inner: B, mut ticket: Ticket, grpc: bool, outcome: Outcome) -> Self {
         if inner.is_end_stream() {
             // Nothing to follow: the request ends with its head.
-            ticket.finish(Outcome::Ok);
+            ticket.finish(outcome);
             return TrackedBody {
                 inner: Some(inner),
                 timer: None,
                 ticket: None,
                 grpc,
+                outcome,
             };
         }
         ticket.touch();
@@ -62,6 +73,7 @@ impl<B: Body> TrackedBody<B> {
             timer,
             ticket,
             grpc,
+            outcome,
         }
     }
 }
@@ -97,14 +109,21 @@ where
         };
         match inner.poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                let ended = this
-                    .inner
-                    .as_ref()
-                    .as_pin_ref()
-                    .is_some_and(|b| b.is_end_stream());
+                // Trailers are a body's last frame, whether or not it says
+                // so (a server sends them and stops polling).
+                let trailers = frame.trailers_ref();
+                if let Some(said) = trailers.and_then(crate::verdict::of_grpc) {
+                    *this.outcome = said;
+                }
+                let ended = trailers.is_some()
+                    || this
+                        .inner
+                        .as_ref()
+                        .as_pin_ref()
+                        .is_some_and(|b| b.is_end_stream());
                 if ended {
                     if let Some(ticket) = this.ticket.take() {
-                        ticket.last_frame();
+                        ticket.last_frame(*this.outcome);
                     }
                 } else if let Some(ticket) = this.ticket.as_mut() {
                     // The watchdog reads the progress when it fires: no timer reset per frame.
@@ -117,7 +136,7 @@ where
                 Poll::Ready(Some(Err(err.into())))
             }
             Poll::Ready(None) => {
-                Self::finish(this.ticket, Outcome::Ok);
+                Self::finish(this.ticket, *this.outcome);
                 Poll::Ready(None)
             }
             Poll::Pending => {

@@ -124,8 +124,9 @@ where
         Poll::Ready(match output {
             Ok(response) => Ok(response.track(ticket)),
             Err(err) => {
-                ticket.finish(Outcome::Error);
-                Err(err.into())
+                let err: BoxError = err.into();
+                ticket.finish(crate::verdict::of_error(&*err));
+                Err(err)
             }
         })
     }

@@ -9,7 +9,11 @@
 //!   [progress](Pulse::Progress) (each frame of a streaming response body,
 //!   and each unit of work a handler reports through [`Progress`]),
 //!   [finished](Pulse::Finished) with an [`Outcome`] (ok, error, cancelled,
-//!   stalled);
+//!   stalled, refused): a failure is the service's own (an error, a 5xx, a
+//!   gRPC status a server gives when it cannot serve), never a rate limit or
+//!   an overload guard refusing (429, `RESOURCE_EXHAUSTED`) nor a caller's
+//!   mistake (a 4xx), so [`Monitor::health`] and a [`Steward`] act on the
+//!   service failing and on nothing else;
 //! - **pulses at an interval** ([`Pulse::Beat`]) while work is in flight, and
 //!   if asked while idle, from a task the monitor owns;
 //! - **a stall watchdog**: a request, or its streaming body, that shows no
@@ -112,6 +116,7 @@ mod pulse;
 mod registry;
 mod service;
 mod track;
+mod verdict;
 
 pub mod body;
 pub mod error;

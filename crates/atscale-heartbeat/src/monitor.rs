@@ -254,22 +254,20 @@ pub struct Counts {
     error: u64,
     cancelled: u64,
     stalled: u64,
+    refused: u64,
 }
 
 impl Counts {
-    pub(crate) const fn new(
-        started: u64,
-        ok: u64,
-        error: u64,
-        cancelled: u64,
-        stalled: u64,
-    ) -> Self {
+    /// `finished`: the counts of ok, error, cancelled, stalled and refused.
+    pub(crate) const fn new(started: u64, finished: [u64; 5]) -> Self {
+        let [ok, error, cancelled, stalled, refused] = finished;
         Counts {
             started,
             ok,
             error,
             cancelled,
             stalled,
+            refused,
         }
     }
 
@@ -280,7 +278,7 @@ impl Counts {
 
     /// Requests finished, whatever the outcome.
     pub const fn finished(&self) -> u64 {
-        self.ok + self.error + self.cancelled + self.stalled
+        self.ok + self.error + self.cancelled + self.stalled + self.refused
     }
 
     /// Requests in flight: started and not finished.
@@ -308,6 +306,11 @@ impl Counts {
         self.stalled
     }
 
+    /// Requests that ended with [`Outcome::Refused`].
+    pub const fn refused(&self) -> u64 {
+        self.refused
+    }
+
     /// Requests that ended with `outcome`.
     pub const fn of(&self, outcome: Outcome) -> u64 {
         match outcome {
@@ -315,6 +318,7 @@ impl Counts {
             Outcome::Error => self.error,
             Outcome::Cancelled => self.cancelled,
             Outcome::Stalled => self.stalled,
+            Outcome::Refused => self.refused,
         }
     }
 }

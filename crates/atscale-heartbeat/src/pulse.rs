@@ -28,29 +28,41 @@ impl fmt::Display for RequestId {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Outcome {
-    /// The response (and its whole body, for streaming responses) was delivered.
+    /// The response (and its whole body, for streaming responses) was
+    /// delivered, and does not say the service failed (a 4xx, or a gRPC
+    /// status such as `NOT_FOUND`, is the caller's mistake, served).
     Ok,
-    /// The inner service, or the response body, failed.
+    /// The service failed: the inner service or the response body failed,
+    /// or the answer says so (a 5xx but 501 and 505; a gRPC `UNKNOWN`,
+    /// `DEADLINE_EXCEEDED`, `INTERNAL`, `UNAVAILABLE` or `DATA_LOSS`, in the
+    /// trailers or in a trailers-only head).
     Error,
     /// The caller gave up: the response future or body was dropped before the end.
     Cancelled,
     /// The stall watchdog cut the request: no progress for the configured time.
     Stalled,
+    /// A limit turned the request away instead of serving it: the inner
+    /// service failed with a rate-limited or overloaded error, or answered
+    /// 429 or gRPC `RESOURCE_EXHAUSTED`. Counted, not a failure: a service
+    /// shedding what it was told to shed is working.
+    Refused,
 }
 
 impl Outcome {
-    /// A short lower-case name: `ok`, `error`, `cancelled` or `stalled`.
+    /// A short lower-case name: `ok`, `error`, `cancelled`, `stalled` or `refused`.
     pub const fn as_str(self) -> &'static str {
         match self {
             Outcome::Ok => "ok",
             Outcome::Error => "error",
             Outcome::Cancelled => "cancelled",
             Outcome::Stalled => "stalled",
+            Outcome::Refused => "refused",
         }
     }
 
     /// Whether the outcome counts against the service's health
-    /// ([`Outcome::Error`] and [`Outcome::Stalled`]; a caller giving up does not).
+    /// ([`Outcome::Error`] and [`Outcome::Stalled`]; a caller giving up, or a
+    /// limit refusing the request, does not).
     pub const fn is_failure(self) -> bool {
         matches!(self, Outcome::Error | Outcome::Stalled)
     }

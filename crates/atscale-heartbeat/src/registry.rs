@@ -82,6 +82,7 @@ pub(crate) struct Registry {
     error: AtomicU64,
     cancelled: AtomicU64,
     stalled: AtomicU64,
+    refused: AtomicU64,
     failures_in_a_row: AtomicU32,
     shards: [OnceLock<Box<Shard>>; EXCLUSIVE + 1],
 }
@@ -225,6 +226,7 @@ impl Registry {
             error: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
             stalled: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
             failures_in_a_row: AtomicU32::new(0),
             shards: std::array::from_fn(|_| OnceLock::new()),
         }
@@ -330,6 +332,7 @@ impl Registry {
             Outcome::Error => &self.error,
             Outcome::Cancelled => &self.cancelled,
             Outcome::Stalled => &self.stalled,
+            Outcome::Refused => &self.refused,
         };
         counter.fetch_add(1, Ordering::SeqCst);
         if outcome.is_failure() {
@@ -350,13 +353,14 @@ impl Registry {
 
     /// One pass over the counters: the finished ones first, so that every
     /// finish counted has its start counted.
-    fn read(&self) -> [u64; 5] {
+    fn read(&self) -> [u64; 6] {
         let ok = self.ok.load(Ordering::SeqCst);
         let error = self.error.load(Ordering::SeqCst);
         let cancelled = self.cancelled.load(Ordering::SeqCst);
         let stalled = self.stalled.load(Ordering::SeqCst);
+        let refused = self.refused.load(Ordering::SeqCst);
         let started = self.next_id.load(Ordering::SeqCst);
-        [started, ok, error, cancelled, stalled]
+        [started, ok, error, cancelled, stalled, refused]
     }
 
     /// The counters at one instant: two passes that agree (each counter
@@ -371,8 +375,8 @@ impl Registry {
             }
             a = b;
         }
-        let [started, ok, error, cancelled, stalled] = a;
-        Counts::new(started, ok, error, cancelled, stalled)
+        let [started, ok, error, cancelled, stalled, refused] = a;
+        Counts::new(started, [ok, error, cancelled, stalled, refused])
     }
 
     /// Requests in flight, from one pass over the counters (exact unless a
@@ -380,8 +384,8 @@ impl Registry {
     #[inline]
     #[cfg_attr(not(any(test, feature = "metrics")), allow(dead_code))]
     pub(crate) fn in_flight_now(&self) -> u64 {
-        let [started, ok, error, cancelled, stalled] = self.read();
-        started - (ok + error + cancelled + stalled)
+        let [started, finished @ ..] = self.read();
+        started - finished.iter().sum::<u64>()
     }
 
     /// Calls `f` with each request in flight. A slot being claimed is

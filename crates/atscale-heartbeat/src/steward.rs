@@ -383,8 +383,9 @@ where
         match outcome {
             Outcome::Ok => shared.report(self.generation, true),
             Outcome::Error | Outcome::Stalled => shared.report(self.generation, false),
-            // a caller giving up says nothing about the instance
-            Outcome::Cancelled => {}
+            // a caller giving up, or a limit refusing, says nothing about
+            // the instance
+            Outcome::Cancelled | Outcome::Refused => {}
         }
     }
 }

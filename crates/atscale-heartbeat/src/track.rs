@@ -102,11 +102,11 @@ impl Ticket {
     /// The body's last frame: a unit of progress, and the end of the
     /// request. Unwatched, the progress is not recorded: the entry goes at
     /// once (one registry update and no clock read instead of two and one).
-    pub(crate) fn last_frame(mut self) {
+    pub(crate) fn last_frame(mut self, outcome: Outcome) {
         if self.shared.watched() {
             self.frame();
         }
-        self.finish(Outcome::Ok);
+        self.finish(outcome);
     }
 
     /// Resets the request's idle time without counting a frame (the response head arrived).
@@ -220,7 +220,15 @@ where
     fn track(self, ticket: Ticket) -> Self::Tracked {
         // Only a stalled body reads it: no header lookup without the watchdog.
         let grpc = ticket.stall().is_some() && atscale_core::grpc::is_grpc(self.headers());
-        self.map(|body| TrackedBody::new(body, ticket, grpc))
+        let mut outcome = crate::verdict::of_status(self.status());
+        // A gRPC answer with nothing to follow (trailers-only) has its
+        // status in the head; any other has it in trailers the body yields.
+        if self.body().is_end_stream()
+            && let Some(said) = crate::verdict::of_grpc(self.headers())
+        {
+            outcome = said;
+        }
+        self.map(|body| TrackedBody::new(body, ticket, grpc, outcome))
     }
 }
 

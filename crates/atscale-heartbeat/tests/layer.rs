@@ -677,3 +677,154 @@ fn a_monitor_built_before_the_clock_is_paused_can_be_given_tokios() {
         bounded(call).await.unwrap().unwrap();
     });
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_limit_refusing_is_counted_not_a_failure() {
+    let monitor = Monitor::builder()
+        .unhealthy_after(2.try_into().unwrap())
+        .build();
+    let svc = ServiceBuilder::new()
+        .layer(monitor.layer())
+        .service(service_fn(|req: http::Request<u8>| async move {
+            match *req.body() {
+                0 => Err::<String, BoxError>(
+                    atscale_core::RateLimited::new(Duration::from_secs(1)).into(),
+                ),
+                1 => Err(atscale_core::Overloaded::new().into()),
+                _ => Err("boom".into()),
+            }
+        }));
+    for which in [0, 1, 0, 1] {
+        let err = svc
+            .clone()
+            .oneshot(http::Request::new(which))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(Kind::of(&*err), Kind::RateLimited | Kind::Overloaded),
+            "the error passes through as it is"
+        );
+    }
+    let counts = monitor.counts();
+    assert_eq!((counts.refused(), counts.error()), (4, 0));
+    assert_eq!(counts.of(Outcome::Refused), 4);
+    assert_eq!(counts.finished(), 4);
+    assert!(monitor.health().is_serving(), "{}", monitor.health());
+    for _ in 0..2 {
+        svc.clone()
+            .oneshot(http::Request::new(2))
+            .await
+            .unwrap_err();
+    }
+    assert!(!monitor.health().is_serving(), "its own errors still count");
+}
+
+/// A service answering `status` with a one-frame body.
+fn answering() -> impl Service<
+    http::Request<u16>,
+    Response = http::Response<Full<Bytes>>,
+    Error = Infallible,
+    Future: Send,
+> + Clone {
+    service_fn(|req: http::Request<u16>| async move {
+        let mut res = http::Response::new(Full::new(Bytes::from_static(b"x")));
+        *res.status_mut() = http::StatusCode::from_u16(*req.body()).unwrap();
+        Ok::<_, Infallible>(res)
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_server_error_answer_is_a_failure_a_client_error_is_not() {
+    let monitor = Monitor::builder()
+        .unhealthy_after(2.try_into().unwrap())
+        .build();
+    let mut pulses = monitor.subscribe();
+    let svc = ServiceBuilder::new()
+        .layer(monitor.layer())
+        .service(answering());
+    let mut seen = Vec::new();
+    for status in [200, 404, 501, 429, 500, 503] {
+        let res = svc
+            .clone()
+            .oneshot(http::Request::new(status))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), status, "the answer passes through as it is");
+        res.into_body().collect().await.unwrap();
+        assert!(matches!(next(&mut pulses).await, Pulse::Started { .. }));
+        let _progress = next(&mut pulses).await;
+        match next(&mut pulses).await {
+            Pulse::Finished { outcome, .. } => seen.push(outcome),
+            other => panic!("{other:?}"),
+        }
+    }
+    use Outcome::{Error, Ok, Refused};
+    assert_eq!(seen, [Ok, Ok, Ok, Refused, Error, Error]);
+    let health = monitor.health();
+    assert_eq!(health.to_string(), "not serving: 2 failures in a row");
+}
+
+/// A gRPC answer: a message then trailers with `code`, or (`trailers_only`)
+/// the code in the head and an empty body that says it has ended (as
+/// tonic's and hyper's do).
+fn grpc_answer(
+    code: &'static str,
+    trailers_only: bool,
+) -> http::Response<http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>> {
+    let status = http::HeaderValue::from_static(code);
+    let mut res = if trailers_only {
+        let mut res = http::Response::new(http_body_util::Empty::new().boxed_unsync());
+        res.headers_mut().insert("grpc-status", status);
+        res
+    } else {
+        let (tx, rx) = mpsc::channel(2);
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", status);
+        tx.try_send(Ok(Frame::data(Bytes::from_static(b"\0\0\0\0\0"))))
+            .unwrap();
+        tx.try_send(Ok(Frame::trailers(trailers))).unwrap();
+        // The sender stays open: the trailers alone end the request.
+        std::mem::forget(tx);
+        http::Response::new(StreamBody::new(ReceiverStream::new(rx)).boxed_unsync())
+    };
+    res.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    res
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_grpc_status_in_the_trailers_or_a_trailers_only_head_says_how_it_ended() {
+    for (code, trailers_only, expected) in [
+        ("0", false, Outcome::Ok),
+        ("5", false, Outcome::Ok),
+        ("13", false, Outcome::Error),
+        ("8", false, Outcome::Refused),
+        ("14", true, Outcome::Error),
+        ("3", true, Outcome::Ok),
+        ("8", true, Outcome::Refused),
+    ] {
+        let monitor = Monitor::new();
+        let svc = ServiceBuilder::new()
+            .layer(monitor.layer())
+            .service(service_fn(move |_req: Req| async move {
+                Ok::<_, Infallible>(grpc_answer(code, trailers_only))
+            }));
+        let res = svc.oneshot(req()).await.unwrap();
+        let mut body = std::pin::pin!(res.into_body());
+        if trailers_only {
+            assert!(http_body::Body::is_end_stream(&*body));
+        } else {
+            assert!(body.frame().await.unwrap().unwrap().is_data());
+            let trailers = body.frame().await.unwrap().unwrap();
+            assert_eq!(trailers.trailers_ref().unwrap()["grpc-status"], code);
+        }
+        let counts = monitor.counts();
+        assert_eq!(
+            (counts.finished(), counts.of(expected)),
+            (1, 1),
+            "grpc-status {code} (trailers-only: {trailers_only}): {counts:?}"
+        );
+    }
+}
