@@ -148,6 +148,7 @@ pub(crate) async fn run() -> Result<Section, BoxError> {
         .route("/events", get(events))
         .route("/stuck", get(stuck))
         .route("/hang", get(hang))
+        .route("/busy", get(|| async { StatusCode::TOO_MANY_REQUESTS }))
         .layer(
             tower::ServiceBuilder::new()
                 .layer(HandleErrorLayer::new(to_status))
@@ -224,7 +225,21 @@ pub(crate) async fn run() -> Result<Section, BoxError> {
         ),
     );
 
-    // 4. Two stalls in a row: the health probe says so.
+    // 4. A refusal: counted as refused, not a failure of the service.
+    let response = client.get(format!("http://{addr}/busy").parse()?).await?;
+    let status = response.status();
+    response.into_body().collect().await?;
+    let (id, about, _) = follow(&mut pulses).await;
+    section.row(
+        format!("GET /busy: a handler saying 429 ({id})"),
+        format!(
+            "{}; {}: a limit saying no is not a failure (a 5xx would be)",
+            status.as_u16(),
+            outcome(&about)
+        ),
+    );
+
+    // 5. Two stalls in a row: the health probe says so.
     let response = client
         .get(format!("http://{addr}/healthz").parse()?)
         .await?;
@@ -238,10 +253,11 @@ pub(crate) async fn run() -> Result<Section, BoxError> {
     section.row(
         "monitor counts",
         format!(
-            "started {}, ok {}, stalled {}, in flight {}; subscriber missed {} pulses",
+            "started {}, ok {}, stalled {}, refused {}, in flight {}; subscriber missed {} pulses",
             counts.started(),
             counts.of(Outcome::Ok),
             counts.stalled(),
+            counts.refused(),
             counts.in_flight(),
             pulses.missed()
         ),
