@@ -670,7 +670,8 @@ mod essentials {
     use std::task::{Context as TaskContext, Poll};
     use std::time::Duration;
 
-    use atscale::core::{Carrier, Context, Deadline, Origin, Scoped};
+    use atscale::core::{Carrier, Context, Deadline, MalformedDeadline, Origin, Scoped};
+    use atscale::deadline::codec::{self, GRPC_TIMEOUT};
     use bytes::Bytes;
     use http::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
     use http::uri::PathAndQuery;
@@ -685,7 +686,6 @@ mod essentials {
     /// The rate limit's emission interval and burst, in nanoseconds: 10⁹/s.
     const EMISSION_NS: u64 = 1;
     const BURST_NS: u64 = 1 << 30;
-    const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
     const DEADLINE_MS: HeaderName = HeaderName::from_static("x-deadline-ms");
     const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
@@ -765,32 +765,13 @@ mod essentials {
     }
 
     /// The budget the caller gives on the wire, `Err` when malformed.
-    fn wire_budget(headers: &HeaderMap) -> Result<Option<Duration>, ()> {
+    fn wire_budget(headers: &HeaderMap) -> Result<Option<Duration>, MalformedDeadline> {
         let mut budget = None::<Duration>;
         if let Some(v) = headers.get(GRPC_TIMEOUT) {
-            let v = v.as_bytes();
-            let (digits, unit) = v.split_at(v.len().saturating_sub(1));
-            if digits.is_empty() || digits.len() > 8 {
-                return Err(());
-            }
-            let n: u64 = std::str::from_utf8(digits)
-                .map_err(drop)?
-                .parse()
-                .map_err(drop)?;
-            let d = match unit {
-                b"H" => Duration::from_secs(n * 3600),
-                b"M" => Duration::from_secs(n * 60),
-                b"S" => Duration::from_secs(n),
-                b"m" => Duration::from_millis(n),
-                b"u" => Duration::from_micros(n),
-                b"n" => Duration::from_nanos(n),
-                _ => return Err(()),
-            };
-            budget = Some(d);
+            budget = Some(codec::parse_grpc_timeout(v.as_bytes())?);
         }
         if let Some(v) = headers.get(DEADLINE_MS) {
-            let n: u64 = v.to_str().map_err(drop)?.parse().map_err(drop)?;
-            let d = Duration::from_millis(n);
+            let d = codec::parse_millis(&DEADLINE_MS, v.as_bytes())?;
             budget = Some(budget.map_or(d, |b| b.min(d)));
         }
         Ok(budget)
@@ -848,7 +829,7 @@ mod essentials {
             }
             let budget = match wire_budget(req.headers()) {
                 Ok(wire) => wire.map_or(self.budget, |w| w.min(self.budget)),
-                Err(()) => {
+                Err(_malformed) => {
                     return EssentialsFuture::answered(meta, shared, StatusCode::BAD_REQUEST, 3);
                 }
             };
