@@ -50,7 +50,8 @@ impl Health {
         self.stuck
     }
 
-    /// Requests that failed (error or stall) since the last success.
+    /// Requests that failed (error or stall) since the last success; a
+    /// refused or cancelled request neither counts nor resets the count.
     pub const fn failures_in_a_row(&self) -> u32 {
         self.failures_in_a_row
     }

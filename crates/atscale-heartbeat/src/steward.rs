@@ -8,8 +8,10 @@
 //!   stall watchdog on, so no request on any instance can hang;
 //! - the instance is *unhealthy* when [`failures`](StewardBuilder::failures)
 //!   requests in a row failed or stalled on it (judged when each request
-//!   ends: for an `http::Response`, when its body ends; a caller giving up
-//!   counts for nothing), or when it has not become ready for the stall limit;
+//!   ends: for an `http::Response`, when its body ends, a 5xx or a
+//!   server-fault `grpc-status` being a failure; a caller giving up, or a
+//!   limit refusing the request, counts for nothing — see [`Outcome`]), or
+//!   when it has not become ready for the stall limit;
 //! - an unhealthy instance is replaced by a fresh one from the factory, at
 //!   once the first time, then no sooner than a [`backoff`](StewardBuilder::backoff)
 //!   that doubles with each rebuild (up to [`max_backoff`](StewardBuilder::max_backoff))
