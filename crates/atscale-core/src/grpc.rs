@@ -1,6 +1,6 @@
 //! gRPC on the wire, as every layer that answers or reads it needs it:
-//! recognising a gRPC message by its content type, and encoding
-//! `grpc-message`.
+//! recognising a gRPC message by its content type, reading a
+//! `grpc-status`, and encoding `grpc-message`.
 
 use http::{HeaderMap, HeaderValue};
 
@@ -27,6 +27,25 @@ pub fn is_grpc_content_type(content_type: &HeaderValue) -> bool {
         && matches!(ct.get(16), None | Some(b'+' | b'-' | b';'))
 }
 
+/// The code a `grpc-status` value holds (0 to 16, written without leading
+/// zeros), or `None` when it holds none.
+///
+/// ```
+/// use atscale_core::grpc::status_code;
+///
+/// assert_eq!(status_code(b"14"), Some(14));
+/// assert_eq!(status_code(b"17"), None);
+/// assert_eq!(status_code(b"014"), None);
+/// ```
+pub fn status_code(value: &[u8]) -> Option<u8> {
+    let code = match *value {
+        [d] if d.is_ascii_digit() => d - b'0',
+        [b'1', d] if d.is_ascii_digit() => 10 + d - b'0',
+        _ => return None,
+    };
+    (code <= 16).then_some(code)
+}
+
 /// Percent-encodes a `grpc-message` as the gRPC HTTP/2 spec asks: every
 /// byte outside visible ASCII, and `%` itself.
 pub fn percent_encode(message: &str) -> String {
@@ -44,6 +63,16 @@ pub fn percent_encode(message: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grpc_status_codes_are_0_to_16() {
+        for code in 0..=16u8 {
+            assert_eq!(status_code(code.to_string().as_bytes()), Some(code));
+        }
+        for bad in ["17", "20", "01", "", "-1", "1a", "100", "a"] {
+            assert_eq!(status_code(bad.as_bytes()), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn grpc_is_recognised_by_content_type() {

@@ -22,6 +22,7 @@ mod imp {
 
     use atscale_core::Clock;
     use atscale_core::Kind;
+    use atscale_core::grpc::status_code;
     use atscale_core::metrics::{
         ERRORS, HTTP_SERVER_REQUEST_DURATION, PANICS, RPC_SERVER_DURATION, enabled, field,
     };
@@ -159,7 +160,7 @@ mod imp {
             if let Some(started) = self.0.take() {
                 let code = trailers
                     .get("grpc-status")
-                    .map_or(UNKNOWN, |v| grpc_code(v.as_bytes()).unwrap_or(UNKNOWN));
+                    .map_or(UNKNOWN, |v| status_code(v.as_bytes()).unwrap_or(UNKNOWN));
                 grpc_duration(code, None, elapsed(started));
             }
         }
@@ -192,7 +193,7 @@ mod imp {
     /// (`doc/http-grpc-status-mapping.md`); `None` if the trailers will.
     fn grpc_status_in_headers<B>(res: &Response<B>) -> Option<u8> {
         if let Some(v) = res.headers().get("grpc-status") {
-            return Some(grpc_code(v.as_bytes()).unwrap_or(UNKNOWN));
+            return Some(status_code(v.as_bytes()).unwrap_or(UNKNOWN));
         }
         Some(match res.status().as_u16() {
             200 => return None,
@@ -525,16 +526,6 @@ mod imp {
     const GRPC_CODES: [&str; 17] = [
         "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
     ];
-
-    /// A gRPC status code (0..=16); anything else is not one.
-    pub(super) fn grpc_code(code: &[u8]) -> Option<u8> {
-        let code = match *code {
-            [d] if d.is_ascii_digit() => d - b'0',
-            [b'1', d] if d.is_ascii_digit() => 10 + d - b'0',
-            _ => return None,
-        };
-        (code <= 16).then_some(code)
-    }
 }
 
 #[cfg(all(test, feature = "metrics"))]
@@ -546,7 +537,7 @@ mod tests {
         Unit,
     };
 
-    use super::imp::{duration_for_test, grpc_code};
+    use super::imp::duration_for_test;
 
     /// Every histogram registration and every value recorded, by key
     /// (name and labels, sorted).
@@ -654,16 +645,6 @@ mod tests {
         let registered = log.registered.lock().unwrap();
         assert_eq!(registered.len(), 9, "{registered:?}");
         assert_eq!(registered.iter().filter(|k| **k == keys[6]).count(), 2);
-    }
-
-    #[test]
-    fn grpc_codes_are_0_to_16() {
-        for code in 0..=16u8 {
-            assert_eq!(grpc_code(code.to_string().as_bytes()), Some(code));
-        }
-        for bad in ["17", "20", "01", "", "-1", "1a", "100", "a"] {
-            assert_eq!(grpc_code(bad.as_bytes()), None, "{bad:?}");
-        }
     }
 }
 

@@ -52,13 +52,10 @@ pub(crate) fn of_grpc(headers: &HeaderMap) -> Option<Outcome> {
     } else {
         headers.get(GRPC_STATUS)?
     };
-    Some(match status.as_bytes() {
-        b"8" => Outcome::Refused,
-        b"2" | b"4" | b"13" | b"14" | b"15" => Outcome::Error,
-        b"0" | b"1" | b"3" | b"5" | b"6" | b"7" | b"9" | b"10" | b"11" | b"12" | b"16" => {
-            Outcome::Ok
-        }
-        _ => Outcome::Error,
+    Some(match atscale_core::grpc::status_code(status.as_bytes()) {
+        Some(8) => Outcome::Refused,
+        Some(2 | 4 | 13 | 14 | 15) | None => Outcome::Error,
+        Some(_) => Outcome::Ok,
     })
 }
 
