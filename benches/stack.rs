@@ -27,7 +27,7 @@
 //!
 //! Every server runs in a process of its own (this binary re-executed with
 //! `serve CONFIG PROTO`), on a tokio runtime with one worker, pinned to CPU
-//! 1; the load generator runs in this process on CPU 0. What is measured is
+//! 1; the load generator runs on CPU 0. What is measured is
 //! the server process's CPU time (`CLOCK_PROCESS_CPUTIME_ID`, all of its
 //! threads) per request, at a fixed open-loop rate of half the bare
 //! server's closed-loop capacity (measured first, per protocol; requests
@@ -41,6 +41,24 @@
 //! the 95% confidence interval of every ratio to bare (mean of per-round
 //! ratios, Student's t) is narrower than ±2% (`E2E_CI`, in percent), or
 //! `E2E_MAX_ROUNDS` (default 40).
+//!
+//! Every round runs in fresh processes, the load generator's as well as the
+//! servers': a process keeps one memory layout (its ASLR draw, its
+//! allocator's state) for as long as it lives. A server's layout alone
+//! moved its CPU per request by 1–4%, the same for all its windows; the
+//! generator's is suspected to move the figures too, since runs with fresh
+//! servers but one generator differed by more than their CIs (atscale /
+//! peer on gRPC 1.064 ± 0.028 and 1.016 ± 0.020, 12 minutes apart). Drawn
+//! once a run, that spread is between runs, where no confidence interval
+//! sees it; drawn every round, it is in the rounds. This process measures
+//! the capacities and the offered rates, then runs each round, the warm-up
+//! too, as this binary re-executed with `round N PROTO=RATE…` (see
+//! [`round_process`]), which starts and warms its own servers, runs the
+//! round's windows and prints them on stdout for this process to gather.
+//! `E2E_FRESH_GENERATOR=0` keeps the generator in this process for the
+//! whole run instead (as before, to compare), its servers started again
+//! every `E2E_RESPAWN_EVERY` rounds (default 1; 0: never), a setting that
+//! means nothing with a fresh generator, whose servers are new every round.
 //!
 //! While answers are awaited, the load generator does not sleep (a task
 //! yields in a loop; `E2E_SPIN=0` lets it sleep): on loopback a server's
@@ -1749,35 +1767,331 @@ struct Series {
     delayed_ms: Vec<f64>,
 }
 
-fn run(protos: Vec<Proto>) {
+impl Series {
+    fn new() -> Series {
+        Series {
+            cpu: Vec::new(),
+            latencies: Vec::new(),
+            rates: Vec::new(),
+            refused: 0,
+            redone: 0,
+            dropped: 0,
+            unanswered: 0,
+            delayed_ms: Vec::new(),
+        }
+    }
+
+    /// Adds a round's window (its configuration's and protocol's).
+    fn add(&mut self, window: Window) {
+        self.redone += window.redone;
+        self.unanswered += window.unanswered;
+        match window.sample {
+            None => {
+                self.cpu.push(None);
+                self.dropped += 1;
+            }
+            Some(sample) => {
+                self.delayed_ms.push(sample.delayed_ns as f64 / 1e6);
+                self.cpu.push(Some(sample.cpu_per_request_ns));
+                self.latencies.extend(sample.latencies_us);
+                self.rates.push(sample.achieved_rate);
+                self.refused += sample.refused;
+            }
+        }
+    }
+}
+
+/// How every window is run and judged, from the environment: a round's
+/// process inherits it, so it runs its windows as this one would.
+struct WindowRules {
+    /// `E2E_SECS`: the length of a window.
+    secs: f64,
+    /// `E2E_MAX_DELAY_MS`: the CPU wait past which a window is disturbed.
+    max_delay_ns: u64,
+    /// `E2E_VERBOSE`: a line on stderr per window.
+    verbose: bool,
+}
+
+impl WindowRules {
+    fn from_env() -> WindowRules {
+        WindowRules {
+            secs: env_f64("E2E_SECS", 2.0),
+            max_delay_ns: (env_f64("E2E_MAX_DELAY_MS", 5.0) * 1e6) as u64,
+            verbose: std::env::var("E2E_VERBOSE").is_ok_and(|v| v != "0"),
+        }
+    }
+}
+
+/// How many times a disturbed window is measured in all before it is left
+/// out of its round.
+const TRIES: u64 = 5;
+
+/// What a round made of one configuration's window on one protocol (indices
+/// into the run's protocols and configurations).
+struct Window {
+    proto: usize,
+    config: usize,
+    /// The sample kept, or `None`: still disturbed after [`TRIES`], left out
+    /// (the round has no ratio for it).
+    sample: Option<Sample>,
+    /// Tries measured again.
+    redone: u64,
+    /// Of the tries redone or left out, those with answers missing.
+    unanswered: u64,
+}
+
+impl Window {
+    /// The line a round's process prints for this window, read back by
+    /// [`Window::parse`]: `window P C REDONE UNANSWERED` then, kept, `CPU_NS
+    /// DELAYED_NS RATE REFUSED` and every latency in µs, or `-` for a window
+    /// left out. Floats print in Rust's shortest form that parses back to
+    /// the same value, so both modes accumulate the same numbers.
+    fn line(&self) -> String {
+        use std::fmt::Write as _;
+        let mut line = format!(
+            "window {} {} {} {}",
+            self.proto, self.config, self.redone, self.unanswered
+        );
+        match &self.sample {
+            None => line.push_str(" -"),
+            Some(s) => {
+                let _ = write!(
+                    line,
+                    " {} {} {} {}",
+                    s.cpu_per_request_ns, s.delayed_ns, s.achieved_rate, s.refused
+                );
+                for latency in &s.latencies_us {
+                    let _ = write!(line, " {latency}");
+                }
+            }
+        }
+        line
+    }
+
+    /// A [`Window::line`] read back; `None` if it is not one.
+    fn parse(line: &str) -> Option<Window> {
+        let mut words = line.split_whitespace();
+        if words.next()? != "window" {
+            return None;
+        }
+        let mut next = || words.next();
+        let (proto, config) = (next()?.parse().ok()?, next()?.parse().ok()?);
+        let (redone, unanswered) = (next()?.parse().ok()?, next()?.parse().ok()?);
+        let sample = match next()? {
+            "-" => None,
+            cpu => Some(Sample {
+                cpu_per_request_ns: cpu.parse().ok()?,
+                delayed_ns: next()?.parse().ok()?,
+                achieved_rate: next()?.parse().ok()?,
+                refused: next()?.parse().ok()?,
+                latencies_us: Vec::new(),
+                timed_out: None,
+            }),
+        };
+        let rest: Vec<&str> = words.collect();
+        let sample = match sample {
+            Some(mut s) => {
+                s.latencies_us = rest.iter().map(|l| l.parse().ok()).collect::<Option<_>>()?;
+                Some(s)
+            }
+            None if rest.is_empty() => None,
+            None => return None,
+        };
+        Some(Window {
+            proto,
+            config,
+            sample,
+            redone,
+            unanswered,
+        })
+    }
+}
+
+/// A server process per configuration for `proto`, each warmed up by a
+/// short closed-loop run (which also checks that it answers).
+async fn spawn_row(proto: Proto, configs: &[Config]) -> Vec<Target> {
+    let mut row = Vec::with_capacity(configs.len());
+    for &config in configs {
+        let mut target = Target::spawn(config, proto).await;
+        capacity(&mut target, 0.3).await;
+        row.push(target);
+    }
+    row
+}
+
+/// Round `round`: per protocol (a row of `targets`, offered `rates[p]`
+/// requests per second), a window per configuration, in an order rotated
+/// by the round so that none always follows the same one. A window in
+/// which another process kept the server or the generator off its CPU for
+/// longer than `E2E_MAX_DELAY_MS`, or whose answers did not all come
+/// within `E2E_DRAIN_SECS` ([`Sample::timed_out`]), is measured again, at
+/// most [`TRIES`] times in all, then left out. The one round body, in this
+/// process (`E2E_FRESH_GENERATOR=0`) or in a round's own
+/// ([`round_process`]).
+async fn play_round(
+    targets: &mut [Vec<Target>],
+    rates: &[f64],
+    round: usize,
+    rules: &WindowRules,
+) -> Vec<Window> {
+    let mut windows = Vec::new();
+    for (p, row) in targets.iter_mut().enumerate() {
+        for k in 0..row.len() {
+            let c = (k + round) % row.len();
+            let target = &mut row[c];
+            let mut sample = open_loop(target, rates[p], rules.secs).await;
+            let (mut redone, mut unanswered) = (0, 0);
+            while sample.disturbed(rules.max_delay_ns) && redone + 1 < TRIES {
+                redone += 1;
+                unanswered += u64::from(sample.timed_out.is_some());
+                sample = open_loop(target, rates[p], rules.secs).await;
+            }
+            if rules.verbose {
+                eprintln!(
+                    "  {} {}: {:.3} µs/request, waited for CPU {:.2} ms{}",
+                    target.proto.name(),
+                    target.config.name(),
+                    sample.cpu_per_request_ns / 1000.0,
+                    sample.delayed_ns as f64 / 1e6,
+                    match sample.timed_out {
+                        Some(n) => format!(", {n} unanswered"),
+                        None => String::new(),
+                    }
+                );
+            }
+            let kept = !sample.disturbed(rules.max_delay_ns);
+            if !kept {
+                unanswered += u64::from(sample.timed_out.is_some());
+            }
+            windows.push(Window {
+                proto: p,
+                config: c,
+                sample: kept.then_some(sample),
+                redone,
+                unanswered,
+            });
+        }
+    }
+    windows
+}
+
+/// `round N PROTO=RATE…`: round `N` of a run in a process of its own, the
+/// load generator with a memory layout of its own (see the module docs):
+/// pinned to [`CLIENT_CPU`], it starts and warms a server per configuration
+/// (`E2E_CONFIGS`, inherited) and protocol, offers each protocol the rate
+/// given, runs the round ([`play_round`]) and prints a [`Window::line`] per
+/// window on stdout. Its servers quit before it exits.
+fn round_process(round: usize, offered: &[(Proto, f64)]) {
     pin_to(CLIENT_CPU);
-    let secs = env_f64("E2E_SECS", 2.0);
-    let ci_goal = env_f64("E2E_CI", 2.0) / 100.0;
-    let max_rounds = env_f64("E2E_MAX_ROUNDS", 40.0) as usize;
-    // Enough rounds that several server processes (see `respawn_every`)
-    // are in every ratio before its interval may stop the run.
-    let min_rounds = 10.min(max_rounds);
-    // `E2E_RESPAWN_EVERY` rounds (default 1; 0: never) every server process
-    // is started again, between rounds.
-    let respawn_every = env_f64("E2E_RESPAWN_EVERY", 1.0) as usize;
-    let max_delay_ns = (env_f64("E2E_MAX_DELAY_MS", 5.0) * 1e6) as u64;
-    let verbose = std::env::var("E2E_VERBOSE").is_ok_and(|v| v != "0");
+    let rules = WindowRules::from_env();
     let configs = Config::from_env();
-    let rt = tokio::runtime::Builder::new_current_thread()
+    let windows = client_runtime().block_on(async {
+        let mut targets = Vec::with_capacity(offered.len());
+        for &(proto, _) in offered {
+            targets.push(spawn_row(proto, &configs).await);
+        }
+        let rates: Vec<f64> = offered.iter().map(|&(_, rate)| rate).collect();
+        play_round(&mut targets, &rates, round, &rules).await
+        // `targets` dropped here: every server quits and is waited for.
+    });
+    let mut out = std::io::stdout().lock();
+    for window in &windows {
+        writeln!(out, "{}", window.line()).expect("stdout");
+    }
+    out.flush().expect("stdout");
+}
+
+/// Runs round `round` in a fresh process ([`round_process`]) and reads its
+/// windows back: one for each protocol and configuration, or a panic. A
+/// round is never dropped quietly, which would shift the per-round
+/// pairing of the series.
+fn round_in_child(
+    round: usize,
+    protos: &[Proto],
+    configs: &[Config],
+    rates: &[f64],
+) -> Vec<Window> {
+    let output = Command::new(std::env::current_exe().expect("current_exe"))
+        .args(["round", &round.to_string()])
+        .args(
+            protos
+                .iter()
+                .zip(rates)
+                .map(|(p, r)| format!("{}={r}", p.name())),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        // its verbose lines, and its panic if any, go where this process's go
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("spawn the round's load generator");
+    assert!(
+        output.status.success(),
+        "round {round}: its load generator process failed ({}); its stderr is above",
+        output.status
+    );
+    let stdout = String::from_utf8(output.stdout)
+        .unwrap_or_else(|e| panic!("round {round}: its load generator printed non-UTF-8: {e}"));
+    let mut seen = vec![vec![false; configs.len()]; protos.len()];
+    let mut windows = Vec::with_capacity(protos.len() * configs.len());
+    for line in stdout.lines() {
+        let window = Window::parse(line)
+            .filter(|w| w.proto < protos.len() && w.config < configs.len())
+            .unwrap_or_else(|| {
+                panic!("round {round}: malformed line from its load generator: {line:.200}")
+            });
+        assert!(
+            !std::mem::replace(&mut seen[window.proto][window.config], true),
+            "round {round}: its load generator printed two windows for {} {}",
+            protos[window.proto].name(),
+            configs[window.config].name()
+        );
+        windows.push(window);
+    }
+    assert!(
+        windows.len() == protos.len() * configs.len(),
+        "round {round}: its load generator printed {} windows of {}",
+        windows.len(),
+        protos.len() * configs.len()
+    );
+    windows
+}
+
+fn client_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .expect("client runtime");
-    rt.block_on(async move {
+        .expect("client runtime")
+}
+
+fn run(protos: Vec<Proto>) {
+    pin_to(CLIENT_CPU);
+    let rules = WindowRules::from_env();
+    let ci_goal = env_f64("E2E_CI", 2.0) / 100.0;
+    let max_rounds = env_f64("E2E_MAX_ROUNDS", 40.0) as usize;
+    // Enough rounds that several processes (generators, or servers: see
+    // `respawn_every`) are in every ratio before its interval may stop the
+    // run.
+    let min_rounds = 10.min(max_rounds);
+    // Each round in a process of its own (see the module docs), unless
+    // `E2E_FRESH_GENERATOR=0`.
+    let fresh_generator = std::env::var("E2E_FRESH_GENERATOR").as_deref() != Ok("0");
+    // In-process only: every `E2E_RESPAWN_EVERY` rounds (default 1; 0:
+    // never) every server process is started again, between rounds.
+    let respawn_every = env_f64("E2E_RESPAWN_EVERY", 1.0) as usize;
+    if fresh_generator && std::env::var_os("E2E_RESPAWN_EVERY").is_some() {
+        eprintln!(
+            "E2E_RESPAWN_EVERY ignored: every round starts its own servers (E2E_FRESH_GENERATOR=0 keeps one generator)"
+        );
+    }
+    let configs = Config::from_env();
+    let rt = client_runtime();
+    // The capacities and offered rates, measured in this process.
+    let (mut targets, rates) = rt.block_on(async {
         let mut targets: Vec<Vec<Target>> = Vec::new();
         let mut rates = Vec::new();
         for &proto in &protos {
-            let mut row = Vec::new();
-            for &config in &configs {
-                let mut target = Target::spawn(config, proto).await;
-                // warm-up, and a check that every configuration answers
-                capacity(&mut target, 0.3).await;
-                row.push(target);
-            }
+            let mut row = spawn_row(proto, &configs).await;
             let cap = capacity(&mut row[0], 1.5).await;
             let rate = env_f64(
                 &format!("E2E_RATE_{}", proto.name().to_uppercase()),
@@ -1790,115 +2104,77 @@ fn run(protos: Vec<Proto>) {
             rates.push((cap, rate));
             targets.push(row);
         }
-        let mut series: Vec<Vec<Series>> = protos
-            .iter()
-            .map(|_| {
-                configs
-                    .iter()
-                    .map(|_| Series {
-                        cpu: Vec::new(),
-                        latencies: Vec::new(),
-                        rates: Vec::new(),
-                        refused: 0,
-                        redone: 0,
-                        dropped: 0,
-                        unanswered: 0,
-                        delayed_ms: Vec::new(),
-                    })
-                    .collect()
-            })
-            .collect();
-        let started = Instant::now();
-        let mut widest = f64::INFINITY;
-        let mut rounds = 0;
-        // Round 0 is the warm-up.
-        for round in 0..=max_rounds {
-            // Every server process is started anew every `respawn_every`
-            // rounds: a process keeps its own memory layout (ASLR, the
-            // allocator's pages) for all its windows, and that layout alone
-            // moved a configuration's CPU per request by 1-4% from one run
-            // to the next. Fresh processes put that spread into the rounds,
-            // where the confidence interval sees it.
-            if round > 1 && respawn_every > 0 && (round - 1) % respawn_every == 0 {
-                for row in targets.iter_mut() {
-                    for target in row.iter_mut() {
-                        target.respawn().await;
-                    }
-                }
-            }
-            for (p, row) in targets.iter_mut().enumerate() {
-                for k in 0..configs.len() {
-                    let c = (k + round) % configs.len();
-                    let mut sample = open_loop(&mut row[c], rates[p].1, secs).await;
-                    // A window in which another process kept the server or
-                    // the generator off its CPU for longer than
-                    // `E2E_MAX_DELAY_MS`, or whose answers did not all come
-                    // within `E2E_DRAIN_SECS` (`Sample::timed_out`), is
-                    // measured again (at most 5 times; then it is left out:
-                    // the round has no ratio for it).
-                    let mut tries = 1;
-                    while sample.disturbed(max_delay_ns) && tries < 5 {
-                        if round > 0 {
-                            series[p][c].redone += 1;
-                            series[p][c].unanswered += u64::from(sample.timed_out.is_some());
+        (targets, rates)
+    });
+    if fresh_generator {
+        // Their servers quit: every round starts its own.
+        targets.clear();
+    }
+    let offered: Vec<f64> = rates.iter().map(|&(_, rate)| rate).collect();
+    let mut series: Vec<Vec<Series>> = protos
+        .iter()
+        .map(|_| configs.iter().map(|_| Series::new()).collect())
+        .collect();
+    let started = Instant::now();
+    let mut widest = f64::INFINITY;
+    let mut rounds = 0;
+    // Round 0 is the warm-up.
+    for round in 0..=max_rounds {
+        let windows = if fresh_generator {
+            round_in_child(round, &protos, &configs, &offered)
+        } else {
+            rt.block_on(async {
+                // Every server process is started anew every
+                // `respawn_every` rounds: a process keeps its own memory
+                // layout for all its windows (see the module docs).
+                if round > 1 && respawn_every > 0 && (round - 1) % respawn_every == 0 {
+                    for row in targets.iter_mut() {
+                        for target in row.iter_mut() {
+                            target.respawn().await;
                         }
-                        sample = open_loop(&mut row[c], rates[p].1, secs).await;
-                        tries += 1;
-                    }
-                    if verbose {
-                        eprintln!(
-                            "  {} {}: {:.3} µs/request, waited for CPU {:.2} ms{}",
-                            protos[p].name(),
-                            configs[c].name(),
-                            sample.cpu_per_request_ns / 1000.0,
-                            sample.delayed_ns as f64 / 1e6,
-                            match sample.timed_out {
-                                Some(n) => format!(", {n} unanswered"),
-                                None => String::new(),
-                            }
-                        );
-                    }
-                    if round > 0 && sample.disturbed(max_delay_ns) {
-                        series[p][c].cpu.push(None);
-                        series[p][c].dropped += 1;
-                        series[p][c].unanswered += u64::from(sample.timed_out.is_some());
-                    } else if round > 0 {
-                        let s = &mut series[p][c];
-                        s.delayed_ms.push(sample.delayed_ns as f64 / 1e6);
-                        s.cpu.push(Some(sample.cpu_per_request_ns));
-                        s.latencies.extend(sample.latencies_us);
-                        s.rates.push(sample.achieved_rate);
-                        s.refused += sample.refused;
                     }
                 }
-            }
-            if round == 0 {
-                continue;
-            }
-            rounds = round;
-            widest = 0.0f64;
-            for per_proto in &series {
-                for s in &per_proto[1..] {
-                    let (mean, half) = mean_ci(&paired(&s.cpu, &per_proto[0].cpu));
-                    widest = widest.max(half / mean);
-                }
-            }
-            eprintln!(
-                "round {round}: widest 95% CI of a ratio to bare ±{:.2}% ({:.0} s)",
-                widest * 100.0,
-                started.elapsed().as_secs_f64()
-            );
-            if round >= min_rounds && widest < ci_goal {
-                break;
+                play_round(&mut targets, &offered, round, &rules).await
+            })
+        };
+        if round == 0 {
+            continue;
+        }
+        for window in windows {
+            series[window.proto][window.config].add(window);
+        }
+        rounds = round;
+        widest = 0.0f64;
+        for per_proto in &series {
+            for s in &per_proto[1..] {
+                let (mean, half) = mean_ci(&paired(&s.cpu, &per_proto[0].cpu));
+                widest = widest.max(half / mean);
             }
         }
-        report(&protos, &targets, &rates, &mut series, rounds, widest, secs);
-    });
+        eprintln!(
+            "round {round}: widest 95% CI of a ratio to bare ±{:.2}% ({:.0} s)",
+            widest * 100.0,
+            started.elapsed().as_secs_f64()
+        );
+        if round >= min_rounds && widest < ci_goal {
+            break;
+        }
+    }
+    drop(targets);
+    report(
+        &protos,
+        &configs,
+        &rates,
+        &mut series,
+        rounds,
+        widest,
+        rules.secs,
+    );
 }
 
 fn report(
     protos: &[Proto],
-    targets: &[Vec<Target>],
+    configs: &[Config],
     rates: &[(f64, f64)],
     series: &mut [Vec<Series>],
     rounds: usize,
@@ -1925,7 +2201,7 @@ fn report(
             s.latencies.sort_unstable();
             println!(
                 "| {} | {:.2} µs | {} | {:.0} µs | {:.0} µs | {:.0} | {} | {} / {}{} | {:.2} ms, {:.2} ms |",
-                targets[p][c].config.label(),
+                configs[c].label(),
                 median(s.cpu.iter().flatten().copied().collect()) / 1000.0,
                 if c == 0 {
                     "1 (anchor)".to_string()
@@ -1948,7 +2224,7 @@ fn report(
             );
         }
         // The other ratios, per round, of the configurations measured.
-        let at = |config: Config| targets[p].iter().position(|t| t.config == config);
+        let at = |config: Config| configs.iter().position(|&c| c == config);
         println!();
         for (a, b) in [
             (Config::Atscale, Config::Peer),
@@ -1967,8 +2243,8 @@ fn report(
                 let (mean, half) = mean_ci(&paired(&series[p][a].cpu, &series[p][b].cpu));
                 println!(
                     "{} / {}: **{mean:.4}** ± {half:.4}",
-                    targets[p][a].config.name(),
-                    targets[p][b].config.name()
+                    configs[a].name(),
+                    configs[b].name()
                 );
             }
         }
@@ -2236,6 +2512,17 @@ fn main() {
         Some("serve") => serve(
             Config::parse(&args[1]),
             Proto::parse(&args[2]).expect("protocol"),
+        ),
+        Some("round") => round_process(
+            args[1].parse().expect("round number"),
+            &args[2..]
+                .iter()
+                .map(|a| {
+                    let (proto, rate) = a.split_once('=').expect("PROTO=RATE");
+                    let proto = Proto::parse(proto).expect("protocol");
+                    (proto, rate.parse().expect("rate"))
+                })
+                .collect::<Vec<_>>(),
         ),
         Some("sizes") => sizes(),
         Some("micro") => {
