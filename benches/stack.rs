@@ -2148,7 +2148,15 @@ fn run(protos: Vec<Proto>) {
         for per_proto in &series {
             for s in &per_proto[1..] {
                 let (mean, half) = mean_ci(&paired(&s.cpu, &per_proto[0].cpu));
-                widest = widest.max(half / mean);
+                // No paired round yet (every bare window left out) is
+                // no interval at all: NaN, which `max` would skip, and a
+                // run could stop on it.
+                let width = half / mean;
+                widest = if width.is_nan() {
+                    f64::INFINITY
+                } else {
+                    widest.max(width)
+                };
             }
         }
         eprintln!(
