@@ -66,6 +66,34 @@ fn the_stacks_are_clone_debug_send_sync() {
     assert_layer(&http);
 }
 
+/// The size of the futures `svc` returns for `R`.
+fn future_size<S: tower::Service<R>, R>(_: &S) -> usize {
+    std::mem::size_of::<S::Future>()
+}
+
+#[test]
+fn the_server_stack_boxes_the_handlers_future_once_instead_of_carrying_it() {
+    let small = tower::service_fn(|_req: http::Request<String>| async {
+        Ok::<_, BoxError>(http::Response::new(String::new()))
+    });
+    let large = tower::service_fn(|_req: http::Request<String>| async {
+        // Held across an await: part of the future.
+        let scratch = [0u8; 4096];
+        tokio::task::yield_now().await;
+        std::hint::black_box(&scratch);
+        Ok::<_, BoxError>(http::Response::new(String::new()))
+    });
+    assert!(future_size::<_, http::Request<String>>(&large) >= 4096);
+    let stack = stack::server("svc", Duration::from_secs(1)).with_rate_limit(RateLimitLayer::new(
+        Limiter::new(Limit::per_second(1).unwrap()),
+    ));
+    // The stack's layers move a pointer to the handler's future, whatever its size.
+    assert_eq!(
+        future_size::<_, http::Request<String>>(&stack.layer(large)),
+        future_size::<_, http::Request<String>>(&stack.layer(small)),
+    );
+}
+
 #[tokio::test]
 async fn axum_router_layer_takes_the_server_stack() {
     let one_per_minute = Limiter::new(Limit::per_minute(1).unwrap());

@@ -99,7 +99,7 @@ pub use grpc_client::{
 pub use http_client::{
     HttpClientStack, HttpHedgeLayer, HttpRetryLayer, HttpTransport, http_client,
 };
-pub use server::{ServerStack, server};
+pub use server::{BoxedInner, ServerStack, server};
 
 /// The header a plain HTTP caller puts its budget in, in whole milliseconds:
 /// `x-deadline-ms`. The stacks read (server) it besides `grpc-timeout`.
