@@ -2397,7 +2397,10 @@ fn sizes() {
 /// bare in the same repetition). `micro [grpc] N` runs configuration N
 /// alone (0 bare, 1 stack, 2 without overload, 3 peer, 4 floor, 5
 /// essentials), for perf or
-/// valgrind (`E2E_MICRO_N` thousand requests, default 2 000).
+/// valgrind (`E2E_MICRO_N` thousand requests, default 2 000);
+/// `valgrind --tool=callgrind --toggle-collect='stack::micro::per_request::*'`
+/// counts the requests only, not the start-up (the clock's calibration
+/// varies from run to run), so its instructions per request are exact.
 fn micro(grpc: bool, only: Option<usize>) {
     use tower::Layer;
     let rt = tokio::runtime::Builder::new_current_thread()
