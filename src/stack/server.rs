@@ -135,7 +135,9 @@ pub fn server(service: impl Into<Arc<str>>, budget: Duration) -> ServerStack {
 /// The stack's error type is `Infallible`. Use the layers one by one
 /// instead when you need another order (see the [module docs](self) for what
 /// goes wrong), or a key, a cost or a store for the rate limit that a
-/// [`RateLimitLayer`] cannot hold.
+/// [`RateLimitLayer`] cannot hold. Under the heartbeat, the future of the
+/// rate limit and your service is boxed once per request ([`BoxedInner`]),
+/// so the layers above it move a pointer, not your handler's future.
 ///
 /// ```
 /// use std::time::Duration;
