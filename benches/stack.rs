@@ -2320,7 +2320,8 @@ async fn future_size<S: tower::Service<R>, R>(svc: &mut S, req: R) -> (usize, us
 /// `sizes`: the size in bytes of the future each layer of the server stack
 /// returns around axum's `Router` and tonic's `Routes`, innermost first
 /// (each layer's future holds its inner one and is moved at least once,
-/// when its `call` returns it), and the peer and floor stacks' for comparison.
+/// when its `call` returns it), and the peer and floor stacks' for
+/// comparison; then the client stacks' around a stand-in for a `Channel`.
 fn sizes() {
     use atscale::deadline::{BodyDeadlineLayer, DeadlineLayer};
     use atscale::error::ErrorEnrichLayer;
@@ -2383,7 +2384,58 @@ fn sizes() {
         for ((name, (hs, hf)), (_, (gs, gf))) in http.iter().zip(&grpc) {
             println!("| {name} | {hs} B ({hf} B) | {gs} B ({gf} B) |");
         }
+        // The client stacks, around a stand-in for tonic's `Channel` that
+        // answers at once (its future is an `async` block's).
+        let channel = tower::service_fn(|_req: Request<tonic::body::Body>| async {
+            Ok::<_, atscale::core::BoxError>(http::Response::new(tonic::body::Body::empty()))
+        });
+        let call = || Request::new(tonic::body::Body::empty());
+        let policy = atscale::retry::RetryPolicy::builder()
+            .max_attempts(3)
+            .build()
+            .expect("policy");
+        let hedge = || atscale::hedge::HedgeLayer::fixed(Duration::from_millis(10));
+        let retry = || atscale::retry::RetryLayer::new(policy.clone());
+        let client = || atscale::stack::client("e2e", BUDGET);
+        println!();
+        println!("| client stack around a `Channel` stand-in | service (future) |");
+        println!("| --- | ---: |");
+        let mut svc = channel;
+        let (s, f) = future_size(&mut svc, call()).await;
+        println!("| the stand-in | {s} B ({f} B) |");
+        let (s, f) = future_size(&mut client().layer(channel), call()).await;
+        println!("| stack::client | {s} B ({f} B) |");
+        let (s, f) = future_size(&mut client().with_retry(retry()).layer(channel), call()).await;
+        println!("| stack::client + retry | {s} B ({f} B) |");
+        let (s, f) = future_size(&mut client().with_hedge(hedge()).layer(channel), call()).await;
+        println!("| stack::client + hedge | {s} B ({f} B) |");
+        let stack = client().with_retry(retry()).with_hedge(hedge());
+        let (s, f) = future_size(&mut stack.layer(channel), call()).await;
+        println!("| stack::client + retry + hedge | {s} B ({f} B) |");
     });
+}
+
+/// One call of a clone of `svc` that answers at once (as the `micro
+/// client` stand-in does), its body read to its end; polled by hand with a
+/// no-op waker, so it is the whole of one call for `valgrind
+/// --toggle-collect='stack::call_at_once*'`.
+#[inline(never)]
+fn call_at_once<S, Q, B>(svc: &S, req: Request<Q>)
+where
+    S: tower::Service<Request<Q>, Response = http::Response<B>> + Clone,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let call = std::pin::pin!(svc.clone().oneshot(req));
+    let std::task::Poll::Ready(res) = std::future::Future::poll(call, &mut cx) else {
+        panic!("the stand-in answers at once");
+    };
+    let mut body = std::pin::pin!(res.expect("answer").into_body());
+    while let std::task::Poll::Ready(Some(frame)) = body.as_mut().poll_frame(&mut cx) {
+        std::hint::black_box(frame.expect("frame"));
+    }
 }
 
 /// `micro [grpc] [N]`: in one process, axum's `Router` (or, with `grpc`,
@@ -2401,7 +2453,10 @@ fn sizes() {
 /// `valgrind --tool=callgrind --toggle-collect='stack::micro::per_request::*'`
 /// counts the requests only, not the start-up (the clock's calibration
 /// varies from run to run), so its instructions per request are exact.
-fn micro(grpc: bool, only: Option<usize>) {
+/// `micro client N` calls a client stack around a stand-in for a `Channel`
+/// instead (see the `client` branch; count with
+/// `--toggle-collect='stack::call_at_once*'`).
+fn micro(grpc: bool, client: bool, only: Option<usize>) {
     use tower::Layer;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -2421,6 +2476,64 @@ fn micro(grpc: bool, only: Option<usize>) {
             std::hint::black_box(body);
         }
         start.elapsed().as_nanos() as f64 / f64::from(n)
+    }
+    if client {
+        // `micro client N`, for valgrind: the client stacks around a
+        // stand-in for tonic's `Channel` answering at once (a gRPC head
+        // and an empty body): 0 the stand-in, 1 `stack::client`, 2 + a
+        // retry, 3 + a hedge (10 ms: never fires), 4 + both.
+        let channel = tower::service_fn(|_req: Request<tonic::body::Body>| async {
+            let mut res = http::Response::new(tonic::body::Body::empty());
+            res.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            res.headers_mut()
+                .insert("grpc-status", HeaderValue::from_static("0"));
+            Ok::<_, atscale::core::BoxError>(res)
+        });
+        let policy = atscale::retry::RetryPolicy::builder()
+            .max_attempts(3)
+            .build()
+            .expect("policy");
+        let hedge = || atscale::hedge::HedgeLayer::fixed(Duration::from_millis(10));
+        let retry = || atscale::retry::RetryLayer::new(policy.clone());
+        let client = || atscale::stack::client("e2e", BUDGET);
+        let make = || {
+            Request::post("http://svc/grpc.health.v1.Health/Check")
+                .header(http::header::CONTENT_TYPE, "application/grpc")
+                .header(http::header::TE, "trailers")
+                .body(tonic::body::Body::new(Full::new(Bytes::from_static(
+                    &[0; 5],
+                ))))
+                .expect("request")
+        };
+        // Every call is ready at once: polled by hand, in a function of
+        // its own (`call_at_once`, for `--toggle-collect`), in the runtime.
+        let n = 1000 * env_f64("E2E_MICRO_N", 2_000.0) as u32;
+        macro_rules! calls {
+            ($svc:expr) => {{
+                let svc = $svc;
+                for _ in 0..n {
+                    call_at_once(&svc, make());
+                }
+            }};
+        }
+        rt.block_on(async {
+            match only.expect("micro client N: 0..=4") {
+                0 => calls!(channel),
+                1 => calls!(client().layer(channel)),
+                2 => calls!(client().with_retry(retry()).layer(channel)),
+                3 => calls!(client().with_hedge(hedge()).layer(channel)),
+                _ => calls!(
+                    client()
+                        .with_retry(retry())
+                        .with_hedge(hedge())
+                        .layer(channel)
+                ),
+            }
+        });
+        return;
     }
     macro_rules! compare {
         ($inner:expr, $make:expr) => {{
@@ -2538,8 +2651,9 @@ fn main() {
         Some("sizes") => sizes(),
         Some("micro") => {
             let grpc = args.get(1).is_some_and(|a| a == "grpc");
-            let only = args.get(1 + usize::from(grpc));
-            micro(grpc, only.map(|n| n.parse().expect("0..=5")))
+            let client = args.get(1).is_some_and(|a| a == "client");
+            let only = args.get(1 + usize::from(grpc || client));
+            micro(grpc, client, only.map(|n| n.parse().expect("0..=5")))
         }
         Some("profile") => profile(
             Config::parse(&args[1]),
