@@ -94,6 +94,29 @@ fn the_server_stack_boxes_the_handlers_future_once_instead_of_carrying_it() {
     );
 }
 
+#[test]
+fn the_client_stack_boxes_its_retry_once_instead_of_carrying_its_attempts() {
+    type Call = http::Request<tonic::body::Body>;
+    let small = tower::service_fn(|_req: Call| async {
+        Ok::<_, BoxError>(http::Response::new(tonic::body::Body::empty()))
+    });
+    let large = tower::service_fn(|_req: Call| async {
+        // Held across an await: part of the future.
+        let scratch = [0u8; 4096];
+        tokio::task::yield_now().await;
+        std::hint::black_box(&scratch);
+        Ok::<_, BoxError>(http::Response::new(tonic::body::Body::empty()))
+    });
+    let policy = RetryPolicy::builder().max_attempts(3).build().unwrap();
+    let stack = stack::client("svc", Duration::from_secs(1)).with_retry(RetryLayer::new(policy));
+    // The retry's future holds its attempt's: boxed, the layers around it
+    // move a pointer, whatever the transport's future.
+    assert_eq!(
+        future_size::<_, Call>(&stack.layer(large)),
+        future_size::<_, Call>(&stack.layer(small)),
+    );
+}
+
 #[tokio::test]
 async fn axum_router_layer_takes_the_server_stack() {
     let one_per_minute = Limiter::new(Limit::per_minute(1).unwrap());

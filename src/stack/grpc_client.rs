@@ -86,7 +86,7 @@ use tower_layer::{Identity, Layer};
 use tower_service::Service;
 
 use super::parts::{ClientHedgeLayer, ClientParts, ClientRetryLayer};
-use super::{HedgeSlot, HedgedRetrySlot, RetrySlot};
+use super::{BoxedInner, HedgeSlot, HedgedRetrySlot, RetrySlot};
 use crate::remote::{GrpcErrors, GrpcErrorsLayer};
 
 /// The recommended tonic client stack for outgoing calls of the service
@@ -422,7 +422,7 @@ pub type GrpcRetryLayer<P = RetryLayer> = ClientRetryLayer<P>;
 // A service config's `retryThrottling` is its throttle: the stack's is not
 // used.
 impl<S> RetrySlot<Identity, S> for GrpcRetryLayer<MethodConfigLayer> {
-    type Service = BufferBody<PerMethod<S>>;
+    type Service = BoxedInner<BufferBody<PerMethod<S>>>;
 
     fn layer_with(
         &self,
@@ -430,12 +430,12 @@ impl<S> RetrySlot<Identity, S> for GrpcRetryLayer<MethodConfigLayer> {
         inner: S,
         _throttle: Option<&RetryThrottle>,
     ) -> Self::Service {
-        self.buffer.layer(self.retry.layer(inner))
+        BoxedInner::new(self.buffer.layer(self.retry.layer(inner)))
     }
 }
 
 impl<S, C: Clone> RetrySlot<GrpcHedgeLayer<C>, S> for GrpcRetryLayer<MethodConfigLayer> {
-    type Service = BufferBody<PerMethod<Hedge<S, C>>>;
+    type Service = BoxedInner<BufferBody<PerMethod<Hedge<S, C>>>>;
 
     fn layer_with(
         &self,
@@ -443,13 +443,15 @@ impl<S, C: Clone> RetrySlot<GrpcHedgeLayer<C>, S> for GrpcRetryLayer<MethodConfi
         inner: S,
         _throttle: Option<&RetryThrottle>,
     ) -> Self::Service {
-        self.buffer
-            .layer(self.retry.layer(hedge.hedge.layer(inner)))
+        BoxedInner::new(
+            self.buffer
+                .layer(self.retry.layer(hedge.hedge.layer(inner))),
+        )
     }
 }
 
 impl<X> HedgedRetrySlot<X> for GrpcRetryLayer<MethodConfigLayer> {
-    type Service = BufferBody<PerMethod<X>>;
+    type Service = BoxedInner<BufferBody<PerMethod<X>>>;
 
     fn around_hedged(
         &self,
@@ -457,7 +459,7 @@ impl<X> HedgedRetrySlot<X> for GrpcRetryLayer<MethodConfigLayer> {
         hedged: X,
         _throttle: Option<&RetryThrottle>,
     ) -> Self::Service {
-        self.buffer.layer(self.retry.layer(hedged))
+        BoxedInner::new(self.buffer.layer(self.retry.layer(hedged)))
     }
 }
 

@@ -14,7 +14,7 @@ use atscale_hedge::{BufferBody, BufferBodyLayer, Hedge, HedgeLayer};
 use atscale_retry::{Retry, RetryLayer};
 use tower_layer::{Identity, Layer};
 
-use super::{HedgeSlot, HedgedRetrySlot, RetrySlot};
+use super::{BoxedInner, HedgeSlot, HedgedRetrySlot, RetrySlot};
 
 /// A client stack's layers, outermost first: ErrorEnrich, Deadline, the
 /// rate limit `R`, the retry slot `Y` around the hedge slot `H`, the
@@ -178,10 +178,10 @@ impl<C> HedgeSlot for ClientHedgeLayer<C> {
 }
 
 impl<S, C: Clone> Layer<S> for ClientHedgeLayer<C> {
-    type Service = BufferBody<Hedge<S, C>>;
+    type Service = BoxedInner<BufferBody<Hedge<S, C>>>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        self.buffer.layer(self.hedge.layer(inner))
+        BoxedInner::new(self.buffer.layer(self.hedge.layer(inner)))
     }
 }
 
@@ -205,7 +205,7 @@ impl<P> ClientRetryLayer<P> {
 impl<P> super::sealed::Sealed for ClientRetryLayer<P> {}
 
 impl<S> RetrySlot<Identity, S> for ClientRetryLayer<RetryLayer> {
-    type Service = BufferBody<Retry<S>>;
+    type Service = BoxedInner<BufferBody<Retry<S>>>;
 
     fn layer_with(
         &self,
@@ -213,13 +213,15 @@ impl<S> RetrySlot<Identity, S> for ClientRetryLayer<RetryLayer> {
         inner: S,
         throttle: Option<&RetryThrottle>,
     ) -> Self::Service {
-        self.buffer
-            .layer(super::retry(&self.retry, inner, throttle))
+        BoxedInner::new(
+            self.buffer
+                .layer(super::retry(&self.retry, inner, throttle)),
+        )
     }
 }
 
 impl<S, C: Clone> RetrySlot<ClientHedgeLayer<C>, S> for ClientRetryLayer<RetryLayer> {
-    type Service = BufferBody<Retry<Hedge<S, C>>>;
+    type Service = BoxedInner<BufferBody<Retry<Hedge<S, C>>>>;
 
     /// The retry's buffer serves the hedge too.
     fn layer_with(
@@ -229,13 +231,15 @@ impl<S, C: Clone> RetrySlot<ClientHedgeLayer<C>, S> for ClientRetryLayer<RetryLa
         throttle: Option<&RetryThrottle>,
     ) -> Self::Service {
         let hedged = hedge.hedge.layer(inner);
-        self.buffer
-            .layer(super::retry(&self.retry, hedged, throttle))
+        BoxedInner::new(
+            self.buffer
+                .layer(super::retry(&self.retry, hedged, throttle)),
+        )
     }
 }
 
 impl<X> HedgedRetrySlot<X> for ClientRetryLayer<RetryLayer> {
-    type Service = BufferBody<Retry<X>>;
+    type Service = BoxedInner<BufferBody<Retry<X>>>;
 
     fn around_hedged(
         &self,
@@ -243,7 +247,9 @@ impl<X> HedgedRetrySlot<X> for ClientRetryLayer<RetryLayer> {
         hedged: X,
         throttle: Option<&RetryThrottle>,
     ) -> Self::Service {
-        self.buffer
-            .layer(super::retry(&self.retry, hedged, throttle))
+        BoxedInner::new(
+            self.buffer
+                .layer(super::retry(&self.retry, hedged, throttle)),
+        )
     }
 }

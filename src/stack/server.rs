@@ -73,9 +73,7 @@
 //! it to be `Clone` (a queued request holds a clone): axum's `Router` and
 //! tonic's `Routes` are.
 
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use atscale_deadline::body::{ResponseDeadline, ResponseDeadlineLayer};
@@ -87,9 +85,8 @@ use atscale_heartbeat::{Heartbeat, Monitor};
 use atscale_overload::{Admission, OverloadLayer};
 use atscale_ratelimit::{RateLimitLayer, Store};
 use tower_layer::{Identity, Layer};
-use tower_service::Service;
 
-use super::DEADLINE_HEADER;
+use super::{BoxedInner, DEADLINE_HEADER};
 
 /// The recommended server stack for the service named `service`, answering
 /// within `budget` or the caller's deadline, whichever is sooner; see
@@ -313,49 +310,11 @@ where
     type Service = ErrorEnrich<Deadline<ResponseDeadline<O::Service>>, Server>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        let inner = BoxedInner {
-            inner: self.rate_limit.layer(inner),
-        };
+        let inner = BoxedInner::new(self.rate_limit.layer(inner));
         let inner = Heartbeat::new(inner, self.monitor.clone());
         let inner = self.overload.layer(inner);
         let inner = self.bodies.layer(inner);
         let inner = self.deadline.layer(inner);
         self.enrich.layer(inner)
-    }
-}
-
-/// The services under a [`ServerStack`]'s heartbeat (the rate limit and
-/// yours), their future boxed: once per request, where the stack's five
-/// layers would each have moved it.
-///
-/// Every layer's response future holds its inner one, and is built,
-/// returned and wrapped on the way out, so the handler's future (320 bytes
-/// for axum's `Router` and tonic's `Routes`) was copied again at every
-/// layer, and so was every future around it. Boxed under the heartbeat,
-/// each layer above moves a pointer instead: the stack's future is 376
-/// bytes, not 680, for one allocation per request (see benches/README.md,
-/// End to end). The box is above the rate limit, whose future holds the
-/// request while it waits for a token.
-#[derive(Clone, Debug)]
-pub struct BoxedInner<S> {
-    inner: S,
-}
-
-impl<S, Req> Service<Req> for BoxedInner<S>
-where
-    S: Service<Req>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = Pin<Box<S::Future>>;
-
-    #[inline]
-    fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    #[inline]
-    fn call(&mut self, req: Req) -> Self::Future {
-        Box::pin(self.inner.call(req))
     }
 }
