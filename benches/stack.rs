@@ -2390,13 +2390,7 @@ fn sizes() {
             Ok::<_, atscale::core::BoxError>(http::Response::new(tonic::body::Body::empty()))
         });
         let call = || Request::new(tonic::body::Body::empty());
-        let policy = atscale::retry::RetryPolicy::builder()
-            .max_attempts(3)
-            .build()
-            .expect("policy");
-        let hedge = || atscale::hedge::HedgeLayer::fixed(Duration::from_millis(10));
-        let retry = || atscale::retry::RetryLayer::new(policy.clone());
-        let client = || atscale::stack::client("e2e", BUDGET);
+        let (retry, hedge, client) = (client_retry, client_hedge, client_stack);
         println!();
         println!("| client stack around a `Channel` stand-in | service (future) |");
         println!("| --- | ---: |");
@@ -2413,6 +2407,26 @@ fn sizes() {
         let (s, f) = future_size(&mut stack.layer(channel), call()).await;
         println!("| stack::client + retry + hedge | {s} B ({f} B) |");
     });
+}
+
+/// The client stack the client measurements (`sizes`, `micro client`) wrap.
+fn client_stack() -> atscale::stack::ClientStack {
+    atscale::stack::client("e2e", BUDGET)
+}
+
+/// The retry they add: up to three attempts.
+fn client_retry() -> atscale::retry::RetryLayer {
+    let policy = atscale::retry::RetryPolicy::builder()
+        .max_attempts(3)
+        .build()
+        .expect("policy");
+    atscale::retry::RetryLayer::new(policy)
+}
+
+/// The hedge they add: one after 10 ms (never sent to a stand-in that
+/// answers at once).
+fn client_hedge() -> atscale::hedge::HedgeLayer {
+    atscale::hedge::HedgeLayer::fixed(Duration::from_millis(10))
 }
 
 /// One call of a clone of `svc` that answers at once (as the `micro
@@ -2492,13 +2506,7 @@ fn micro(grpc: bool, client: bool, only: Option<usize>) {
                 .insert("grpc-status", HeaderValue::from_static("0"));
             Ok::<_, atscale::core::BoxError>(res)
         });
-        let policy = atscale::retry::RetryPolicy::builder()
-            .max_attempts(3)
-            .build()
-            .expect("policy");
-        let hedge = || atscale::hedge::HedgeLayer::fixed(Duration::from_millis(10));
-        let retry = || atscale::retry::RetryLayer::new(policy.clone());
-        let client = || atscale::stack::client("e2e", BUDGET);
+        let (retry, hedge, client) = (client_retry, client_hedge, client_stack);
         let make = || {
             Request::post("http://svc/grpc.health.v1.Health/Check")
                 .header(http::header::CONTENT_TYPE, "application/grpc")
