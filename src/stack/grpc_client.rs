@@ -78,7 +78,7 @@ use atscale_deadline::{Deadline, DeadlineLayer};
 use atscale_error::mode::Client;
 use atscale_error::{Enriched, ErrorEnrich, ErrorEnrichLayer};
 use atscale_heartbeat::{Heartbeat, Monitor};
-use atscale_hedge::{BufferBody, BufferBodyLayer, Hedge, HedgeLayer, InvalidConfig};
+use atscale_hedge::{BufferBodyLayer, Hedge, HedgeLayer, InvalidConfig};
 use atscale_overload::throttle::ThrottleLayer;
 use atscale_ratelimit::{RateLimitLayer, Store};
 use atscale_retry::{MethodConfigLayer, PerMethod, RetryLayer, ServiceConfig};
@@ -86,7 +86,7 @@ use tower_layer::{Identity, Layer};
 use tower_service::Service;
 
 use super::parts::{ClientHedgeLayer, ClientParts, ClientRetryLayer};
-use super::{BoxedInner, HedgeSlot, HedgedRetrySlot, RetrySlot};
+use super::{Buffered, HedgeSlot, HedgedRetrySlot, RetrySlot, buffered};
 use crate::remote::{GrpcErrors, GrpcErrorsLayer};
 
 /// The recommended tonic client stack for outgoing calls of the service
@@ -422,7 +422,7 @@ pub type GrpcRetryLayer<P = RetryLayer> = ClientRetryLayer<P>;
 // A service config's `retryThrottling` is its throttle: the stack's is not
 // used.
 impl<S> RetrySlot<Identity, S> for GrpcRetryLayer<MethodConfigLayer> {
-    type Service = BoxedInner<BufferBody<PerMethod<S>>>;
+    type Service = Buffered<PerMethod<S>>;
 
     fn layer_with(
         &self,
@@ -430,12 +430,12 @@ impl<S> RetrySlot<Identity, S> for GrpcRetryLayer<MethodConfigLayer> {
         inner: S,
         _throttle: Option<&RetryThrottle>,
     ) -> Self::Service {
-        BoxedInner::new(self.buffer.layer(self.retry.layer(inner)))
+        buffered(&self.buffer, self.retry.layer(inner))
     }
 }
 
 impl<S, C: Clone> RetrySlot<GrpcHedgeLayer<C>, S> for GrpcRetryLayer<MethodConfigLayer> {
-    type Service = BoxedInner<BufferBody<PerMethod<Hedge<S, C>>>>;
+    type Service = Buffered<PerMethod<Hedge<S, C>>>;
 
     fn layer_with(
         &self,
@@ -443,15 +443,12 @@ impl<S, C: Clone> RetrySlot<GrpcHedgeLayer<C>, S> for GrpcRetryLayer<MethodConfi
         inner: S,
         _throttle: Option<&RetryThrottle>,
     ) -> Self::Service {
-        BoxedInner::new(
-            self.buffer
-                .layer(self.retry.layer(hedge.hedge.layer(inner))),
-        )
+        buffered(&self.buffer, self.retry.layer(hedge.hedge.layer(inner)))
     }
 }
 
 impl<X> HedgedRetrySlot<X> for GrpcRetryLayer<MethodConfigLayer> {
-    type Service = BoxedInner<BufferBody<PerMethod<X>>>;
+    type Service = Buffered<PerMethod<X>>;
 
     fn around_hedged(
         &self,
@@ -459,12 +456,12 @@ impl<X> HedgedRetrySlot<X> for GrpcRetryLayer<MethodConfigLayer> {
         hedged: X,
         _throttle: Option<&RetryThrottle>,
     ) -> Self::Service {
-        BoxedInner::new(self.buffer.layer(self.retry.layer(hedged)))
+        buffered(&self.buffer, self.retry.layer(hedged))
     }
 }
 
 /// Turns any request body into a `tonic::body::Body` for the `Channel`
-/// (after [`BufferBody`] wrapped it); the innermost layer of a
+/// (after [`BufferBody`](atscale_hedge::BufferBody) wrapped it); the innermost layer of a
 /// [`ClientStack`].
 ///
 /// # Backpressure

@@ -178,7 +178,7 @@ pub trait HedgedRetrySlot<X>: sealed::Sealed {
 }
 
 impl<X> HedgedRetrySlot<X> for Identity {
-    type Service = BoxedInner<BufferBody<X>>;
+    type Service = Buffered<X>;
 
     fn around_hedged(
         &self,
@@ -186,8 +186,17 @@ impl<X> HedgedRetrySlot<X> for Identity {
         hedged: X,
         _throttle: Option<&RetryThrottle>,
     ) -> Self::Service {
-        BoxedInner::new(hedge_buffer.layer(hedged))
+        buffered(hedge_buffer, hedged)
     }
+}
+
+/// The outside of every retry and hedge slot of a client stack: its body
+/// buffer, its future boxed once per call ([`BoxedInner`]).
+type Buffered<X> = BoxedInner<BufferBody<X>>;
+
+/// `inner` behind `buffer`, boxed: see [`Buffered`].
+fn buffered<X>(buffer: &BufferBodyLayer, inner: X) -> Buffered<X> {
+    BoxedInner::new(buffer.layer(inner))
 }
 
 /// `retry` around `inner`, on `throttle` when one is given.

@@ -10,11 +10,11 @@ use atscale_deadline::{Deadline, DeadlineLayer};
 use atscale_error::mode::Client;
 use atscale_error::{ErrorEnrich, ErrorEnrichLayer};
 use atscale_heartbeat::{Heartbeat, Monitor};
-use atscale_hedge::{BufferBody, BufferBodyLayer, Hedge, HedgeLayer};
+use atscale_hedge::{BufferBodyLayer, Hedge, HedgeLayer};
 use atscale_retry::{Retry, RetryLayer};
 use tower_layer::{Identity, Layer};
 
-use super::{BoxedInner, HedgeSlot, HedgedRetrySlot, RetrySlot};
+use super::{Buffered, HedgeSlot, HedgedRetrySlot, RetrySlot, buffered};
 
 /// A client stack's layers, outermost first: ErrorEnrich, Deadline, the
 /// rate limit `R`, the retry slot `Y` around the hedge slot `H`, the
@@ -178,10 +178,10 @@ impl<C> HedgeSlot for ClientHedgeLayer<C> {
 }
 
 impl<S, C: Clone> Layer<S> for ClientHedgeLayer<C> {
-    type Service = BoxedInner<BufferBody<Hedge<S, C>>>;
+    type Service = Buffered<Hedge<S, C>>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        BoxedInner::new(self.buffer.layer(self.hedge.layer(inner)))
+        buffered(&self.buffer, self.hedge.layer(inner))
     }
 }
 
@@ -205,7 +205,7 @@ impl<P> ClientRetryLayer<P> {
 impl<P> super::sealed::Sealed for ClientRetryLayer<P> {}
 
 impl<S> RetrySlot<Identity, S> for ClientRetryLayer<RetryLayer> {
-    type Service = BoxedInner<BufferBody<Retry<S>>>;
+    type Service = Buffered<Retry<S>>;
 
     fn layer_with(
         &self,
@@ -213,15 +213,12 @@ impl<S> RetrySlot<Identity, S> for ClientRetryLayer<RetryLayer> {
         inner: S,
         throttle: Option<&RetryThrottle>,
     ) -> Self::Service {
-        BoxedInner::new(
-            self.buffer
-                .layer(super::retry(&self.retry, inner, throttle)),
-        )
+        buffered(&self.buffer, super::retry(&self.retry, inner, throttle))
     }
 }
 
 impl<S, C: Clone> RetrySlot<ClientHedgeLayer<C>, S> for ClientRetryLayer<RetryLayer> {
-    type Service = BoxedInner<BufferBody<Retry<Hedge<S, C>>>>;
+    type Service = Buffered<Retry<Hedge<S, C>>>;
 
     /// The retry's buffer serves the hedge too.
     fn layer_with(
@@ -231,15 +228,12 @@ impl<S, C: Clone> RetrySlot<ClientHedgeLayer<C>, S> for ClientRetryLayer<RetryLa
         throttle: Option<&RetryThrottle>,
     ) -> Self::Service {
         let hedged = hedge.hedge.layer(inner);
-        BoxedInner::new(
-            self.buffer
-                .layer(super::retry(&self.retry, hedged, throttle)),
-        )
+        buffered(&self.buffer, super::retry(&self.retry, hedged, throttle))
     }
 }
 
 impl<X> HedgedRetrySlot<X> for ClientRetryLayer<RetryLayer> {
-    type Service = BoxedInner<BufferBody<Retry<X>>>;
+    type Service = Buffered<Retry<X>>;
 
     fn around_hedged(
         &self,
@@ -247,9 +241,6 @@ impl<X> HedgedRetrySlot<X> for ClientRetryLayer<RetryLayer> {
         hedged: X,
         throttle: Option<&RetryThrottle>,
     ) -> Self::Service {
-        BoxedInner::new(
-            self.buffer
-                .layer(super::retry(&self.retry, hedged, throttle)),
-        )
+        buffered(&self.buffer, super::retry(&self.retry, hedged, throttle))
     }
 }
